@@ -1,0 +1,20 @@
+# `make install` sets up a fresh machine; `make test` runs the suite CI runs (everything but `slow` and `gpu`).
+PYTHON ?= python
+PYTEST_WORKERS ?= 2
+
+.PHONY: install test test-all train clean
+
+install:
+	$(PYTHON) -m pip install -e ".[dev]"
+
+test:
+	$(PYTHON) -m pytest -m "not slow and not gpu" -n $(PYTEST_WORKERS) --timeout 600
+
+test-all:
+	$(PYTHON) -m pytest -n $(PYTEST_WORKERS)
+
+train:
+	$(PYTHON) -m ddpm.train
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,3 @@
+"""ddpm: denoising diffusion probabilistic models as Hydra-composed Lightning experiments."""
+
+__version__ = "0.1.0"

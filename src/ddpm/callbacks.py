@@ -1,0 +1,73 @@
+"""Training callbacks: sample grids during and after training (checkpoints use Lightning's ModelCheckpoint)."""
+
+from __future__ import annotations
+
+import shutil
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import WandbLogger
+from torchvision.utils import make_grid, save_image
+
+
+def class_grid_labels(num_classes: int | None, per_class: int) -> torch.Tensor | None:
+    """Labels 0,0,..,1,1,..: one row of ``per_class`` images per class (None for unconditional models)."""
+    if num_classes is None:
+        return None
+    return torch.arange(num_classes).repeat_interleave(per_class)
+
+
+def to_grid(images: torch.Tensor, nrow: int, min_size: int = 32) -> torch.Tensor:
+    """A [0, 1] image grid; images smaller than ``min_size`` are enlarged with nearest-neighbour so the
+    8x8 digits stay sharp and legible."""
+    images = ((images.float() + 1) / 2).clamp(0, 1)
+    factor = max(1, -(-min_size // images.shape[-1]))
+    if factor > 1:
+        images = F.interpolate(images, scale_factor=factor, mode="nearest")
+    return make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
+
+
+class SampleGrid(L.Callback):
+    """Every ``every_n_steps`` and at the end of training, sample with the EMA weights and the configured
+    sampler and guidance; save ``dirpath/step_XXXXXXX.png`` (and ``final.png``) and log it to wandb.
+    ``steps`` overrides the sampler's number of steps for these grids (None: the sampler's own)."""
+
+    def __init__(self, dirpath: str, every_n_steps: int = 1000, per_class: int = 10, num_samples: int = 64,
+                 seed: int = 0, min_size: int = 32, steps: int | None = None):
+        self.dirpath, self.every_n_steps, self.per_class = Path(dirpath), every_n_steps, per_class
+        self.num_samples, self.seed, self.min_size, self.steps = num_samples, seed, min_size, steps
+        self._written: dict[int, Path] = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step % self.every_n_steps == 0:
+            self.write(trainer, pl_module, f"step_{step:07d}")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.global_step in self._written:  # the same weights were just drawn: copy, don't resample
+            if trainer.is_global_zero:
+                shutil.copyfile(self._written[trainer.global_step], self.dirpath / "final.png")
+            return
+        self.write(trainer, pl_module, "final")
+
+    def write(self, trainer: L.Trainer, pl_module, name: str) -> Path | None:
+        if not trainer.is_global_zero:
+            return None
+        labels = class_grid_labels(pl_module.net.num_classes, self.per_class)
+        # A private generator: the grid is the same noise every time, and the training RNG stream is untouched.
+        generator = torch.Generator(pl_module.device).manual_seed(self.seed)
+        sampler = partial(pl_module.sampler, steps=self.steps) if self.steps else None
+        images = pl_module.sample(labels, num_samples=self.num_samples, generator=generator, sampler=sampler)
+        nrow = self.per_class if labels is not None else int(len(images) ** 0.5)
+        grid = to_grid(images, nrow=nrow, min_size=self.min_size)
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        path = self.dirpath / f"{name}.png"
+        save_image(grid, path)
+        self._written[trainer.global_step] = path
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="samples", images=[grid], step=trainer.global_step, caption=[name])
+        return path

@@ -1,0 +1,53 @@
+"""Where the Hydra configs live, and composing them from Python (tests, notebooks, sample/evaluate).
+
+``conf/`` and ``experiments/`` sit at the top of the repository. A source checkout or an editable
+install reads them there; a wheel ships them inside the package as ``ddpm/conf`` (with the presets in
+``ddpm/conf/experiments``), so ``python -m ddpm.train`` finds them either way.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from omegaconf import DictConfig
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def config_dir() -> Path:
+    """The directory holding train.yaml: ``ddpm/conf`` in a wheel, ``<repo>/conf`` in a checkout."""
+    for candidate in (PACKAGE_DIR / "conf", PACKAGE_DIR.parents[1] / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"no Hydra configs found next to {PACKAGE_DIR}: reinstall the package (pip install -e .)")
+
+
+def experiments_root() -> Path:
+    """The directory whose ``experiments/`` subfolder holds the presets (added to Hydra's search path)."""
+    conf = config_dir()
+    return conf if (conf / "experiments").is_dir() else conf.parent
+
+
+# train.yaml adds file://${oc.env:DDPM_EXPERIMENTS_ROOT} to Hydra's search path, so that
+# `experiments=NAME` composes a preset from experiments/ like any other config group.
+os.environ.setdefault("DDPM_EXPERIMENTS_ROOT", str(experiments_root()))
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "train", output_dir: str | None = None) -> DictConfig:
+    """The config `python -m ddpm.<entry> OVERRIDES` would get, composed without running it.
+
+    With ``output_dir`` the Hydra runtime is filled in too, so ``${hydra:runtime.output_dir}`` (and every
+    path under it) resolves there, and the result can be passed straight to ``ddpm.train.train``.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(overrides or [])
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=output_dir is not None)
+        if output_dir is not None:
+            cfg.hydra.runtime.output_dir = str(output_dir)
+            HydraConfig.instance().set_config(cfg)
+    return cfg

@@ -1,0 +1,111 @@
+"""LightningDataModules yielding (image in [-1, 1], class label) batches.
+
+``digits`` is scikit-learn's bundled 8x8 handwritten digits: no download, the offline default.
+``mnist``, ``fashion_mnist`` and ``cifar10`` download through torchvision into ``root`` on a machine
+with internet access; ``image_folder`` reads ``root/<class>/<image>`` trees.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
+from torchvision import datasets, transforms
+
+
+def to_rgb(image):
+    """Module-level (not a lambda) so data loader workers can pickle the transform."""
+    return image.convert("RGB")
+
+
+class ImageDataModule(L.LightningDataModule):
+    """What every dataset shares: the keys users set (``data.batch_size`` ...) and the train loader."""
+
+    def __init__(self, root: str, batch_size: int, num_workers: int, image_size: int, channels: int, num_classes: int):
+        super().__init__()
+        self.root, self.batch_size, self.num_workers = Path(root).expanduser(), batch_size, num_workers
+        self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
+        self.train_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def train_dataloader(self) -> DataLoader:
+        # drop_last keeps every step's batch the same size, so the loss curve is comparable across steps.
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+        )
+
+    def to_unit_range(self) -> list:
+        """Transforms from a PIL image to a tensor in [-1, 1] of ``image_size`` and ``channels``."""
+        return [
+            transforms.Grayscale(1) if self.channels == 1 else transforms.Lambda(to_rgb),
+            transforms.Resize(self.image_size),
+            transforms.CenterCrop(self.image_size),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5] * self.channels, [0.5] * self.channels),
+        ]
+
+
+class DigitsDataModule(ImageDataModule):
+    """scikit-learn's 1,797 8x8 digits (grey levels 0..16), split once with a fixed seed into train and test."""
+
+    def __init__(self, test_fraction: float = 0.1, split_seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.test_fraction, self.split_seed = test_fraction, split_seed
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0 * 2.0 - 1.0
+        if self.image_size != images.shape[-1]:
+            images = torch.nn.functional.interpolate(images, size=self.image_size, mode="bilinear", align_corners=False)
+        full = TensorDataset(images, torch.tensor(digits.target, dtype=torch.long))
+        n_test = round(len(full) * self.test_fraction)
+        split = torch.Generator().manual_seed(self.split_seed)
+        self.train_set, self.test_set = random_split(full, [len(full) - n_test, n_test], generator=split)
+
+
+class TorchvisionDataModule(ImageDataModule):
+    """MNIST, Fashion-MNIST or CIFAR-10 from torchvision, downloaded into ``root`` when ``download`` is set."""
+
+    DATASETS = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
+
+    def __init__(self, name: str, download: bool = True, random_flip: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        if name not in self.DATASETS:
+            raise ValueError(f"data.name={name!r}: must be one of {sorted(self.DATASETS)}")
+        self.name, self.download, self.random_flip = name, download, random_flip
+
+    def prepare_data(self) -> None:
+        for train in (True, False):
+            self.DATASETS[self.name](str(self.root), train=train, download=self.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        flip = [transforms.RandomHorizontalFlip()] if self.random_flip else []
+        make = self.DATASETS[self.name]
+        self.train_set = make(str(self.root), train=True, transform=transforms.Compose(flip + self.to_unit_range()))
+        self.test_set = make(str(self.root), train=False, transform=transforms.Compose(self.to_unit_range()))
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """Images under ``root/<class name>/``; classes are the sorted subfolder names."""
+
+    def __init__(self, random_flip: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.random_flip = random_flip
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        flip = [transforms.RandomHorizontalFlip()] if self.random_flip else []
+        self.train_set = datasets.ImageFolder(str(self.root), transform=transforms.Compose(flip + self.to_unit_range()))
+        found = len(self.train_set.classes)
+        if found != self.num_classes:
+            raise ValueError(f"data.num_classes={self.num_classes} but {self.root} has {found} class folders {self.train_set.classes}")

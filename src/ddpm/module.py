@@ -1,0 +1,155 @@
+"""The LightningModule: glue between the network, the diffusion process, guidance and a sampler.
+
+It owns no math. The composed Hydra config travels inside every checkpoint (``checkpoint["config"]``),
+so ``DiffusionModule.from_checkpoint`` rebuilds the model from the file alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import lightning as L
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.guidance import check_guidance, drop_labels, guided_model_fn
+from ddpm.samplers import randn_like
+
+
+class DiffusionModule(L.LightningModule):
+    def __init__(
+        self,
+        net: nn.Module,
+        diffusion: GaussianDiffusion,
+        sampler: Callable,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        warmup_steps: int = 0,
+        ema_decay: float = 0.9999,
+        p_uncond: float = 0.1,
+        guidance_scale: float = 0.0,
+        config: dict | None = None,
+    ):
+        super().__init__()
+        self.net, self.diffusion, self.sampler = net, diffusion, sampler
+        self.optimizer_factory, self.warmup_steps = optimizer, warmup_steps
+        self.p_uncond, self.guidance_scale = p_uncond, guidance_scale
+        self.config = config
+        # EMA of the weights (Ho et al. sample with decay 0.9999); a frozen copy torch updates with foreach ops.
+        self.ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        self.ema.requires_grad_(False)
+
+    @property
+    def conditional(self) -> bool:
+        return getattr(self.net, "num_classes", None) is not None
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "DiffusionModule":
+        """Build network, schedule and sampler from the composed config (the groups model, schedule, guidance,
+        sampler, optim, ema)."""
+        num_classes = cfg.data.num_classes if cfg.guidance.conditional else None
+        return cls(
+            net=instantiate(cfg.model, num_classes=num_classes),
+            diffusion=GaussianDiffusion(instantiate(cfg.schedule)),
+            sampler=instantiate(cfg.sampler),
+            optimizer=instantiate(cfg.optim.optimizer),
+            warmup_steps=cfg.optim.warmup_steps,
+            ema_decay=cfg.ema.decay,
+            p_uncond=cfg.guidance.p_uncond if cfg.guidance.conditional else 0.0,
+            guidance_scale=cfg.guidance.scale,
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "DiffusionModule":
+        """Rebuild the module from a checkpoint written by ``python -m ddpm.train``, weights and EMA included."""
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        module = cls.from_config(OmegaConf.create(checkpoint["config"]))
+        module.load_state_dict(checkpoint["state_dict"])
+        return module
+
+    # --- training -------------------------------------------------------------------------------
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x0, labels = batch
+        labels = drop_labels(labels, self.p_uncond, self.net.null_label) if self.conditional else None
+        loss = self.diffusion.training_loss(self.net, x0, labels=labels)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Right after the weights move (not in on_train_batch_end, which runs after callbacks such as
+        # ModelCheckpoint): a checkpoint at step N then holds the EMA of step N, and a resume matches.
+        self.ema.update_parameters(self.net)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.net.parameters())
+        # Linear learning-rate warm-up over `optim.warmup_steps` (Ho et al. use 5000), then constant.
+        warmup = partial(_linear_warmup, warmup_steps=self.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["config"] = self.config
+        # Lightning restores weights, optimizer, schedulers, loops and callbacks, but not the RNGs that draw
+        # t, noise, label dropout and the shuffle order; saving them lets a resumed run continue the same stream.
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states is None:
+            return
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+        np.random.set_state(states["numpy"])
+        random.setstate(states["python"])
+
+    # --- sampling -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self, labels: torch.Tensor | None, num_samples: int | None = None, guidance_scale: float | None = None,
+        generator: torch.Generator | None = None, use_ema: bool = True, sampler: Callable | None = None,
+        progress: bool = False, callback: Callable | None = None,
+    ) -> torch.Tensor:
+        """Images in [-1, 1] for ``labels`` (or ``num_samples`` unconditional ones), with classifier-free
+        guidance at ``guidance_scale`` (the paper's w; default: the configured ``guidance.scale``)."""
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        check_guidance(self.p_uncond, scale, self.conditional)
+        net = self.ema.module if use_ema else self.net
+        n = len(labels) if labels is not None else num_samples
+        shape = (n, net.in_channels, net.image_size, net.image_size)
+        noise = randn_like(torch.empty(shape, device=self.device), generator)
+        labels = labels.to(self.device) if labels is not None else None
+        with evaluating(net):
+            model_fn = guided_model_fn(net, labels if self.conditional else None, scale)
+            return (sampler or self.sampler)(model_fn, self.diffusion, noise, generator=generator, progress=progress, callback=callback)
+
+
+def _linear_warmup(step: int, warmup_steps: int) -> float:
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+@contextlib.contextmanager
+def evaluating(net: nn.Module):
+    """Eval mode (no dropout) for the duration, restoring the previous mode after."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was_training)

@@ -1,0 +1,56 @@
+"""Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2) with timestep respacing (Nichol & Dhariwal 2021)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ddpm.diffusion import GaussianDiffusion, extract, respace, spaced_timesteps
+from ddpm.guidance import ModelFn
+from ddpm.samplers import randn_like
+
+VARIANCES = ("beta", "posterior")
+
+
+def ddpm_step(
+    spaced: GaussianDiffusion, i: int, x: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None,
+    variance: str = "beta", clip_x0: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step x_t -> x_{t-1} of the (respaced) process ``spaced`` at its index ``i``; returns (x_{t-1}, x0_pred).
+
+    The mean is the posterior mean (eq. 7) at x0_pred = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar);
+    without clipping it equals Algorithm 2's 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps).
+    sigma_t^2 is beta_t or the posterior beta-tilde_t (the paper's two choices, sec. 3.2).
+    """
+    t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+    x0 = spaced.predict_x0_from_eps(x, t, eps)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+    mean, posterior_variance = spaced.q_posterior(x0, x, t)
+    if i == 0 or noise is None:
+        return mean, x0
+    sigma2 = extract(spaced.betas, t, x) if variance == "beta" else posterior_variance
+    return mean + sigma2.sqrt() * noise, x0
+
+
+def sample_ddpm(
+    model_fn: ModelFn, diffusion: GaussianDiffusion, noise: torch.Tensor, *, steps: int | None = None,
+    variance: str = "beta", clip_x0: bool = True, generator: torch.Generator | None = None,
+    callback: Callable | None = None, progress: bool = False,
+) -> torch.Tensor:
+    """Algorithm 2 over ``steps`` evenly spaced timesteps (all T when None)."""
+    if variance not in VARIANCES:
+        raise ValueError(f"sampler.variance={variance!r}: must be one of {list(VARIANCES)}")
+    timesteps = spaced_timesteps(diffusion.num_timesteps, steps or diffusion.num_timesteps).to(noise.device)
+    spaced = respace(diffusion, timesteps)
+    x = noise
+    for i in tqdm(reversed(range(len(timesteps))), total=len(timesteps), disable=not progress, desc="ddpm", leave=False):
+        t = timesteps[i].expand(x.shape[0])
+        eps = model_fn(x, t)
+        z = randn_like(x, generator) if i > 0 else None
+        x, x0 = ddpm_step(spaced, i, x, eps, z, variance, clip_x0)
+        if callback is not None:
+            callback(i, x, x0)
+    return x

@@ -1,0 +1,186 @@
+"""The DDPM U-Net (Ho et al. 2020, appendix B) with a class embedding for classifier-free guidance.
+
+The network knows nothing about schedules: it maps (x_t, timestep index, class label) to a
+prediction of the noise eps. With ``num_classes`` set it embeds ``num_classes + 1`` labels; the
+extra one (``null_label == num_classes``) stands for "no label" (Ho & Salimans 2022).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of the timestep (Vaswani et al. 2017, sec. 3.5), as used by DDPM."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Start a residual branch's last layer at zero, so every block begins as the identity (DDPM's init)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """Wide-ResNet block with GroupNorm, SiLU, dropout and an additive timestep(+class) embedding."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the pixels of a feature map, through PyTorch's fused attention kernel."""
+
+    def __init__(self, ch: int, num_heads: int, groups: int):
+        super().__init__()
+        if ch % num_heads:
+            raise ValueError(f"model.num_heads={num_heads} must divide the channel count {ch}")
+        self.num_heads = num_heads
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = zero_init(nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three h d) x y -> three b h (x y) d", three=3, h=self.num_heads)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(rearrange(out, "b h (x y) d -> b (h d) x y", x=height, y=width))
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t, y) of DDPM; ``forward(x, t, labels)`` returns a tensor shaped like ``x``."""
+
+    def __init__(
+        self,
+        image_size: int,
+        in_channels: int = 3,
+        base_channels: int = 128,
+        channel_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.1,
+        num_heads: int = 1,
+        norm_groups: int = 32,
+        num_classes: int | None = None,
+        channels_last: bool = False,
+    ):
+        super().__init__()
+        self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
+        self.downsampling = 2 ** (len(channel_mult) - 1)
+        if image_size % self.downsampling:
+            raise ValueError(
+                f"data.image_size={image_size} must be divisible by the U-Net's downsampling factor "
+                f"{self.downsampling} (2 ** (len(model.channel_mult) - 1))"
+            )
+        resolutions = [image_size // 2**level for level in range(len(channel_mult))]
+        unknown = sorted(set(attention_resolutions) - set(resolutions))
+        if unknown:
+            raise ValueError(f"model.attention_resolutions={list(attention_resolutions)}: {unknown} not in the network's resolutions {resolutions}")
+
+        emb_dim = 4 * base_channels
+        self.base_channels = base_channels
+        self.time_embed = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes is not None else None
+
+        block = lambda i, o: ResBlock(i, o, emb_dim, dropout, norm_groups)  # noqa: E731
+        attention = lambda c: AttentionBlock(c, num_heads, norm_groups)  # noqa: E731
+
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.down = nn.ModuleList()
+        skip_channels, ch = [base_channels], base_channels
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [block(ch, base_channels * mult)]
+                ch = base_channels * mult
+                if resolutions[level] in attention_resolutions:
+                    layers.append(attention(ch))
+                self.down.append(nn.ModuleList(layers))
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                self.down.append(nn.ModuleList([Downsample(ch)]))
+                skip_channels.append(ch)
+
+        self.middle = nn.ModuleList([block(ch, ch), attention(ch), block(ch, ch)])
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = [block(ch + skip_channels.pop(), base_channels * mult)]
+                ch = base_channels * mult
+                if resolutions[level] in attention_resolutions:
+                    layers.append(attention(ch))
+                if level != 0 and i == num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.up.append(nn.ModuleList(layers))
+
+        self.out = nn.Sequential(nn.GroupNorm(norm_groups, ch), nn.SiLU(), zero_init(nn.Conv2d(ch, in_channels, 3, padding=1)))
+        # NHWC activations let oneDNN/cuDNN pick faster convolution kernels; the math is unchanged.
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.to(memory_format=self.memory_format)
+
+    @property
+    def null_label(self) -> int | None:
+        """The class index meaning "unconditional" (Ho & Salimans 2022), or None for an unconditional net."""
+        return self.num_classes
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.time_embed(timestep_embedding(t, self.base_channels).to(x.dtype))
+        if self.class_embed is not None:
+            if labels is None:
+                raise ValueError("this UNet is class-conditional: pass labels (use null_label for unconditional)")
+            emb = emb + self.class_embed(labels)
+
+        h = self.conv_in(x.contiguous(memory_format=self.memory_format))
+        skips = [h]
+        for layers in self.down:
+            for layer in layers:
+                h = layer(h, emb)
+            skips.append(h)
+        for layer in self.middle:
+            h = layer(h, emb)
+        for layers in self.up:
+            h = torch.cat([h, skips.pop()], dim=1)
+            for layer in layers:
+                h = layer(h, emb)
+        return self.out(h)
