@@ -107,5 +107,5 @@ def test_respacing_keeps_alpha_bar_at_the_kept_steps(diffusion):
     """Nichol & Dhariwal sec. 4: the respaced process has the same alpha_bar at the kept timesteps."""
     ts = spaced_timesteps(T, 37)
     spaced = respace(diffusion, ts)
-    torch.testing.assert_close(spaced.alphas_cumprod, diffusion.alphas_cumprod[ts], rtol=1e-12, atol=0)
+    torch.testing.assert_close(spaced.alphas_cumprod, diffusion.alphas_cumprod[ts], rtol=1e-9, atol=0)
     torch.testing.assert_close(respace(diffusion, torch.arange(T)).betas, diffusion.betas, rtol=1e-10, atol=1e-15)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -50,4 +50,6 @@ def compose(overrides: list[str] | None = None, config_name: str = "train", outp
         if output_dir is not None:
             cfg.hydra.runtime.output_dir = str(output_dir)
             HydraConfig.instance().set_config(cfg)
+            with open_dict(cfg):  # as under @hydra.main, the task sees its config without the hydra node
+                del cfg["hydra"]
     return cfg

@@ -11,8 +11,30 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, random_split
 from torchvision import datasets, transforms
+
+
+class EpochShuffle(Sampler[int]):
+    """Shuffles with a permutation drawn from (seed, epoch) alone, like DistributedSampler on one process.
+
+    Lightning calls ``set_epoch`` before each epoch, including the epoch a resumed run restarts in, so a run
+    resumed at an epoch boundary sees the same batches as one that never stopped; and the data order does not
+    depend on how much of the global RNG other code (sampling callbacks, say) has used.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0):
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 def to_rgb(image):
@@ -23,17 +45,23 @@ def to_rgb(image):
 class ImageDataModule(L.LightningDataModule):
     """What every dataset shares: the keys users set (``data.batch_size`` ...) and the train loader."""
 
-    def __init__(self, root: str, batch_size: int, num_workers: int, image_size: int, channels: int, num_classes: int):
+    def __init__(self, root: str, batch_size: int, num_workers: int, image_size: int, channels: int, num_classes: int,
+                 shuffle_seed: int | None = None):
         super().__init__()
         self.root, self.batch_size, self.num_workers = Path(root).expanduser(), batch_size, num_workers
+        self.shuffle_seed = shuffle_seed
         self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
         self.train_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
     def train_dataloader(self) -> DataLoader:
         # drop_last keeps every step's batch the same size, so the loss curve is comparable across steps.
+        seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed()
+        # The loader's own generator seeds its workers, so starting an epoch draws nothing from the global RNG
+        # (whose stream, saved in checkpoints, drives t, noise and label dropout).
         return DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers,
+            self.train_set, batch_size=self.batch_size, sampler=EpochShuffle(len(self.train_set), seed), drop_last=True,
+            num_workers=self.num_workers, generator=torch.Generator().manual_seed(seed),
             persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
         )
 

@@ -105,18 +105,24 @@ class DiffusionModule(L.LightningModule):
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(),
+            "numpy": _numpy_rng_state(),
             "python": random.getstate(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        states = checkpoint.get("rng_states")
+        # Applied in on_train_start, not now: between restoring and the first step Lightning itself draws
+        # from the RNG (as it did at the start of the original run), which would shift the stream.
+        self._rng_states_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        states, self._rng_states_to_restore = getattr(self, "_rng_states_to_restore", None), None
         if states is None:
             return
         torch.set_rng_state(states["torch"])
         if states["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
-        np.random.set_state(states["numpy"])
+        name, keys, pos, has_gauss, cached = states["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
         random.setstate(states["python"])
 
     # --- sampling -------------------------------------------------------------------------------
@@ -138,6 +144,12 @@ class DiffusionModule(L.LightningModule):
         with evaluating(net):
             model_fn = guided_model_fn(net, labels if self.conditional else None, scale)
             return (sampler or self.sampler)(model_fn, self.diffusion, noise, generator=generator, progress=progress, callback=callback)
+
+
+def _numpy_rng_state() -> tuple:
+    """numpy's RNG state with its key array as a tensor: checkpoints then load with torch.load(weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)
 
 
 def _linear_warmup(step: int, warmup_steps: int) -> float:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -20,16 +21,17 @@ from ddpm.module import DiffusionModule
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig) -> DiffusionModule:
+def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> DiffusionModule:
     """Seed, build data, model, callbacks, logger and trainer from ``cfg``, then fit (resuming from
-    ``cfg.ckpt_path`` when set). Returns the trained module."""
+    ``cfg.ckpt_path`` when set). ``extra_callbacks`` join the configured ones (handy from Python).
+    Returns the trained module."""
     if cfg.guidance.conditional:
         check_guidance(cfg.guidance.p_uncond, cfg.guidance.scale)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
     module = DiffusionModule.from_config(cfg)
-    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
+    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node] + list(extra_callbacks)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
 

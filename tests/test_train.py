@@ -1,0 +1,128 @@
+"""The training spine end to end: outputs, resume, guidance refusal, loggers, multirun."""
+
+import copy
+import csv
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import TINY, run_cli
+
+from ddpm.module import DiffusionModule
+from ddpm.train import train
+
+
+def read_losses(run_dir: Path) -> dict[int, float]:
+    """step -> train/loss from the CSV logger (logged every step by trainer=debug)."""
+    rows = csv.DictReader(open(next(run_dir.glob("csv/version_*/metrics.csv"))))
+    return {int(r["step"]) + 1: float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+def test_train_writes_grid_checkpoints_and_config(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("trainer.max_steps=10", "callbacks.model_checkpoint.every_n_train_steps=5")
+    train(cfg)
+    run = tmp_path / "run"
+    assert (run / "samples" / "final.png").is_file()
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"config.yaml", "last.ckpt", "step_0000005.ckpt", "step_0000010.ckpt"}
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 10
+    assert checkpoint["config"]["schedule"]["timesteps"] == 100  # the resolved config travels inside
+
+    # The checkpoint alone rebuilds the model, EMA included, and it samples.
+    module = DiffusionModule.from_checkpoint(run / "checkpoints" / "last.ckpt")
+    for name, value in checkpoint["state_dict"].items():
+        assert torch.equal(module.state_dict()[name], value), name
+    images = module.sample(torch.arange(10), generator=torch.Generator().manual_seed(0))
+    assert images.shape == (10, 1, 8, 8) and torch.isfinite(images).all()
+
+
+class CaptureAtStart(L.Callback):
+    """The state a (resumed) run starts from, after Lightning has restored the checkpoint."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.global_step = trainer.global_step
+        self.weights = copy.deepcopy(pl_module.state_dict())
+        self.optimizer_state = copy.deepcopy(trainer.optimizers[0].state_dict())
+
+
+def test_resume_restores_everything_and_continues_the_same_run(tiny_cfg, tmp_path):
+    """Train N steps, stop, resume to 2N, and compare with a 2N run that never stopped.
+
+    What remains different, and why: nothing, at an epoch boundary (this test). The shuffle order is a function
+    of (seed, epoch) and the global RNG stream (t, noise, label dropout) is saved and restored, so the
+    continuation is bit-identical. A resume in the middle of an epoch is not: Lightning restarts a plain
+    DataLoader's iterator, so the rest of that epoch replays batches from the start of its permutation
+    (statistically the same, not the same batches)."""
+    N = 50  # one epoch: the digits training split is 50 batches of 32
+    common = ["callbacks.model_checkpoint.every_n_train_steps=" + str(N), "~callbacks.sample_grid"]
+    train(tiny_cfg(f"trainer.max_steps={2 * N}", *common, output_dir=tmp_path / "straight"))
+
+    first = tmp_path / "first"
+    train(tiny_cfg(f"trainer.max_steps={N}", *common, output_dir=first))
+    ckpt_path = first / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(ckpt_path, weights_only=False)
+
+    capture = CaptureAtStart()
+    resumed = tmp_path / "resumed"
+    train(tiny_cfg(f"trainer.max_steps={2 * N}", *common, f"ckpt_path={ckpt_path}", output_dir=resumed), [capture])
+
+    # 1. Step count, weights, EMA weights, optimizer state and RNG are exactly what the checkpoint holds.
+    assert capture.global_step == checkpoint["global_step"] == N
+    for name, value in checkpoint["state_dict"].items():
+        assert torch.equal(capture.weights[name], value), name
+    assert any(name.startswith("ema.") for name in checkpoint["state_dict"])
+    saved_opt = checkpoint["optimizer_states"][0]
+    for index, state in saved_opt["state"].items():
+        for key, value in state.items():
+            assert torch.equal(capture.optimizer_state["state"][index][key], value), (index, key)
+    assert set(checkpoint["rng_states"]) == {"torch", "cuda", "numpy", "python"}  # applied in on_train_start
+
+    # 2. The loss continues where it was, not from scratch, and matches the uninterrupted run.
+    straight, before, after = read_losses(tmp_path / "straight"), read_losses(first), read_losses(resumed)
+    assert min(after) == N + 1
+    assert before[N] == pytest.approx(straight[N], abs=0)
+    assert sum(after[s] for s in range(N + 1, N + 11)) < 0.85 * sum(before[s] for s in range(1, 11))  # not from scratch
+    # Restoring the RNG streams makes the continuation identical, step for step, to the run that never stopped.
+    for step in range(N + 1, 2 * N + 1):
+        assert after[step] == pytest.approx(straight[step], rel=1e-6), step
+    final_straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    final_resumed = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for name, value in final_straight.items():
+        torch.testing.assert_close(final_resumed[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_guided_sampling_from_a_model_without_label_dropout_fails_before_training(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("guidance.p_uncond=0", "guidance.scale=1.0")
+    with pytest.raises(ValueError, match=r"guidance.scale=1.0 needs a model trained with guidance.p_uncond > 0"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_unconditional_training(tiny_cfg, tmp_path):
+    module = train(tiny_cfg("guidance=none", "trainer.max_steps=3", "callbacks.sample_grid.num_samples=4"))
+    assert module.net.class_embed is None and module.p_uncond == 0
+    assert (tmp_path / "run" / "samples" / "final.png").is_file()
+
+
+def test_wandb_logs_offline_without_an_account(tiny_cfg, tmp_path, offline_env):
+    """No API key, no netrc, no WANDB_MODE: the default logger goes offline instead of prompting."""
+    cfg = tiny_cfg("logger=wandb", "trainer.max_steps=3")
+    train(cfg)
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    import wandb
+
+    assert wandb.run is None  # finished, so the next job of a multirun starts its own run
+
+
+def test_multirun_writes_one_directory_per_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli("ddpm.train", "--multirun", "schedule=linear,cosine", *TINY, "trainer.max_steps=3",
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job, schedule in (("0", "linear"), ("1", "cosine")):
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+        assert (sweep / job / "samples" / "final.png").is_file()
+        config = (sweep / job / "checkpoints" / "config.yaml").read_text()
+        assert f"ddpm.schedules.{schedule}_betas" in config
