@@ -1,0 +1,155 @@
+"""Every option of every config group composes and instantiates; the CLI prints the composed config."""
+
+import zipfile
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import TINY, run_cli
+from hydra.utils import instantiate
+from PIL import Image
+
+from ddpm.config import config_dir, experiments_root
+from ddpm.module import DiffusionModule
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUPS = ["data", "model", "schedule", "guidance", "sampler", "optim", "trainer", "callbacks", "logger"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert options(group), group
+    assert "digits_quick" in [p.stem for p in (experiments_root() / "experiments").glob("*.yaml")]
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A tiny image_folder dataset: two classes of 4 RGB images each."""
+    for c, name in enumerate(["cats", "dogs"]):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (20, 24), (60 * i, 200 * c, 255)).save(tmp_path / "images" / name / f"{i}.png")
+    return tmp_path / "images"
+
+
+@pytest.mark.parametrize("option", options("data"))
+def test_data_options(option, tiny_cfg, image_folder):
+    extra = [f"data.root={image_folder}", "data.num_classes=2", "data.image_size=8"] if option == "image_folder" else []
+    cfg = tiny_cfg(f"data={option}", *extra)
+    datamodule = instantiate(cfg.data)
+    assert isinstance(datamodule, L.LightningDataModule)
+    assert datamodule.channels == cfg.model.in_channels and datamodule.num_classes == cfg.model.num_classes
+    if option in ("digits", "image_folder"):  # the torchvision sets need a download: built, not loaded, here
+        datamodule.setup("fit")
+        x, y = next(iter(datamodule.train_dataloader() if option == "digits" else
+                         torch.utils.data.DataLoader(datamodule.train_set, batch_size=8)))
+        assert x.shape[1:] == (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+        assert x.min() >= -1 and x.max() <= 1 and x.min() < 0 < x.max()
+        assert y.max() < cfg.data.num_classes
+
+
+@pytest.mark.parametrize("option", options("model"))
+def test_model_options(option, tiny_cfg):
+    cfg = tiny_cfg(f"model={option}", "data.image_size=32", "model.norm_groups=8")
+    net = instantiate(cfg.model)
+    x = torch.randn(2, cfg.data.channels, 32, 32)
+    with torch.no_grad():
+        assert net(x, torch.tensor([0, 99]), torch.tensor([1, 10])).shape == x.shape
+
+
+@pytest.mark.parametrize("option", options("schedule"))
+def test_schedule_options(option, tiny_cfg):
+    betas = instantiate(tiny_cfg(f"schedule={option}").schedule)
+    assert betas.dtype == torch.float64 and len(betas) == 100 and ((betas > 0) & (betas < 1)).all()
+
+
+@pytest.mark.parametrize("option", options("guidance"))
+def test_guidance_options(option, tiny_cfg):
+    module = DiffusionModule.from_config(tiny_cfg(f"guidance={option}"))
+    assert module.conditional == (option != "none")
+    labels = torch.arange(10) if module.conditional else None
+    images = module.sample(labels, num_samples=3, generator=torch.Generator().manual_seed(0), sampler=None)
+    assert images.shape[0] == (10 if module.conditional else 3)
+
+
+@pytest.mark.parametrize("option", options("sampler"))
+def test_sampler_options(option, tiny_cfg):
+    module = DiffusionModule.from_config(tiny_cfg(f"sampler={option}", "sampler.steps=5"))
+    images = module.sample(torch.arange(4), generator=torch.Generator().manual_seed(0))
+    assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("option", options("optim"))
+def test_optim_options(option, tiny_cfg):
+    module = DiffusionModule.from_config(tiny_cfg(f"optim={option}"))
+    assert isinstance(module.configure_optimizers()["optimizer"], torch.optim.Optimizer)
+
+
+@pytest.mark.parametrize("option", options("trainer"))
+def test_trainer_options(option, tiny_cfg):
+    cfg = tiny_cfg(f"trainer={option}")
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        pytest.skip("composes (checked above); instantiating a GPU trainer needs a GPU")
+    assert isinstance(instantiate(cfg.trainer), L.Trainer)
+
+
+@pytest.mark.parametrize("option", options("callbacks"))
+def test_callbacks_options(option, tiny_cfg):
+    cfg = tiny_cfg(f"callbacks={option}")
+    assert all(isinstance(instantiate(node), L.Callback) for node in cfg.callbacks.values())
+
+
+@pytest.mark.parametrize("option", options("logger"))
+def test_logger_options(option, tiny_cfg, offline_env):
+    cfg = tiny_cfg(f"logger={option}")
+    if option == "none":
+        assert not cfg.logger
+        return
+    logger = instantiate(cfg.logger)
+    assert isinstance(logger, L.pytorch.loggers.Logger)
+    if option == "wandb":
+        assert logger._wandb_init["mode"] == "offline"  # no credentials here: offline, never a prompt
+
+
+def test_wandb_mode_follows_credentials(offline_env, monkeypatch, tmp_path):
+    from ddpm.loggers import resolve_wandb_mode
+
+    assert resolve_wandb_mode("auto") == "offline"
+    (tmp_path / "home").mkdir(exist_ok=True)
+    (tmp_path / "home" / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "x" * 40 + "\n")
+    (tmp_path / "home" / ".netrc").chmod(0o600)
+    assert resolve_wandb_mode("auto") == "online"  # `wandb login` writes this entry
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert resolve_wandb_mode("auto") == "offline"  # the user's explicit choice wins
+    assert resolve_wandb_mode("disabled") == "disabled"
+    with pytest.raises(ValueError, match="logger.mode"):
+        resolve_wandb_mode("sometimes")
+
+
+@pytest.mark.parametrize("name", [p.stem for p in (experiments_root() / "experiments").glob("*.yaml")])
+def test_experiment_presets_compose(name, tiny_cfg):
+    cfg = tiny_cfg(f"experiments={name}")
+    assert cfg.trainer.max_steps > 0
+
+
+def test_cli_prints_the_composed_config(tmp_path):
+    result = run_cli("ddpm.train", "--cfg", "job", "schedule=cosine", "guidance.p_uncond=0.1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "_target_: ddpm.schedules.cosine_betas" in result.stdout
+    assert "p_uncond: 0.1" in result.stdout
+    assert not (tmp_path / "outputs").exists()  # --cfg prints and trains nothing
+
+
+def test_wheel_ships_the_configs(tmp_path):
+    """A non-editable install must find conf/ and experiments/ inside the package."""
+    result = run_cli("pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    names = zipfile.ZipFile(next(tmp_path.glob("ddpm-*.whl"))).namelist()
+    assert "ddpm/conf/train.yaml" in names
+    assert "ddpm/conf/model/unet_cifar10.yaml" in names
+    assert "ddpm/conf/experiments/digits_quick.yaml" in names
