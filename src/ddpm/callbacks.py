@@ -1,4 +1,4 @@
-"""Training callbacks: sample grids during and after training (checkpoints use Lightning's ModelCheckpoint)."""
+"""Training callbacks: sample grids and the resolved config (checkpoints use Lightning's ModelCheckpoint)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
+from omegaconf import OmegaConf
 from torchvision.utils import make_grid, save_image
 
 
@@ -71,3 +72,16 @@ class SampleGrid(L.Callback):
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="samples", images=[grid], step=trainer.global_step, caption=[name])
         return path
+
+
+class SaveResolvedConfig(L.Callback):
+    """Write the resolved config (the one every checkpoint also carries) to ``dirpath/config.yaml`` as fitting
+    starts, so the checkpoints' folder says how they were made."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath = Path(dirpath)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.is_global_zero and pl_module.config is not None:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(OmegaConf.create(pl_module.config), self.dirpath / "config.yaml")

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ddpm.config import config_dir
 from ddpm.guidance import check_guidance
@@ -35,11 +34,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Diffus
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
 
-    # The resolved config beside the checkpoints: `ddpm.sample` rebuilds the model from it (and from
-    # the copy inside every checkpoint), and every logger gets the whole of it, schedule and guidance included.
-    checkpoint_dir = Path(cfg.paths.checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, checkpoint_dir / "config.yaml", resolve=True)
+    # Every logger gets the whole resolved config, schedule and guidance included.
     for each in trainer.loggers:
         each.log_hyperparams(module.config)
     n_params = sum(p.numel() for p in module.net.parameters())
