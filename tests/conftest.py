@@ -3,8 +3,16 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ddpm.config import compose
+
+# Under pytest-xdist, share the cores between the workers: each worker running as many threads as there
+# are cores oversubscribes the CPU, and spinning OpenMP threads then make every test several times slower.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for the subprocesses the CLI tests start
 
 # A network and schedule small enough that a training step takes milliseconds.
 TINY = [
