@@ -85,6 +85,18 @@ def spaced_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:
     return torch.round(torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64)).long().unique()
 
 
+def logsnr_spaced_timesteps(alphas_cumprod: torch.Tensor, steps: int) -> torch.Tensor:
+    """About ``steps`` indices whose log-SNR lambda_t = log(alpha_t / sigma_t) is evenly spread from t = T to t = 1
+    (Lu et al. 2022 recommend it for low-resolution pixel-space models); each is the index nearest its target.
+    Near-duplicates collapse, so the result can be a little shorter than ``steps``."""
+    num_timesteps = len(alphas_cumprod)
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"sampler.steps={steps}: must be between 1 and schedule.timesteps={num_timesteps}")
+    lam = 0.5 * torch.log(alphas_cumprod / (1 - alphas_cumprod)).cpu()
+    targets = torch.linspace(lam[0].item(), lam[-1].item(), steps, dtype=torch.float64)
+    return (lam[None, :] - targets[:, None]).abs().argmin(dim=1).unique()
+
+
 def respace(diffusion: GaussianDiffusion, timesteps: torch.Tensor) -> GaussianDiffusion:
     """The process restricted to ``timesteps`` (Nichol & Dhariwal 2021, sec. 4):
     alpha_bar is kept at those steps and beta_i = 1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}}."""

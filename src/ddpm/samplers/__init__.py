@@ -18,3 +18,21 @@ def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> tor
     numbers whatever device ``x`` lives on."""
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+X0_CLIPS = ("clip", "dynamic", "none")
+
+
+def clip_x0(x0: torch.Tensor, mode: str = "clip", percentile: float = 0.995) -> torch.Tensor:
+    """Keep the predicted x_0 in the data range [-1, 1]: ``clip`` clamps; ``dynamic`` is the dynamic
+    thresholding of Saharia et al. 2022 (Imagen, sec. 2.3): s = max(1, percentile of |x_0| per sample),
+    x_0 <- clamp(x_0, -s, s) / s; ``none`` leaves it alone."""
+    if mode == "clip":
+        return x0.clamp(-1, 1)
+    if mode == "dynamic":
+        s = torch.quantile(x0.abs().flatten(1).float(), percentile, dim=1).clamp(min=1).to(x0.dtype)
+        s = s.view(-1, *([1] * (x0.ndim - 1)))
+        return x0.clamp(-s, s) / s
+    if mode == "none":
+        return x0
+    raise ValueError(f"sampler.x0_clip={mode!r}: must be one of {list(X0_CLIPS)}")

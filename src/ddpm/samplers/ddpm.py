@@ -9,14 +9,14 @@ from tqdm.auto import tqdm
 
 from ddpm.diffusion import GaussianDiffusion, extract, respace, spaced_timesteps
 from ddpm.guidance import ModelFn
-from ddpm.samplers import randn_like
+from ddpm.samplers import clip_x0, randn_like
 
 VARIANCES = ("beta", "posterior")
 
 
 def ddpm_step(
     spaced: GaussianDiffusion, i: int, x: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None,
-    variance: str = "beta", clip_x0: bool = True,
+    variance: str = "beta", x0_clip: str = "clip", percentile: float = 0.995,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step x_t -> x_{t-1} of the (respaced) process ``spaced`` at its index ``i``; returns (x_{t-1}, x0_pred).
 
@@ -25,9 +25,7 @@ def ddpm_step(
     sigma_t^2 is beta_t or the posterior beta-tilde_t (the paper's two choices, sec. 3.2).
     """
     t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-    x0 = spaced.predict_x0_from_eps(x, t, eps)
-    if clip_x0:
-        x0 = x0.clamp(-1, 1)
+    x0 = clip_x0(spaced.predict_x0_from_eps(x, t, eps), x0_clip, percentile)
     mean, posterior_variance = spaced.q_posterior(x0, x, t)
     if i == 0 or noise is None:
         return mean, x0
@@ -37,10 +35,10 @@ def ddpm_step(
 
 def sample_ddpm(
     model_fn: ModelFn, diffusion: GaussianDiffusion, noise: torch.Tensor, *, steps: int | None = None,
-    variance: str = "beta", clip_x0: bool = True, generator: torch.Generator | None = None,
+    variance: str = "beta", x0_clip: str = "clip", percentile: float = 0.995, generator: torch.Generator | None = None,
     callback: Callable | None = None, progress: bool = False,
 ) -> torch.Tensor:
-    """Algorithm 2 over ``steps`` evenly spaced timesteps (all T when None)."""
+    """Algorithm 2 over ``steps`` evenly spaced timesteps (all T when None); one model evaluation per step."""
     if variance not in VARIANCES:
         raise ValueError(f"sampler.variance={variance!r}: must be one of {list(VARIANCES)}")
     timesteps = spaced_timesteps(diffusion.num_timesteps, steps or diffusion.num_timesteps).to(noise.device)
@@ -50,7 +48,7 @@ def sample_ddpm(
         t = timesteps[i].expand(x.shape[0])
         eps = model_fn(x, t)
         z = randn_like(x, generator) if i > 0 else None
-        x, x0 = ddpm_step(spaced, i, x, eps, z, variance, clip_x0)
+        x, x0 = ddpm_step(spaced, i, x, eps, z, variance, x0_clip, percentile)
         if callback is not None:
             callback(i, x, x0)
     return x

@@ -1,0 +1,67 @@
+"""DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): a second-order multistep solver of the diffusion ODE
+in the data-prediction (x_0) parameterisation, good in 10-20 model evaluations."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ddpm.diffusion import GaussianDiffusion, logsnr_spaced_timesteps, spaced_timesteps
+from ddpm.guidance import ModelFn
+from ddpm.samplers import clip_x0
+
+
+def dpmpp_2m_step(
+    x: torch.Tensor, x0: torch.Tensor, x0_last: torch.Tensor | None,
+    alpha_bar: float, alpha_bar_next: float, alpha_bar_last: float | None,
+) -> torch.Tensor:
+    """One step from t to t_next (< t). With alpha_t = sqrt(abar), sigma_t = sqrt(1 - abar),
+    lambda = log(alpha/sigma) and h = lambda_next - lambda:
+        x_next = (sigma_next / sigma) x - alpha_next (e^{-h} - 1) D,
+    D = x0 (first order, = DDIM) or, with the previous step's x0_last at t_last and r = h_last / h,
+    D = (1 + 1/(2r)) x0 - 1/(2r) x0_last."""
+    lam = lambda a: 0.5 * math.log(a / (1 - a))  # noqa: E731  log(alpha/sigma) from alpha_bar
+    h = lam(alpha_bar_next) - lam(alpha_bar)
+    d = x0
+    if x0_last is not None:
+        r = (lam(alpha_bar) - lam(alpha_bar_last)) / h
+        d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_last
+    return math.sqrt((1 - alpha_bar_next) / (1 - alpha_bar)) * x - math.sqrt(alpha_bar_next) * math.expm1(-h) * d
+
+
+def sample_dpmpp_2m(
+    model_fn: ModelFn, diffusion: GaussianDiffusion, noise: torch.Tensor, *, steps: int = 20, spacing: str = "logsnr",
+    x0_clip: str = "clip", percentile: float = 0.995, generator: torch.Generator | None = None,
+    callback: Callable | None = None, progress: bool = False,
+) -> torch.Tensor:
+    """``steps`` model evaluations from t = T to t = 1, spaced evenly in log-SNR (``spacing=logsnr``) or in t
+    (``time``); the output is the x_0 predicted at the last one (t = 1). Deterministic: ``generator`` is unused,
+    the randomness is all in ``noise``.
+
+    Why log-SNR by default: with the linear schedule and time-uniform steps the last step jumps from lambda ~ 1.6
+    to 4.6 and the second-order extrapolation overshoots (a Gaussian's std comes out 25% too large at 20
+    steps); log-SNR spacing keeps it within 2% from 10 steps on (tests/test_samplers.py)."""
+    if spacing == "logsnr":
+        timesteps = logsnr_spaced_timesteps(diffusion.alphas_cumprod, steps).flip(0)
+    elif spacing == "time":
+        timesteps = spaced_timesteps(diffusion.num_timesteps, steps).flip(0)  # T-1 ... 0
+    else:
+        raise ValueError(f"sampler.spacing={spacing!r}: must be one of ['logsnr', 'time']")
+    alphas_cumprod = diffusion.alphas_cumprod[timesteps.to(diffusion.alphas_cumprod.device)].tolist()
+    timesteps = timesteps.to(noise.device)
+    x, x0_last = noise, None
+    for i in tqdm(range(len(timesteps)), disable=not progress, desc="dpmpp_2m", leave=False):
+        a = alphas_cumprod[i]
+        eps = model_fn(x, timesteps[i].expand(x.shape[0]))
+        x0 = clip_x0((x - math.sqrt(1 - a) * eps) / math.sqrt(a), x0_clip, percentile)
+        if i == len(timesteps) - 1:
+            x = x0
+        else:
+            x = dpmpp_2m_step(x, x0, x0_last, a, alphas_cumprod[i + 1], alphas_cumprod[i - 1] if i > 0 else None)
+        x0_last = x0
+        if callback is not None:
+            callback(len(timesteps) - 1 - i, x, x0)
+    return x
