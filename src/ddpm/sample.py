@@ -1,0 +1,99 @@
+"""`python -m ddpm.sample ckpt_path=... [sampler=ddim sampler.steps=50 guidance.scale=2 num_samples=64]`:
+images from a checkpoint, as a PNG grid and as raw uint8 arrays (samples.npz)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torchvision.utils import save_image
+
+from ddpm.callbacks import to_grid
+from ddpm.config import config_dir
+from ddpm.module import DiffusionModule
+
+log = logging.getLogger(__name__)
+
+
+def even_labels(num_samples: int, num_classes: int) -> torch.Tensor:
+    """Labels 0..num_classes-1 in contiguous runs of (nearly) equal length."""
+    return torch.arange(num_samples) * num_classes // num_samples
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW floats -> [0, 255] NHWC uint8, the usual layout of image arrays."""
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def draw(module: DiffusionModule, cfg: DictConfig, trajectory_steps: int = 10) -> dict:
+    """Sample ``cfg.num_samples`` images in batches from one seeded generator. Returns images in [-1, 1],
+    labels, the trajectory (or None), the number of model evaluations and the wall time."""
+    sampler = instantiate(cfg.sampler)
+    num_classes = module.net.num_classes
+    labels = None
+    if num_classes is not None:
+        labels = torch.tensor(list(cfg.labels)) if cfg.labels else even_labels(cfg.num_samples, num_classes)
+    n = len(labels) if labels is not None else cfg.num_samples
+    generator = torch.Generator(module.device).manual_seed(cfg.seed)
+    evaluations, frames = 0, []
+
+    def count(model_fn):
+        def counted(x, t):
+            nonlocal evaluations
+            evaluations += 1
+            return model_fn(x, t)
+        return counted
+
+    start, chunks = time.perf_counter(), []
+    for first in range(0, n, cfg.batch_size):
+        batch_labels = labels[first:first + cfg.batch_size] if labels is not None else None
+        size = len(batch_labels) if batch_labels is not None else min(cfg.batch_size, n - first)
+        keep = cfg.trajectory if first == 0 else 0
+        callback = (lambda i, x, x0: frames.append(x[:keep].clone())) if keep else None  # noqa: E731
+        chunks.append(module.sample(batch_labels, num_samples=size, guidance_scale=cfg.guidance.scale,
+                                    generator=generator, use_ema=cfg.use_ema, sampler=_wrap(sampler, count),
+                                    progress=True, callback=callback))
+    seconds = time.perf_counter() - start
+    trajectory = None
+    if frames:
+        every = max(1, len(frames) // trajectory_steps)
+        trajectory = torch.stack(frames[::every][: trajectory_steps - 1] + [frames[-1]], dim=1)  # (k, steps, C, H, W)
+    return {"images": torch.cat(chunks), "labels": labels, "trajectory": trajectory, "nfe": evaluations, "seconds": seconds}
+
+
+def _wrap(sampler, wrap_model_fn):
+    """The sampler, with its model function passed through ``wrap_model_fn`` (to count evaluations)."""
+    return lambda model_fn, *args, **kwargs: sampler(wrap_model_fn(model_fn), *args, **kwargs)
+
+
+def sample(cfg: DictConfig) -> dict:
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    module = DiffusionModule.from_checkpoint(cfg.ckpt_path, map_location=device).to(device).eval()
+    out = draw(module, cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    num_classes = module.net.num_classes
+    nrow = -(-len(out["images"]) // num_classes) if num_classes else int(len(out["images"]) ** 0.5)
+    save_image(to_grid(out["images"], nrow=nrow, min_size=cfg.min_size), run_dir / "grid.png")
+    labels = out["labels"].numpy() if out["labels"] is not None else np.full(len(out["images"]), -1)
+    np.savez_compressed(run_dir / "samples.npz", images=to_uint8(out["images"]), labels=labels)
+    if out["trajectory"] is not None:
+        k, steps = out["trajectory"].shape[:2]
+        save_image(to_grid(out["trajectory"].flatten(0, 1), nrow=steps, min_size=cfg.min_size), run_dir / "trajectory.png")
+    log.info("%d samples, %d model evaluations in %.1f s; wrote %s", len(out["images"]), out["nfe"], out["seconds"], run_dir)
+    return out
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="sample")
+def main(cfg: DictConfig) -> None:
+    sample(cfg)
+
+
+if __name__ == "__main__":
+    main()
