@@ -71,7 +71,7 @@ class DiffusionModule(L.LightningModule):
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "DiffusionModule":
         """Rebuild the module from a checkpoint written by ``python -m ddpm.train``, weights and EMA included."""
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)  # tensors and plain data only
         module = cls.from_config(OmegaConf.create(checkpoint["config"]))
         module.load_state_dict(checkpoint["state_dict"])
         return module
