@@ -14,11 +14,14 @@ from omegaconf import OmegaConf
 from torchvision.utils import make_grid, save_image
 
 
-def class_grid_labels(num_classes: int | None, per_class: int) -> torch.Tensor | None:
-    """Labels 0,0,..,1,1,..: one row of ``per_class`` images per class (None for unconditional models)."""
-    if num_classes is None:
-        return None
-    return torch.arange(num_classes).repeat_interleave(per_class)
+def even_labels(num_samples: int, num_classes: int) -> torch.Tensor:
+    """Labels 0..num_classes-1 in contiguous runs of (nearly) equal length: one grid row per class."""
+    return torch.arange(num_samples) * num_classes // num_samples
+
+
+def class_rows(num_images: int, num_classes: int | None) -> int:
+    """Images per grid row: a row per class for conditional samples, a square grid otherwise."""
+    return -(-num_images // num_classes) if num_classes else max(1, round(num_images**0.5))
 
 
 def to_grid(images: torch.Tensor, nrow: int, min_size: int = 32) -> torch.Tensor:
@@ -57,13 +60,13 @@ class SampleGrid(L.Callback):
     def write(self, trainer: L.Trainer, pl_module, name: str) -> Path | None:
         if not trainer.is_global_zero:
             return None
-        labels = class_grid_labels(pl_module.net.num_classes, self.per_class)
+        num_classes = pl_module.net.num_classes
+        labels = even_labels(num_classes * self.per_class, num_classes) if num_classes is not None else None
         # A private generator: the grid is the same noise every time, and the training RNG stream is untouched.
         generator = torch.Generator(pl_module.device).manual_seed(self.seed)
         sampler = partial(pl_module.sampler, steps=self.steps) if self.steps else None
         images = pl_module.sample(labels, num_samples=self.num_samples, generator=generator, sampler=sampler)
-        nrow = self.per_class if labels is not None else int(len(images) ** 0.5)
-        grid = to_grid(images, nrow=nrow, min_size=self.min_size)
+        grid = to_grid(images, nrow=class_rows(len(images), num_classes), min_size=self.min_size)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"{name}.png"
         save_image(grid, path)

@@ -45,18 +45,16 @@ def to_rgb(image):
 class ImageDataModule(L.LightningDataModule):
     """What every dataset shares: the keys users set (``data.batch_size`` ...) and the train loader."""
 
-    def __init__(self, root: str, batch_size: int, num_workers: int, image_size: int, channels: int, num_classes: int,
-                 shuffle_seed: int | None = None):
+    def __init__(self, root: str, batch_size: int, num_workers: int, image_size: int, channels: int, num_classes: int):
         super().__init__()
         self.root, self.batch_size, self.num_workers = Path(root).expanduser(), batch_size, num_workers
-        self.shuffle_seed = shuffle_seed
         self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
         self.train_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
     def train_dataloader(self) -> DataLoader:
         # drop_last keeps every step's batch the same size, so the loss curve is comparable across steps.
-        seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed()
+        seed = torch.initial_seed()  # the run's `seed`, as set by seed_everything
         # The loader's own generator seeds its workers, so starting an epoch draws nothing from the global RNG
         # (whose stream, saved in checkpoints, drives t, noise and label dropout).
         return DataLoader(

@@ -14,16 +14,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torchvision.utils import save_image
 
-from ddpm.callbacks import to_grid
+from ddpm.callbacks import class_rows, even_labels, to_grid
 from ddpm.config import config_dir
 from ddpm.module import DiffusionModule
 
 log = logging.getLogger(__name__)
-
-
-def even_labels(num_samples: int, num_classes: int) -> torch.Tensor:
-    """Labels 0..num_classes-1 in contiguous runs of (nearly) equal length."""
-    return torch.arange(num_samples) * num_classes // num_samples
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -78,8 +73,7 @@ def sample(cfg: DictConfig) -> dict:
     out = draw(module, cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    num_classes = module.net.num_classes
-    nrow = -(-len(out["images"]) // num_classes) if num_classes else int(len(out["images"]) ** 0.5)
+    nrow = class_rows(len(out["images"]), module.net.num_classes)
     save_image(to_grid(out["images"], nrow=nrow, min_size=cfg.min_size), run_dir / "grid.png")
     labels = out["labels"].numpy() if out["labels"] is not None else np.full(len(out["images"]), -1)
     np.savez_compressed(run_dir / "samples.npz", images=to_uint8(out["images"]), labels=labels)
