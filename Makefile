@@ -8,7 +8,7 @@ install:
 	$(PYTHON) -m pip install -e ".[dev]"
 
 test:
-	$(PYTHON) -m pytest -m "not slow and not gpu" -n $(PYTEST_WORKERS) --timeout 600
+	$(PYTHON) -m pytest -m "not slow and not gpu" -n $(PYTEST_WORKERS) --dist loadgroup --timeout 600
 
 test-all:
 	$(PYTHON) -m pytest -n $(PYTEST_WORKERS)

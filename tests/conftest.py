@@ -25,6 +25,7 @@ TINY = [
     "schedule.timesteps=100",
     "callbacks.sample_grid.steps=10",
     "callbacks.sample_grid.per_class=2",
+    "~callbacks.sample_quality",  # tested on its own (tests/test_evaluate.py)
 ]
 
 

@@ -77,6 +77,52 @@ class SampleGrid(L.Callback):
         return path
 
 
+class SampleQuality(L.Callback):
+    """Every ``every_n_steps``, sample ``num_samples`` images (EMA weights, configured sampler and guidance, ``steps``
+    steps) and log the cheap quality metrics (``quality/fd_digits``, ``quality/guided_accuracy``,
+    ``quality/diversity`` on digits; ``quality/fid`` with Inception elsewhere) so quality-against-steps is a curve.
+    Small samples bias Fréchet distances upwards: compare these curves with each other, not with ``ddpm.evaluate``."""
+
+    def __init__(self, every_n_steps: int = 500, num_samples: int = 500, steps: int | None = 50, seed: int = 0,
+                 feature_extractor: str = "auto", reference_split: str = "train", cache_dir: str | None = None):
+        self.every_n_steps, self.num_samples, self.steps, self.seed = every_n_steps, num_samples, steps, seed
+        self.feature_extractor, self.reference_split, self.cache_dir = feature_extractor, reference_split, cache_dir
+        self._extractor = self._reference = None
+        self.history: list[dict] = []
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        # Build the extractor and the reference statistics now: a missing download or a bad key fails before the
+        # first step, not an hour into training.
+        if self.every_n_steps > 0 and trainer.is_global_zero:
+            self._prepare(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and trainer.is_global_zero:
+            metrics = self.measure(trainer, pl_module)
+            self.history.append({"step": step, **metrics})
+            for logger in trainer.loggers:
+                logger.log_metrics({f"quality/{key}": value for key, value in metrics.items()}, step=step)
+
+    def _prepare(self, trainer: L.Trainer, pl_module) -> None:
+        from ddpm.metrics import prepare
+
+        self._extractor, _, self._reference = prepare(self.feature_extractor, trainer.datamodule, self.reference_split,
+                                                      self.cache_dir, device=pl_module.device)
+
+    def measure(self, trainer: L.Trainer, pl_module) -> dict:
+        from ddpm.metrics import sample_metrics
+
+        if self._extractor is None:
+            self._prepare(trainer, pl_module)
+        num_classes = pl_module.net.num_classes
+        labels = even_labels(self.num_samples, num_classes) if num_classes is not None else None
+        generator = torch.Generator(pl_module.device).manual_seed(self.seed)
+        sampler = partial(pl_module.sampler, steps=self.steps) if self.steps else None
+        images = pl_module.sample(labels, num_samples=self.num_samples, generator=generator, sampler=sampler)
+        return sample_metrics(self._extractor, self._reference, images, labels)
+
+
 class SaveResolvedConfig(L.Callback):
     """Write the resolved config (the one every checkpoint also carries) to ``dirpath/config.yaml`` as fitting
     starts, so the checkpoints' folder says how they were made."""

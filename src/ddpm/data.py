@@ -45,6 +45,8 @@ def to_rgb(image):
 class ImageDataModule(L.LightningDataModule):
     """What every dataset shares: the keys users set (``data.batch_size`` ...) and the train loader."""
 
+    name = "images"  # names the dataset in evaluation protocols and cached reference statistics
+
     def __init__(self, root: str, batch_size: int, num_workers: int, image_size: int, channels: int, num_classes: int):
         super().__init__()
         self.root, self.batch_size, self.num_workers = Path(root).expanduser(), batch_size, num_workers
@@ -63,6 +65,15 @@ class ImageDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
         )
 
+    def reference_set(self, split: str) -> Dataset:
+        """The ``train`` or ``test`` split without augmentation: the real images sample quality is measured against."""
+        self.setup()
+        sets = {"train": getattr(self, "train_reference", self.train_set), "test": self.test_set}
+        if sets.get(split) is None:
+            available = [name for name, dataset in sets.items() if dataset is not None]
+            raise ValueError(f"metrics.reference_split={split!r}: {self.name} has the splits {available}")
+        return sets[split]
+
     def to_unit_range(self) -> list:
         """Transforms from a PIL image to a tensor in [-1, 1] of ``image_size`` and ``channels``."""
         return [
@@ -76,6 +87,8 @@ class ImageDataModule(L.LightningDataModule):
 
 class DigitsDataModule(ImageDataModule):
     """scikit-learn's 1,797 8x8 digits (grey levels 0..16), split once with a fixed seed into train and test."""
+
+    name = "digits"
 
     def __init__(self, test_fraction: float = 0.1, split_seed: int = 0, **kwargs):
         super().__init__(**kwargs)
@@ -105,7 +118,7 @@ class TorchvisionDataModule(ImageDataModule):
         super().__init__(**kwargs)
         if name not in self.DATASETS:
             raise ValueError(f"data.name={name!r}: must be one of {sorted(self.DATASETS)}")
-        self.name, self.download, self.random_flip = name, download, random_flip
+        self.name, self.download, self.random_flip = name, download, random_flip  # instance name shadows the class's
 
     def prepare_data(self) -> None:
         for train in (True, False):
@@ -117,11 +130,14 @@ class TorchvisionDataModule(ImageDataModule):
         flip = [transforms.RandomHorizontalFlip()] if self.random_flip else []
         make = self.DATASETS[self.name]
         self.train_set = make(str(self.root), train=True, transform=transforms.Compose(flip + self.to_unit_range()))
+        self.train_reference = make(str(self.root), train=True, transform=transforms.Compose(self.to_unit_range()))
         self.test_set = make(str(self.root), train=False, transform=transforms.Compose(self.to_unit_range()))
 
 
 class ImageFolderDataModule(ImageDataModule):
-    """Images under ``root/<class name>/``; classes are the sorted subfolder names."""
+    """Images under ``root/<class name>/``; classes are the sorted subfolder names. No test split."""
+
+    name = "image_folder"
 
     def __init__(self, random_flip: bool = False, **kwargs):
         super().__init__(**kwargs)
@@ -132,6 +148,7 @@ class ImageFolderDataModule(ImageDataModule):
             return
         flip = [transforms.RandomHorizontalFlip()] if self.random_flip else []
         self.train_set = datasets.ImageFolder(str(self.root), transform=transforms.Compose(flip + self.to_unit_range()))
+        self.train_reference = datasets.ImageFolder(str(self.root), transform=transforms.Compose(self.to_unit_range()))
         found = len(self.train_set.classes)
         if found != self.num_classes:
             raise ValueError(f"data.num_classes={self.num_classes} but {self.root} has {found} class folders {self.train_set.classes}")

@@ -74,6 +74,7 @@ class DiffusionModule(L.LightningModule):
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)  # tensors and plain data only
         module = cls.from_config(OmegaConf.create(checkpoint["config"]))
         module.load_state_dict(checkpoint["state_dict"])
+        module.checkpoint_step = checkpoint.get("global_step")  # recorded in evaluation protocols
         return module
 
     # --- training -------------------------------------------------------------------------------

@@ -67,8 +67,13 @@ def _wrap(sampler, wrap_model_fn):
     return lambda model_fn, *args, **kwargs: sampler(wrap_model_fn(model_fn), *args, **kwargs)
 
 
+def resolve_device(device: str) -> str:
+    """``auto``: cuda when available, else cpu."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
 def sample(cfg: DictConfig) -> dict:
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     module = DiffusionModule.from_checkpoint(cfg.ckpt_path, map_location=device).to(device).eval()
     out = draw(module, cfg)
     run_dir = Path(cfg.paths.output_dir)

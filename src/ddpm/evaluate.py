@@ -1,0 +1,89 @@
+"""`python -m ddpm.evaluate ckpt_path=... [sampler=dpmpp_2m sampler.steps=20 guidance.scale=2 num_samples=10000]`:
+sample a checkpoint and write ``metrics.json`` (quality, NFE, wall time, and the protocol behind every number).
+
+A guidance sweep at sampling time is a multirun: ``--multirun ckpt_path=... guidance.scale=0,0.5,1,2,4``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ddpm.config import config_dir
+from ddpm.metrics import inception_score, metric_name, prepare, sample_metrics
+from ddpm.module import DiffusionModule
+from ddpm.sample import draw, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def protocol(cfg: DictConfig, module: DiffusionModule, reference_info: dict, extractor_info: dict, num_images: int) -> dict:
+    """Everything that makes two numbers comparable: reference set, feature space, sample count, sampler,
+    guidance, weights, seed. Compare runs only when their protocols agree."""
+    sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
+    sampler_name = sampler.pop("_target_").rsplit(".", 1)[-1].removeprefix("sample_")
+    sampler.pop("_partial_", None)
+    if sampler.get("steps") is None:
+        sampler["steps"] = module.diffusion.num_timesteps
+    return {
+        "reference": reference_info,
+        "feature_extractor": extractor_info,
+        "num_samples": num_images,
+        "sampler": {"name": sampler_name, **sampler},
+        "guidance_scale": module.guidance_scale if cfg.guidance.scale is None else float(cfg.guidance.scale),
+        "weights": "ema" if cfg.use_ema else "raw",
+        "seed": cfg.seed,
+        "checkpoint": {"path": str(Path(cfg.ckpt_path).resolve()), "global_step": getattr(module, "checkpoint_step", None)},
+    }
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Sample ``cfg.num_samples`` images from the checkpoint and measure them against the reference split."""
+    device = resolve_device(cfg.device)
+    module = DiffusionModule.from_checkpoint(cfg.ckpt_path, map_location=device).to(device).eval()
+    data_cfg = OmegaConf.create(module.config["data"])
+    if cfg.data_root is not None:
+        data_cfg.root = cfg.data_root
+    datamodule = instantiate(data_cfg)
+    extractor, extractor_info, reference = prepare(cfg.metrics.feature_extractor, datamodule, cfg.metrics.reference_split,
+                                                   cfg.metrics.cache_dir, cfg.metrics.reference_size, device)
+
+    out = draw(module, cfg)
+    images, labels = out["images"], out["labels"]
+    metrics = sample_metrics(extractor, reference, images, labels)
+    if cfg.metrics.inception_score and labels is not None and images.shape[1] == 3 and metric_name(extractor) == "fid":
+        metrics.update(inception_score(images))
+    batches = -(-len(images) // cfg.batch_size)
+    # One evaluation is one network call on a batch; a guided one carries the conditional and the
+    # unconditional halves together. nfe counts them per image (the sampler's steps).
+    metrics.update(nfe=out["nfe"] / batches, sampling_seconds=out["seconds"], images_per_second=len(images) / out["seconds"])
+    record = {"metrics": metrics, "protocol": protocol(cfg, module, reference.info, extractor_info, len(images))}
+
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    log.info("%s", json.dumps(metrics))
+    if cfg.get("logger"):
+        logger = instantiate(cfg.logger)
+        logger.log_hyperparams(record["protocol"])
+        logger.log_metrics({f"eval/{key}": value for key, value in metrics.items()}, step=record["protocol"]["checkpoint"]["global_step"])
+        logger.finalize("success")
+        from ddpm.train import _finish_wandb
+
+        _finish_wandb()
+    return record
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

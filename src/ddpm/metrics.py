@@ -1,0 +1,256 @@
+"""Sample-quality metrics: Fréchet distances in a feature space, classifier accuracy on guided samples,
+Inception Score; the feature extractors; cached reference statistics.
+
+One code path for every Fréchet distance: torchmetrics' ``FrechetInceptionDistance`` with a feature
+extractor module. With Inception-v3 (torch-fidelity's weights, downloaded on first use) the number is the
+FID and is reported as ``fid``. For the offline ``digits`` set no Inception weights can be had, so the
+extractor is a small digits classifier this module trains once (seeded) and caches; that number is the
+Fréchet distance in *its* feature space, reported as ``fd_digits`` and never called FID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+log = logging.getLogger(__name__)
+
+EXTRACTORS = ("auto", "digits_classifier", "inception")
+
+
+def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images (1 or 3 channels) -> uint8 RGB, Inception's input."""
+    images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+# --- feature extractors: [-1, 1] images in, (N, num_features) out; .logits() where there is a classifier ---
+class DigitsClassifier(nn.Module):
+    """A small CNN for 8x8 digits; its 128-d penultimate activations are the feature space of ``fd_digits``."""
+
+    name = "digits_classifier"
+    num_features = 128
+    input_size = 8
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.SiLU(),   # 4x4
+            nn.Conv2d(64, 128, 3, padding=1, stride=2), nn.SiLU(),  # 2x2
+            nn.Flatten(), nn.Linear(128 * 4, self.num_features), nn.SiLU(),
+        )
+        self.head = nn.Linear(self.num_features, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Features of [-1, 1] images of any size (resized to 8x8, the digits' own resolution)."""
+        images = images.float()
+        if images.shape[-1] != self.input_size:
+            images = F.interpolate(images, size=self.input_size, mode="bilinear", antialias=True, align_corners=False)
+        return self.body(images)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self(images))
+
+
+class InceptionFeatures(nn.Module):
+    """Inception-v3 pool features (2048-d) of [-1, 1] images: the standard FID feature space."""
+
+    name = "inception_v3"
+    num_features = 2048
+
+    def __init__(self):
+        super().__init__()
+        from torchmetrics.image.fid import NoTrainInceptionV3  # needs torch-fidelity; weights download once
+
+        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(self.num_features)])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(to_uint8_rgb(images))
+
+
+def train_digits_classifier(seed: int = 0, epochs: int = 40, batch_size: int = 64, lr: float = 2e-3) -> tuple[DigitsClassifier, float]:
+    """Train the classifier on the digits train split (the diffusion models' own, split_seed 0) with small random
+    shifts; returns it and its accuracy on the held-out test split. Deterministic given ``seed`` on a CPU."""
+    from ddpm.data import DigitsDataModule
+
+    data = DigitsDataModule(root=".", batch_size=batch_size, num_workers=0, image_size=8, channels=1, num_classes=10)
+    data.setup()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = DigitsClassifier()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * (len(data.train_set) // batch_size + 1))
+    loader = DataLoader(data.train_set, batch_size=batch_size, shuffle=True, generator=generator)
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            # Shift by up to one pixel (the digits are not centred exactly alike) so features are not brittle.
+            dx, dy = torch.randint(-1, 2, (2,), generator=generator).tolist()
+            x = torch.roll(F.pad(x, (1, 1, 1, 1), value=-1.0), shifts=(dy, dx), dims=(2, 3))[..., 1:-1, 1:-1]
+            loss = F.cross_entropy(model.logits(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    model.eval()
+    x_test, y_test = _stack(data.test_set)
+    with torch.no_grad():
+        accuracy = (model.logits(x_test).argmax(1) == y_test).float().mean().item()
+    return model, accuracy
+
+
+def load_digits_classifier(cache_dir: str | Path, seed: int = 0) -> tuple[DigitsClassifier, dict]:
+    """The seeded digits classifier, trained on first use and cached as ``cache_dir/digits_classifier_seed{seed}.pt``."""
+    path = Path(cache_dir) / f"digits_classifier_seed{seed}.pt"
+    model = DigitsClassifier()
+    if path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["state_dict"])
+        info = saved["info"]
+    else:
+        log.info("training the digits classifier for fd_digits (once; cached at %s)", path)
+        model, accuracy = train_digits_classifier(seed)
+        info = {"seed": seed, "test_accuracy": accuracy, "train_split": "digits train (split_seed 0)"}
+        _atomic_save({"state_dict": model.state_dict(), "info": info}, path)
+    return model.eval().requires_grad_(False), info
+
+
+def build_extractor(name: str, dataset: str, cache_dir: str | Path) -> tuple[nn.Module, dict]:
+    """The feature extractor ``name`` (``auto``: the digits classifier for digits, Inception-v3 otherwise) and a
+    description of it for the protocol."""
+    if name not in EXTRACTORS:
+        raise ValueError(f"metrics.feature_extractor={name!r}: must be one of {list(EXTRACTORS)}")
+    if name == "auto":
+        name = "digits_classifier" if dataset == "digits" else "inception"
+    if name == "digits_classifier":
+        model, info = load_digits_classifier(cache_dir)
+        return model, {"name": model.name, "num_features": model.num_features, **info}
+    model = InceptionFeatures()
+    return model, {"name": model.name, "num_features": model.num_features, "weights": "torch-fidelity inception-v3-compat"}
+
+
+def metric_name(extractor: nn.Module) -> str:
+    """FID only for Inception features; any other feature space gets its own name (fd_digits, fd_<name>)."""
+    name = getattr(extractor, "name", type(extractor).__name__.lower())
+    if name == "inception_v3":
+        return "fid"
+    return "fd_digits" if name == "digits_classifier" else f"fd_{name}"
+
+
+# --- the metrics ------------------------------------------------------------------------------------------
+@dataclass
+class Reference:
+    """Real images' feature statistics (sums, as torchmetrics keeps them) and where they came from."""
+
+    features_sum: torch.Tensor
+    features_cov_sum: torch.Tensor
+    num_samples: int
+    spread: dict = field(default_factory=dict)  # class_spread of the real images: {"per_class": ..., "all": ...}
+    info: dict = field(default_factory=dict)
+
+
+def _stack(dataset: Dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    images, labels = next(iter(DataLoader(dataset, batch_size=n, shuffle=False)))
+    return images, labels
+
+
+@torch.no_grad()
+def _features(extractor: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    device = next(extractor.parameters()).device
+    return torch.cat([extractor(images[i:i + batch_size].to(device)).double().cpu() for i in range(0, len(images), batch_size)])
+
+
+def class_spread(features: torch.Tensor, labels: torch.Tensor | None) -> float:
+    """Mean over classes of the root mean per-dimension variance of the features: how spread out (diverse)
+    images of one class are."""
+    groups = [features[labels == c] for c in labels.unique()] if labels is not None else [features]
+    return torch.stack([g.var(0).mean().sqrt() for g in groups if len(g) > 1]).mean().item()
+
+
+def reference_statistics(extractor: nn.Module, dataset: Dataset, info: dict, cache_dir: str | Path | None = None,
+                         limit: int | None = None) -> Reference:
+    """Feature statistics of ``dataset`` (the first ``limit`` images), cached in ``cache_dir`` under a key made of
+    ``info`` (dataset, split, resolution, extractor): computed once per dataset and resolution."""
+    info = {**info, "size": min(limit or len(dataset), len(dataset))}
+    key = hashlib.sha1(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    path = Path(cache_dir) / f"reference_{info.get('dataset', 'data')}_{key}.pt" if cache_dir else None
+    if path is not None and path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return Reference(saved["sum"], saved["cov_sum"], int(saved["n"]), saved["spread"], saved["info"])
+    images, labels = _stack(dataset, limit)
+    features = _features(extractor, images)
+    spread = {"per_class": class_spread(features, labels), "all": class_spread(features, None)}
+    reference = Reference(features.sum(0), features.T @ features, len(features), spread, info)
+    if path is not None:
+        _atomic_save({"sum": reference.features_sum, "cov_sum": reference.features_cov_sum, "n": reference.num_samples,
+                      "spread": reference.spread, "info": info}, path)
+    return reference
+
+
+def prepare(feature_extractor: str, datamodule, split: str, cache_dir: str | Path | None, limit: int | None = None,
+            device: str | torch.device = "cpu") -> tuple[nn.Module, dict, Reference]:
+    """The feature extractor for ``datamodule``'s images, its description, and the reference statistics of its
+    ``split`` (cached per dataset, split, resolution and extractor)."""
+    datamodule.prepare_data()
+    reference_set = datamodule.reference_set(split)
+    extractor, extractor_info = build_extractor(feature_extractor, datamodule.name, cache_dir)
+    extractor = extractor.to(device)
+    key = {"dataset": datamodule.name, "split": split, "image_size": datamodule.image_size,
+           "channels": datamodule.channels, "feature_extractor": extractor_info["name"]}
+    if datamodule.name == "image_folder":
+        key["root"] = str(datamodule.root.resolve())
+    return extractor, extractor_info, reference_statistics(extractor, reference_set, key, cache_dir, limit)
+
+
+@torch.no_grad()
+def sample_metrics(extractor: nn.Module, reference: Reference, images: torch.Tensor,
+                   labels: torch.Tensor | None = None) -> dict:
+    """Fréchet distance of ``images`` ([-1, 1]) to the reference in ``extractor``'s feature space; with labels and a
+    classifier, its accuracy on the requested labels; the within-class diversity relative to the real data."""
+    device = next(extractor.parameters()).device
+    fd = FrechetInceptionDistance(feature=extractor, reset_real_features=False).to(device)
+    fd.real_features_sum.copy_(reference.features_sum)
+    fd.real_features_cov_sum.copy_(reference.features_cov_sum)
+    fd.real_features_num_samples.fill_(reference.num_samples)
+    for i in range(0, len(images), 500):
+        fd.update(images[i:i + 500].to(device), real=False)
+    out = {metric_name(extractor): fd.compute().item()}
+    features = _features(extractor, images)
+    if labels is not None and hasattr(extractor, "head"):
+        predicted = extractor.head(features.to(extractor.head.weight)).argmax(1).cpu()
+        out["guided_accuracy"] = (predicted == labels.cpu()).float().mean().item()
+    if reference.spread:  # 1.0: samples of a class are as varied as real images of that class
+        real = reference.spread["per_class" if labels is not None else "all"]
+        out["diversity"] = class_spread(features, labels.cpu() if labels is not None else None) / real
+    return out
+
+
+def inception_score(images: torch.Tensor, splits: int = 10) -> dict:
+    """Inception Score (Salimans et al. 2016) of RGB [-1, 1] images, torchmetrics' implementation."""
+    from torchmetrics.image.inception import InceptionScore
+
+    metric = InceptionScore(splits=splits)
+    for i in range(0, len(images), 500):
+        metric.update(to_uint8_rgb(images[i:i + 500]))
+    mean, std = metric.compute()
+    return {"inception_score": mean.item(), "inception_score_std": std.item()}
+
+
+def _atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)

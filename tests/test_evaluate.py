@@ -1,0 +1,145 @@
+"""Sample-quality metrics and `python -m ddpm.evaluate`: the Fréchet-distance path against its closed form with a
+stand-in feature extractor (no Inception weights offline), the digits metric's sanity ordering, the training-time
+callback, and the CLI's guidance sweep."""
+
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from conftest import TINY, run_cli
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from ddpm.callbacks import SampleQuality
+from ddpm.config import compose
+from ddpm.data import DigitsDataModule
+from ddpm.evaluate import evaluate
+from ddpm.metrics import load_digits_classifier, metric_name, reference_statistics, sample_metrics
+from ddpm.train import train
+
+# The digits classifier trains once per test session (seeded); its tests share one xdist worker.
+classifier_group = pytest.mark.xdist_group("digits_classifier")
+
+
+class StandIn(nn.Module):
+    """A fixed random projection of the pixels: a feature extractor that needs no download."""
+
+    name = "standin"
+    num_features = 6
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(64, self.num_features)
+        torch.nn.init.normal_(self.proj.weight, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, images):
+        return torch.tanh(self.proj(images.float().flatten(1)))
+
+
+def frechet_closed_form(a: np.ndarray, b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) in float64 (Heusel et al. 2017)."""
+    mu_a, mu_b, s_a, s_b = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(s_a @ s_b).real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * root))
+
+
+@pytest.fixture(scope="session")
+def digits():
+    data = DigitsDataModule(root=".", batch_size=1, num_workers=0, image_size=8, channels=1, num_classes=10)
+    data.setup()
+    return data
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("ddpm_cache")
+
+
+def test_frechet_path_matches_closed_form_with_stand_in_extractor(digits, tmp_path):
+    extractor = StandIn().eval()
+    assert metric_name(extractor) == "fd_standin"  # only Inception features are ever called FID
+    reference = reference_statistics(extractor, digits.train_set, {"dataset": "digits", "split": "train"}, tmp_path)
+    real = torch.stack([digits.train_set[i][0] for i in range(len(digits.train_set))])
+    fake = real[:300] * 0.5 + 0.2 * torch.randn(real[:300].shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = frechet_closed_form(extractor(real).double().numpy(), extractor(fake).double().numpy())
+    got = sample_metrics(extractor, reference, fake)
+    assert got["fd_standin"] == pytest.approx(expected, rel=1e-4)
+    assert expected > 0.05  # the two sets do differ: the comparison is not 0 == 0
+    # Cached statistics are reused, and give the same number.
+    assert len(list(tmp_path.glob("reference_digits_*.pt"))) == 1
+    again = reference_statistics(extractor, digits.train_set, {"dataset": "digits", "split": "train"}, tmp_path)
+    assert torch.equal(again.features_cov_sum, reference.features_cov_sum)
+    assert sample_metrics(extractor, again, fake)["fd_standin"] == got["fd_standin"]
+
+
+@classifier_group
+def test_digits_metric_orders_real_noisy_noise(digits, cache_dir):
+    classifier, info = load_digits_classifier(cache_dir)
+    assert info["test_accuracy"] > 0.95
+    reference = reference_statistics(classifier, digits.train_set, {"dataset": "digits", "split": "train"})
+    x, y = map(torch.stack, zip(*[(img, torch.tensor(label)) for img, label in digits.test_set]))
+    g = torch.Generator().manual_seed(0)
+    real = sample_metrics(classifier, reference, x, y)
+    noisy = sample_metrics(classifier, reference, (x + 0.6 * torch.randn(x.shape, generator=g)).clamp(-1, 1), y)
+    noise = sample_metrics(classifier, reference, torch.rand(x.shape, generator=g) * 2 - 1, y)
+    assert real["fd_digits"] * 2 < noisy["fd_digits"] and noisy["fd_digits"] * 2 < noise["fd_digits"]
+    assert real["guided_accuracy"] > 0.95 > noisy["guided_accuracy"] > noise["guided_accuracy"] + 0.3
+    assert 0.8 < real["diversity"] < 1.2  # held-out digits are about as varied as the training digits
+
+
+@classifier_group
+def test_classifier_is_cached_and_reproducible(cache_dir):
+    first, _ = load_digits_classifier(cache_dir)
+    (cache_file,) = cache_dir.glob("digits_classifier_seed0.pt")
+    second, _ = load_digits_classifier(cache_dir)  # loaded, not retrained
+    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b)
+    assert cache_file.stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    run = tmp_path_factory.mktemp("train")
+    train(compose([*TINY, "trainer.max_steps=5", "~callbacks.sample_grid"], output_dir=run))
+    return run / "checkpoints" / "last.ckpt"
+
+
+@classifier_group
+def test_evaluate_writes_metrics_and_protocol(checkpoint, cache_dir, tmp_path):
+    cfg = compose([f"ckpt_path={checkpoint}", "sampler=ddim", "sampler.steps=4", "num_samples=30", "batch_size=20",
+                   "guidance.scale=2", f"paths.cache_dir={cache_dir}"], config_name="evaluate", output_dir=tmp_path)
+    record = evaluate(cfg)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == record
+    metrics, protocol = record["metrics"], record["protocol"]
+    assert set(metrics) >= {"fd_digits", "guided_accuracy", "diversity", "nfe", "sampling_seconds", "images_per_second"}
+    assert "fid" not in metrics and metrics["nfe"] == 4 and np.isfinite(metrics["fd_digits"])
+    assert protocol["reference"] == {"dataset": "digits", "split": "train", "image_size": 8, "channels": 1,
+                                     "feature_extractor": "digits_classifier", "size": 1617}
+    assert protocol["sampler"] == {"name": "ddim", "steps": 4, "eta": 0.0, "x0_clip": "clip", "percentile": 0.995}
+    assert (protocol["num_samples"], protocol["guidance_scale"], protocol["weights"], protocol["seed"]) == (30, 2.0, "ema", 0)
+    assert protocol["checkpoint"]["global_step"] == 5 and protocol["feature_extractor"]["test_accuracy"] > 0.95
+
+
+@classifier_group
+def test_sample_quality_callback_logs_a_curve(cache_dir, tmp_path):
+    cfg = compose([*TINY, "trainer.max_steps=6", "~callbacks.sample_grid"], output_dir=tmp_path)
+    callback = SampleQuality(every_n_steps=3, num_samples=20, steps=3, cache_dir=str(cache_dir))
+    train(cfg, extra_callbacks=[callback])
+    assert [row["step"] for row in callback.history] == [3, 6]
+    assert all(np.isfinite(row["fd_digits"]) and 0 <= row["guided_accuracy"] <= 1 for row in callback.history)
+    (metrics_csv,) = tmp_path.glob("csv/version_*/metrics.csv")
+    assert "quality/fd_digits" in metrics_csv.read_text().splitlines()[0]
+
+
+@classifier_group
+def test_guidance_sweep_is_one_multirun(checkpoint, cache_dir, tmp_path):
+    result = run_cli("ddpm.evaluate", "--multirun", f"ckpt_path={checkpoint}", "guidance.scale=0,2", "sampler=ddim",
+                     "sampler.steps=3", "num_samples=20", f"paths.cache_dir={cache_dir}",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads((tmp_path / "sweep" / str(i) / "metrics.json").read_text()) for i in range(2)]
+    assert [r["protocol"]["guidance_scale"] for r in records] == [0.0, 2.0]
+    assert all("fd_digits" in r["metrics"] and "guided_accuracy" in r["metrics"] for r in records)
