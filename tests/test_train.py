@@ -94,7 +94,7 @@ def test_resume_restores_everything_and_continues_the_same_run(tiny_cfg, tmp_pat
 
 def test_guided_sampling_from_a_model_without_label_dropout_fails_before_training(tiny_cfg, tmp_path):
     cfg = tiny_cfg("guidance.p_uncond=0", "guidance.scale=1.0")
-    with pytest.raises(ValueError, match=r"guidance.scale=1.0 needs a model trained with guidance.p_uncond > 0"):
+    with pytest.raises(ValueError, match=r"guidance.scale=1.0: must be 0 when guidance.p_uncond=0"):
         train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
 

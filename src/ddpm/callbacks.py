@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import signal
 import shutil
 from functools import partial
 from pathlib import Path
@@ -12,6 +14,8 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import OmegaConf
 from torchvision.utils import make_grid, save_image
+
+log = logging.getLogger(__name__)
 
 
 def even_labels(num_samples: int, num_classes: int) -> torch.Tensor:
@@ -134,3 +138,60 @@ class SaveResolvedConfig(L.Callback):
         if trainer.is_global_zero and pl_module.config is not None:
             self.dirpath.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(OmegaConf.create(pl_module.config), self.dirpath / "config.yaml")
+
+
+class LastCheckpoint(L.Callback):
+    """``dirpath/last.ckpt`` always holds the newest state: written at the end of training (ModelCheckpoint only
+    writes on its step interval) and on SIGINT (Ctrl+C) or SIGTERM (``kill``, scancel, preemption), where the
+    current step is finished, last.ckpt written and training stopped; the run then resumes from it.
+    ``received`` names the signal.
+
+    Lightning already turns SIGTERM into a stop at the next step boundary; SIGINT would interrupt it anywhere
+    (mid optimizer step), so this callback catches SIGINT itself and stops the same way."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath = Path(dirpath)
+        self.received: str | None = None
+        self._previous_sigint = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        self.received = None
+        if threading_main():
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.received == "SIGINT":  # a second Ctrl+C: stop now, the old way
+            signal.signal(signal.SIGINT, self._previous_sigint or signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.received = "SIGINT"
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.received_sigterm and self.received is None:
+            self.received = "SIGTERM"
+        if self.received is None:
+            return
+        path = self.dirpath / "last.ckpt"
+        trainer.save_checkpoint(path)  # every rank joins; rank 0 writes
+        log.warning("%s at step %d: saved %s; the same command resumes from it", self.received, trainer.global_step, path)
+        self._saved_step = trainer.global_step
+        trainer.should_stop = True  # SIGINT; for SIGTERM Lightning raises SIGTERMException right after this hook
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        path = self.dirpath / "last.ckpt"
+        if getattr(self, "_saved_step", None) == trainer.global_step:
+            return
+        if path.is_file() and torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"] == trainer.global_step:
+            return  # ModelCheckpoint just wrote this step
+        trainer.save_checkpoint(path)
+
+    def teardown(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        if self._previous_sigint is not None and threading_main():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+
+def threading_main() -> bool:
+    """Signal handlers can only be installed from the main thread."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -53,3 +53,19 @@ def compose(overrides: list[str] | None = None, config_name: str = "train", outp
             with open_dict(cfg):  # as under @hydra.main, the task sees its config without the hydra node
                 del cfg["hydra"]
     return cfg
+
+
+def run_cli(task, cfg: DictConfig):
+    """Run an entry point's task; bad input (ConfigError) or a run gone non-finite ends it with one line per problem
+    on stderr and exit status 2, instead of a traceback."""
+    import sys
+
+    from ddpm.module import NonFiniteLossError
+    from ddpm.validation import ConfigError
+
+    try:
+        return task(cfg)
+    except (ConfigError, NonFiniteLossError) as error:
+        for line in str(error).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)

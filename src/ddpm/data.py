@@ -14,6 +14,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, random_split
 from torchvision import datasets, transforms
 
+from ddpm.validation import ConfigError
+
 
 class EpochShuffle(Sampler[int]):
     """Shuffles with a permutation drawn from (seed, epoch) alone, like DistributedSampler on one process.
@@ -64,6 +66,9 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=self.num_workers, generator=torch.Generator().manual_seed(seed),
             persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
         )
+
+    def check(self) -> None:
+        """Fail fast, before any model is built, when the data cannot be had (missing or empty paths)."""
 
     def reference_set(self, split: str) -> Dataset:
         """The ``train`` or ``test`` split without augmentation: the real images sample quality is measured against."""
@@ -120,9 +125,22 @@ class TorchvisionDataModule(ImageDataModule):
             raise ValueError(f"data.name={name!r}: must be one of {sorted(self.DATASETS)}")
         self.name, self.download, self.random_flip = name, download, random_flip  # instance name shadows the class's
 
+    def check(self) -> None:
+        if not self.download:
+            try:
+                self.DATASETS[self.name](str(self.root), train=True, download=False)
+            except RuntimeError:
+                raise ConfigError(f"data.root={str(self.root)!r}: no {self.name} files there and data.download=false; "
+                                  f"put the dataset there, set data.download=true, or use data=digits") from None
+
     def prepare_data(self) -> None:
         for train in (True, False):
-            self.DATASETS[self.name](str(self.root), train=train, download=self.download)
+            try:
+                self.DATASETS[self.name](str(self.root), train=train, download=self.download)
+            except (OSError, RuntimeError) as error:  # URLError is an OSError
+                reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+                raise ConfigError(f"data.root={str(self.root)!r}: could not get {self.name} ({reason}); without internet "
+                                  "use data=digits, or copy the files under data.root (DDPM_DATA)") from None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -143,12 +161,35 @@ class ImageFolderDataModule(ImageDataModule):
         super().__init__(**kwargs)
         self.random_flip = random_flip
 
+    def check(self) -> None:
+        self.setup()
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        expected = "class folders root/<class>/<image> of png/jpg/... images"
+        if not self.root.is_dir():
+            raise ConfigError(f"data.root={str(self.root)!r}: no such directory; expected {expected}")
         flip = [transforms.RandomHorizontalFlip()] if self.random_flip else []
-        self.train_set = datasets.ImageFolder(str(self.root), transform=transforms.Compose(flip + self.to_unit_range()))
-        self.train_reference = datasets.ImageFolder(str(self.root), transform=transforms.Compose(self.to_unit_range()))
-        found = len(self.train_set.classes)
+        try:
+            train_set = datasets.ImageFolder(str(self.root), transform=transforms.Compose(flip + self.to_unit_range()), loader=read_image)
+        except (FileNotFoundError, PermissionError) as error:
+            raise ConfigError(f"data.root={str(self.root)!r}: {str(error).splitlines()[0]}; expected {expected}") from None
+        found = len(train_set.classes)
         if found != self.num_classes:
-            raise ValueError(f"data.num_classes={self.num_classes} but {self.root} has {found} class folders {self.train_set.classes}")
+            raise ConfigError(f"data.num_classes={self.num_classes}: {self.root} has {found} class folders {train_set.classes[:20]}")
+        self.train_set = train_set
+        self.train_reference = datasets.ImageFolder(str(self.root), transform=transforms.Compose(self.to_unit_range()), loader=read_image)
+
+
+def read_image(path: str):
+    """PIL's loader, with the path in the error when a file is corrupt or unreadable."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            image.load()
+            return image
+    except Exception as error:  # PIL raises many kinds
+        raise ConfigError(f"data.root: cannot read image {path} ({type(error).__name__}: {error}); fix or remove the file") from None

@@ -15,10 +15,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.config import config_dir
+from ddpm.config import config_dir, run_cli
 from ddpm.metrics import inception_score, metric_name, prepare, sample_metrics
 from ddpm.module import DiffusionModule
-from ddpm.sample import draw, resolve_device
+from ddpm.sample import draw, load_for_sampling
+from ddpm.validation import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,27 @@ def protocol(cfg: DictConfig, module: DiffusionModule, reference_info: dict, ext
     }
 
 
+def check_pair(module: DiffusionModule, data_cfg: DictConfig) -> None:
+    """Refuse to measure a model against images of another shape or label set."""
+    net, lines = module.net, []
+    for key, model_value in (("channels", net.in_channels), ("image_size", net.image_size), ("num_classes", net.num_classes)):
+        if model_value is not None and data_cfg.get(key) != model_value:
+            lines.append(f"data.{key}={data_cfg.get(key)!r}: the checkpoint's model has {key}={model_value}")
+    if lines:
+        raise ConfigError("; ".join(lines) + " (evaluate against the dataset the model was trained on)")
+
+
 def evaluate(cfg: DictConfig) -> dict:
     """Sample ``cfg.num_samples`` images from the checkpoint and measure them against the reference split."""
-    device = resolve_device(cfg.device)
-    module = DiffusionModule.from_checkpoint(cfg.ckpt_path, map_location=device).to(device).eval()
-    data_cfg = OmegaConf.create(module.config["data"])
+    module = load_for_sampling(cfg, "evaluate", ("metrics.json",))
+    device = module.device
+    # The checkpoint's own dataset, unless another is chosen (+data=NAME); it must match the model.
+    data_cfg = OmegaConf.create(cfg.data if cfg.get("data") else module.config["data"])
     if cfg.data_root is not None:
         data_cfg.root = cfg.data_root
+    check_pair(module, data_cfg)
     datamodule = instantiate(data_cfg)
+    datamodule.check()
     extractor, extractor_info, reference = prepare(cfg.metrics.feature_extractor, datamodule, cfg.metrics.reference_split,
                                                    cfg.metrics.cache_dir, cfg.metrics.reference_size, device)
 
@@ -82,7 +96,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    run_cli(evaluate, cfg)
 
 
 if __name__ == "__main__":

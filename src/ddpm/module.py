@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ddpm.checkpoint import load_checkpoint
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.guidance import check_guidance, drop_labels, guided_model_fn
 from ddpm.samplers import randn_like
@@ -46,6 +47,8 @@ class DiffusionModule(L.LightningModule):
         # EMA of the weights (Ho et al. sample with decay 0.9999); a frozen copy torch updates with foreach ops.
         self.ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
+        # The first non-finite loss (step, value), kept on the device: checking it costs no host sync per step.
+        self.register_buffer("_nonfinite", torch.tensor([-1.0, 0.0]), persistent=False)
 
     @property
     def conditional(self) -> bool:
@@ -71,7 +74,7 @@ class DiffusionModule(L.LightningModule):
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "DiffusionModule":
         """Rebuild the module from a checkpoint written by ``python -m ddpm.train``, weights and EMA included."""
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)  # tensors and plain data only
+        checkpoint = load_checkpoint(path, map_location)
         module = cls.from_config(OmegaConf.create(checkpoint["config"]))
         module.load_state_dict(checkpoint["state_dict"])
         module.checkpoint_step = checkpoint.get("global_step")  # recorded in evaluation protocols
@@ -82,8 +85,23 @@ class DiffusionModule(L.LightningModule):
         x0, labels = batch
         labels = drop_labels(labels, self.p_uncond, self.net.null_label) if self.conditional else None
         loss = self.diffusion.training_loss(self.net, x0, labels=labels)
+        first_bad = ~torch.isfinite(loss.detach()) & (self._nonfinite[0] < 0)
+        candidate = torch.stack([loss.new_full((), float(self.global_step)).float(), loss.detach().float()])
+        self._nonfinite.copy_(torch.where(first_bad, candidate, self._nonfinite))
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.global_step % self.trainer.log_every_n_steps == 0:  # a host sync, so only at the logging interval
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLossError if any training loss so far was NaN or infinite."""
+        step, value = self._nonfinite.tolist()
+        if step >= 0:
+            raise NonFiniteLossError(
+                f"non-finite loss {value} at step {int(step) + 1}: training stopped; checkpoints on disk are from before it "
+                "and hold finite weights. Lower optim.optimizer.lr, raise optim.warmup_steps or keep trainer.gradient_clip_val")
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -100,6 +118,11 @@ class DiffusionModule(L.LightningModule):
 
     # --- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Never write a checkpoint from a run that has gone non-finite: the last good one stays the newest.
+        self.check_finite()
+        if not all(torch.isfinite(p).all() for p in self.state_dict().values() if p.is_floating_point()):
+            raise NonFiniteLossError(f"non-finite weights at step {self.global_step}: not saving a checkpoint; "
+                                     "lower optim.optimizer.lr or keep trainer.gradient_clip_val")
         checkpoint["config"] = self.config
         # Lightning restores weights, optimizer, schedulers, loops and callbacks, but not the RNGs that draw
         # t, noise, label dropout and the shuffle order; saving them lets a resumed run continue the same stream.
@@ -145,6 +168,10 @@ class DiffusionModule(L.LightningModule):
         with evaluating(net):
             model_fn = guided_model_fn(net, labels if self.conditional else None, scale)
             return (sampler or self.sampler)(model_fn, self.diffusion, noise, generator=generator, progress=progress, callback=callback)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the weights became NaN or infinite; raised before any such checkpoint is written."""
 
 
 def _numpy_rng_state() -> tuple:

@@ -15,8 +15,9 @@ from omegaconf import DictConfig
 from torchvision.utils import save_image
 
 from ddpm.callbacks import class_rows, even_labels, to_grid
-from ddpm.config import config_dir
+from ddpm.config import config_dir, run_cli
 from ddpm.module import DiffusionModule
+from ddpm.validation import ConfigError, validate
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,32 @@ def resolve_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-def sample(cfg: DictConfig) -> dict:
+def load_for_sampling(cfg: DictConfig, entry: str, outputs: tuple[str, ...]) -> DiffusionModule:
+    """Validate ``cfg`` for ``entry`` (sample | evaluate), refuse to overwrite earlier ``outputs`` in the run
+    directory, and load the checkpoint, checking the requested labels and steps against it."""
+    validate(cfg, entry)
+    run_dir = Path(cfg.paths.output_dir)
+    earlier = [name for name in outputs if (run_dir / name).exists()]
+    if earlier:
+        raise ConfigError(f"hydra.run.dir={str(run_dir)!r} already holds {earlier} from an earlier run: pick a new hydra.run.dir")
     device = resolve_device(cfg.device)
     module = DiffusionModule.from_checkpoint(cfg.ckpt_path, map_location=device).to(device).eval()
+    num_classes, timesteps = module.net.num_classes, module.diffusion.num_timesteps
+    if cfg.labels and (num_classes is None or max(cfg.labels) >= num_classes):
+        allowed = f"class ids below {num_classes}" if num_classes else "null (the checkpoint is unconditional)"
+        raise ConfigError(f"labels={list(cfg.labels)}: must be {allowed}")
+    steps = cfg.sampler.get("steps")
+    if steps is not None and steps > timesteps:
+        raise ConfigError(f"sampler.steps={steps}: must be between 1 and the checkpoint's schedule.timesteps={timesteps}")
+    scale = module.guidance_scale if cfg.guidance.scale is None else cfg.guidance.scale
+    if module.conditional and scale > 0 and module.p_uncond <= 0:
+        raise ConfigError(f"guidance.scale={scale}: must be 0 for this checkpoint, trained with guidance.p_uncond=0 "
+                          "(it never saw the null label)")
+    return module
+
+
+def sample(cfg: DictConfig) -> dict:
+    module = load_for_sampling(cfg, "sample", ("grid.png", "samples.npz"))
     out = draw(module, cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -91,7 +115,7 @@ def sample(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="sample")
 def main(cfg: DictConfig) -> None:
-    sample(cfg)
+    run_cli(sample, cfg)
 
 
 if __name__ == "__main__":

@@ -6,29 +6,39 @@
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Sequence
+from pathlib import Path
 
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
 
-from ddpm.config import config_dir
-from ddpm.guidance import check_guidance
+from ddpm.callbacks import LastCheckpoint
+from ddpm.checkpoint import config_differences, load_checkpoint
+from ddpm.config import config_dir, run_cli
 from ddpm.module import DiffusionModule
+from ddpm.validation import ConfigError, validate
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> DiffusionModule:
-    """Seed, build data, model, callbacks, logger and trainer from ``cfg``, then fit (resuming from
-    ``cfg.ckpt_path`` when set). ``extra_callbacks`` join the configured ones (handy from Python).
-    Returns the trained module."""
-    if cfg.guidance.conditional:
-        check_guidance(cfg.guidance.p_uncond, cfg.guidance.scale)
+    """Validate ``cfg``, seed, build data, model, callbacks, logger and trainer, then fit (resuming from
+    ``cfg.ckpt_path``, or from the run directory's own last.ckpt when ``resume=auto``). ``extra_callbacks`` join
+    the configured ones (handy from Python). Returns the trained module.
+
+    Stops with ConfigError before anything is built when a value is out of range, the data are missing, or
+    the checkpoint is unreadable or of another model; with SystemExit(128 + signal) after SIGINT/SIGTERM, once
+    last.ckpt is written."""
+    validate(cfg, "train")
+    ckpt_path = resume_checkpoint(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
+    datamodule.check()
     module = DiffusionModule.from_config(cfg)
     callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node] + list(extra_callbacks)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
@@ -40,11 +50,42 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Diffus
     n_params = sum(p.numel() for p in module.net.parameters())
     log.info("network: %s with %.2fM parameters; writing to %s", cfg.model._target_, n_params / 1e6, cfg.paths.output_dir)
 
+    signal_name = None
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        signal_name = "SIGTERM"
     finally:
         _finish_wandb()
+    signal_name = signal_name or next((c.received for c in callbacks if isinstance(c, LastCheckpoint) and c.received), None)
+    if signal_name is not None:
+        log.warning("stopped by %s at step %d; resume with the same command (resume=auto) or ckpt_path=%s",
+                    signal_name, trainer.global_step, Path(cfg.paths.checkpoint_dir) / "last.ckpt")
+        raise SystemExit(128 + getattr(signal, signal_name))
     return module
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from: ``cfg.ckpt_path``; else, with ``resume=auto``, the run directory's own
+    last.ckpt (a requeued or rerun job); never a fresh start over an earlier run's checkpoints. The checkpoint
+    must be readable and of the requested model."""
+    ckpt_path = cfg.ckpt_path
+    own = Path(cfg.paths.checkpoint_dir)
+    existing = sorted(own.glob("*.ckpt")) if own.is_dir() else []
+    if ckpt_path is None and existing:
+        if cfg.resume == "auto" and (own / "last.ckpt").is_file():
+            ckpt_path = str(own / "last.ckpt")
+            log.info("resuming from this run directory's own %s (resume=auto)", ckpt_path)
+        else:
+            raise ConfigError(f"paths.checkpoint_dir={str(own)!r} already holds checkpoints of an earlier run "
+                              f"({existing[-1].name}): pick a new hydra.run.dir, or resume=auto to continue from its last.ckpt")
+    if ckpt_path is not None:
+        saved = load_checkpoint(ckpt_path)["config"]
+        requested = OmegaConf.to_container(cfg, resolve=True)
+        differences = config_differences(saved, requested)
+        if differences:
+            raise ConfigError(f"ckpt_path={str(ckpt_path)!r} holds a different model than requested: " + "; ".join(differences))
+    return ckpt_path
 
 
 def _finish_wandb() -> None:
@@ -57,7 +98,7 @@ def _finish_wandb() -> None:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    run_cli(train, cfg)
 
 
 if __name__ == "__main__":

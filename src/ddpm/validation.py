@@ -1,0 +1,210 @@
+"""Every user-settable value checked before anything is built, as one declarative table per entry point.
+
+A rule names a dotted config key, a predicate over its value (and the whole config, for keys that depend on
+others) and the allowed values in words. ``validate`` applies the rules whose key is present and raises one
+``ConfigError`` listing every problem, one line each: ``guidance.p_uncond=1.5: must be a probability in [0, 1)``.
+Hydra itself reports unknown groups, options and keys before this runs (``ddpm.config.run_cli`` adds the
+list of available options to its message).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """Bad user input (config values, data paths, checkpoints): the CLI prints the message alone and exits 2."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    key: str
+    check: Callable[[Any, DictConfig], bool]
+    allowed: str
+
+
+# --- predicates -------------------------------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def positive_int(v, _=None) -> bool:
+    return _is_int(v) and v > 0
+
+
+def nonneg_int(v, _=None) -> bool:
+    return _is_int(v) and v >= 0
+
+
+def probability(v, _=None) -> bool:  # [0, 1)
+    return _is_num(v) and 0 <= v < 1
+
+
+def nonneg(v, _=None) -> bool:
+    return _is_num(v) and v >= 0
+
+
+def positive(v, _=None) -> bool:
+    return _is_num(v) and v > 0
+
+
+def one_of(*values) -> Callable[[Any, DictConfig], bool]:
+    return lambda v, _=None: v in values
+
+
+def optional(check) -> Callable[[Any, DictConfig], bool]:
+    return lambda v, cfg=None: v is None or check(v, cfg)
+
+
+def _downsampling(cfg: DictConfig) -> int:
+    return 2 ** (len(cfg.model.channel_mult) - 1)
+
+
+def _resolutions(cfg: DictConfig) -> list[int]:
+    return [cfg.data.image_size // 2**level for level in range(len(cfg.model.channel_mult))]
+
+
+def _timesteps(cfg: DictConfig) -> int | None:
+    return OmegaConf.select(cfg, "schedule.timesteps")
+
+
+def _steps_ok(v, cfg) -> bool:
+    t = _timesteps(cfg)
+    if t is not None and not positive_int(t):
+        return True  # schedule.timesteps is wrong (its own rule says so); steps often just follow it
+    return v is None or (positive_int(v) and (t is None or v <= t))
+
+
+def _existing_file(v, _=None) -> bool:
+    return isinstance(v, str) and Path(v).expanduser().is_file()
+
+
+# --- the tables -------------------------------------------------------------------------------------------
+SAMPLER_RULES = [
+    Rule("sampler.steps", _steps_ok, "an integer between 1 and schedule.timesteps (null: all T for ddpm)"),
+    Rule("sampler.eta", nonneg, "a number >= 0 (0: deterministic DDIM, 1: DDPM posterior variance)"),
+    Rule("sampler.variance", one_of("beta", "posterior"), "one of ['beta', 'posterior']"),
+    Rule("sampler.x0_clip", one_of("clip", "dynamic", "none"), "one of ['clip', 'dynamic', 'none']"),
+    Rule("sampler.spacing", one_of("logsnr", "time"), "one of ['logsnr', 'time']"),
+    Rule("sampler.percentile", lambda v, _: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
+]
+
+TRAIN_RULES = [
+    Rule("seed", lambda v, _: _is_int(v), "an integer"),
+    Rule("data.batch_size", positive_int, "an integer > 0"),
+    Rule("data.num_workers", nonneg_int, "an integer >= 0"),
+    Rule("data.channels", one_of(1, 3), "1 or 3"),
+    Rule("data.num_classes", positive_int, "an integer > 0"),
+    Rule("data.test_fraction", lambda v, _: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
+    Rule("data.image_size", positive_int, "an integer > 0"),
+    Rule("data.image_size", lambda v, cfg: not _is_int(v) or v % _downsampling(cfg) == 0,
+         "a multiple of the U-Net's downsampling factor 2^(len(model.channel_mult)-1)"),
+    Rule("model.base_channels", positive_int, "an integer > 0"),
+    Rule("model.channel_mult", lambda v, _: len(v) > 0 and all(positive_int(m) for m in v), "a non-empty list of integers > 0"),
+    Rule("model.num_res_blocks", positive_int, "an integer > 0"),
+    Rule("model.attention_resolutions", lambda v, cfg: all(r in _resolutions(cfg) for r in v),
+         "feature-map sizes the network has: data.image_size / 2^level for each level of model.channel_mult"),
+    Rule("model.dropout", probability, "a probability in [0, 1)"),
+    Rule("model.num_heads", positive_int, "an integer > 0"),
+    Rule("model.norm_groups", lambda v, cfg: positive_int(v) and cfg.model.base_channels % v == 0,
+         "an integer > 0 dividing model.base_channels"),
+    Rule("schedule.timesteps", positive_int, "an integer > 0"),
+    Rule("schedule.beta_start", lambda v, _: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
+    Rule("schedule.beta_end", lambda v, cfg: _is_num(v) and cfg.schedule.beta_start < v < 1,
+         "a number in (schedule.beta_start, 1)"),
+    Rule("schedule.s", positive, "a number > 0"),
+    Rule("schedule.max_beta", lambda v, _: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
+    Rule("guidance.conditional", lambda v, _: isinstance(v, bool), "true or false"),
+    Rule("guidance.p_uncond", probability, "a probability in [0, 1)"),
+    Rule("guidance.scale", nonneg, "a number >= 0 (w; 0 = purely conditional)"),
+    Rule("guidance.scale", lambda v, cfg: not (nonneg(v) and v > 0 and cfg.guidance.conditional and cfg.guidance.p_uncond == 0),
+         "0 when guidance.p_uncond=0 (the model never sees the null label); or train with guidance.p_uncond > 0"),
+    Rule("optim.optimizer.lr", positive, "a number > 0"),
+    Rule("optim.warmup_steps", nonneg_int, "an integer >= 0"),
+    Rule("ema.decay", lambda v, _: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    Rule("trainer.max_steps", lambda v, _: positive_int(v) or v == -1, "an integer > 0 (or -1 with trainer.max_epochs)"),
+    Rule("trainer.devices", lambda v, _: positive_int(v) or v in ("auto", -1) or isinstance(v, (list, str)), "an integer > 0, a list of ids, or auto"),
+    Rule("trainer.num_nodes", positive_int, "an integer > 0"),
+    Rule("trainer.gradient_clip_val", optional(nonneg), "a number >= 0 or null"),
+    Rule("trainer.log_every_n_steps", positive_int, "an integer > 0"),
+    Rule("ckpt_path", optional(_existing_file), "null or an existing checkpoint file"),
+    Rule("resume", one_of("auto", "never"), "one of ['auto', 'never']"),
+    Rule("callbacks.model_checkpoint.every_n_train_steps", nonneg_int, "an integer >= 0"),
+    Rule("callbacks.sample_grid.every_n_steps", nonneg_int, "an integer >= 0 (0: only the final grid)"),
+    Rule("callbacks.sample_grid.steps", _steps_ok, "null or an integer between 1 and schedule.timesteps"),
+    Rule("callbacks.sample_quality.every_n_steps", nonneg_int, "an integer >= 0 (0: off)"),
+    Rule("callbacks.sample_quality.num_samples", lambda v, _: _is_int(v) and v >= 2, "an integer >= 2"),
+    Rule("callbacks.sample_quality.steps", _steps_ok, "null or an integer between 1 and schedule.timesteps"),
+    Rule("callbacks.sample_quality.feature_extractor", one_of("auto", "digits_classifier", "inception"),
+         "one of ['auto', 'digits_classifier', 'inception']"),
+    Rule("callbacks.sample_quality.reference_split", one_of("train", "test"), "one of ['train', 'test']"),
+    Rule("logger.mode", one_of("auto", "online", "offline", "disabled"), "one of ['auto', 'online', 'offline', 'disabled']"),
+    *SAMPLER_RULES,
+]
+
+SAMPLE_RULES = [
+    Rule("ckpt_path", _existing_file, "an existing checkpoint file written by ddpm.train"),
+    Rule("num_samples", positive_int, "an integer > 0"),
+    Rule("batch_size", positive_int, "an integer > 0"),
+    Rule("seed", lambda v, _: _is_int(v), "an integer"),
+    Rule("guidance.scale", optional(nonneg), "null (the checkpoint's) or a number >= 0"),
+    Rule("labels", lambda v, _: v is None or (len(v) > 0 and all(nonneg_int(x) for x in v)), "null or a list of class ids >= 0"),
+    Rule("use_ema", lambda v, _: isinstance(v, bool), "true or false"),
+    Rule("trajectory", nonneg_int, "an integer >= 0"),
+    Rule("device", lambda v, _: v in ("auto", "cpu", "cuda") or str(v).startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
+    *SAMPLER_RULES,
+]
+
+EVALUATE_RULES = [
+    *SAMPLE_RULES,
+    Rule("num_samples", lambda v, _: _is_int(v) and v >= 2, "an integer >= 2 (a covariance needs two samples)"),
+    Rule("metrics.feature_extractor", one_of("auto", "digits_classifier", "inception"), "one of ['auto', 'digits_classifier', 'inception']"),
+    Rule("metrics.reference_split", one_of("train", "test"), "one of ['train', 'test']"),
+    Rule("metrics.reference_size", optional(lambda v, _: _is_int(v) and v >= 2), "null or an integer >= 2"),
+]
+
+RULES = {"train": TRAIN_RULES, "sample": SAMPLE_RULES, "evaluate": EVALUATE_RULES}
+
+
+def problems(cfg: DictConfig, rules: list[Rule]) -> list[str]:
+    """One line per broken rule (a key with several broken rules is reported once)."""
+    lines, seen = [], set()
+    for rule in rules:
+        if rule.key in seen:
+            continue
+        value = OmegaConf.select(cfg, rule.key, default="__missing__", throw_on_missing=False)
+        if isinstance(value, str) and value == "__missing__":
+            continue  # a key of another option of the group (sampler.eta only exists for ddim)
+        plain = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        try:
+            ok = rule.check(plain, cfg)
+        except Exception:  # a malformed neighbour (checked by its own rule) makes this rule moot
+            ok = True
+        if not ok:
+            seen.add(rule.key)
+            lines.append(f"{rule.key}={plain!r}: must be {rule.allowed}")
+    return lines
+
+
+def _missing(node, prefix: str = "") -> list[str]:
+    """Keys whose value is Hydra's mandatory marker ``???``."""
+    if isinstance(node, dict):
+        return [key for k, v in node.items() for key in _missing(v, f"{prefix}{k}.")]
+    return [prefix[:-1]] if node == "???" else []
+
+
+def validate(cfg: DictConfig, entry: str) -> None:
+    """Raise ConfigError listing every broken rule of ``entry`` (train | sample | evaluate)."""
+    missing = sorted(key for key in _missing(OmegaConf.to_container(cfg, resolve=False)) if not key.startswith("hydra."))
+    found = [f"{key}=???: must be set (it has no default); e.g. {key}=..." for key in missing]
+    found += problems(cfg, RULES[entry]) if not missing else []
+    if found:
+        raise ConfigError("\n".join(found))
