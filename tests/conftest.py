@@ -25,7 +25,8 @@ TINY = [
     "schedule.timesteps=100",
     "callbacks.sample_grid.steps=10",
     "callbacks.sample_grid.per_class=2",
-    "~callbacks.sample_quality",  # tested on its own (tests/test_evaluate.py)
+    "~callbacks.sample_quality",  # these two are tested on their own (tests/test_evaluate.py)
+    "~callbacks.evaluate_at_end",
 ]
 
 

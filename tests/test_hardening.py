@@ -242,7 +242,7 @@ def test_sigkill_during_checkpointing_then_resume(tmp_path):
         assert _first_logged_step(run, k + 1) == step, (k, step)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR2])  # USR2: SLURM via submitit, before a time limit
 def test_signal_saves_last_and_a_rerun_resumes(tmp_path, signum):
     run = tmp_path / "run"
     process = subprocess.Popen(_train_cmd(run, 2000, "callbacks.model_checkpoint.every_n_train_steps=0"), cwd=tmp_path,

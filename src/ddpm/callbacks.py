@@ -88,8 +88,10 @@ class SampleQuality(L.Callback):
     Small samples bias Fréchet distances upwards: compare these curves with each other, not with ``ddpm.evaluate``."""
 
     def __init__(self, every_n_steps: int = 500, num_samples: int = 500, steps: int | None = 50, seed: int = 0,
-                 feature_extractor: str = "auto", reference_split: str = "train", cache_dir: str | None = None):
+                 feature_extractor: str = "auto", reference_split: str = "train", cache_dir: str | None = None,
+                 sampler=None):
         self.every_n_steps, self.num_samples, self.steps, self.seed = every_n_steps, num_samples, steps, seed
+        self.sampler = sampler  # None: the module's sampler (with ``steps``)
         self.feature_extractor, self.reference_split, self.cache_dir = feature_extractor, reference_split, cache_dir
         self._extractor = self._reference = None
         self.history: list[dict] = []
@@ -114,7 +116,7 @@ class SampleQuality(L.Callback):
         self._extractor, _, self._reference = prepare(self.feature_extractor, trainer.datamodule, self.reference_split,
                                                       self.cache_dir, device=pl_module.device)
 
-    def measure(self, trainer: L.Trainer, pl_module) -> dict:
+    def measure(self, trainer: L.Trainer, pl_module, guidance_scale: float | None = None) -> dict:
         from ddpm.metrics import sample_metrics
 
         if self._extractor is None:
@@ -122,9 +124,52 @@ class SampleQuality(L.Callback):
         num_classes = pl_module.net.num_classes
         labels = even_labels(self.num_samples, num_classes) if num_classes is not None else None
         generator = torch.Generator(pl_module.device).manual_seed(self.seed)
-        sampler = partial(pl_module.sampler, steps=self.steps) if self.steps else None
-        images = pl_module.sample(labels, num_samples=self.num_samples, generator=generator, sampler=sampler)
+        sampler = self.sampler or (partial(pl_module.sampler, steps=self.steps) if self.steps else None)
+        images = pl_module.sample(labels, num_samples=self.num_samples, guidance_scale=guidance_scale,
+                                  generator=generator, sampler=sampler)
         return sample_metrics(self._extractor, self._reference, images, labels)
+
+
+class EvaluateAtEnd(SampleQuality):
+    """After training, measure the EMA model at each of ``guidance_scales`` (w) and write ``path`` (metrics.json):
+    what ``ddpm.report`` tabulates for a sweep. Scales above 0 are skipped (null) for a model trained without label
+    dropout (p_uncond = 0), which never saw the null label."""
+
+    def __init__(self, path: str, guidance_scales=(1.0,), num_samples: int = 1000, **kwargs):
+        super().__init__(every_n_steps=0, num_samples=num_samples, **kwargs)
+        self.path, self.guidance_scales = Path(path), [float(w) for w in guidance_scales]
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self._prepare(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        import json
+
+        results = []
+        for w in self.guidance_scales if pl_module.conditional else [0.0]:
+            usable = not pl_module.conditional or w == 0 or pl_module.p_uncond > 0
+            metrics = self.measure(trainer, pl_module, guidance_scale=w) if usable else None
+            results.append({"guidance_scale": w, "metrics": metrics})
+            for logger in trainer.loggers:
+                if metrics:
+                    logger.log_metrics({f"eval/w={w:g}/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+        loss = trainer.callback_metrics.get("train/loss")
+        record = {"global_step": trainer.global_step, "final_loss": float(loss) if loss is not None else None,
+                  "evaluations": results,
+                  "protocol": {"num_samples": self.num_samples, "seed": self.seed, "weights": "ema",
+                               "sampler": _describe(self.sampler, self.steps), "reference": self._reference.info}}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _describe(sampler, steps) -> dict:
+    """A sampler partial as plain data for protocols."""
+    if isinstance(sampler, partial):
+        return {"name": sampler.func.__name__.removeprefix("sample_"), **sampler.keywords}
+    return {"name": "configured", "steps": steps}
 
 
 class SaveResolvedConfig(L.Callback):
@@ -141,53 +186,62 @@ class SaveResolvedConfig(L.Callback):
 
 
 class LastCheckpoint(L.Callback):
-    """``dirpath/last.ckpt`` always holds the newest state: written at the end of training (ModelCheckpoint only
-    writes on its step interval) and on SIGINT (Ctrl+C) or SIGTERM (``kill``, scancel, preemption), where the
-    current step is finished, last.ckpt written and training stopped; the run then resumes from it.
-    ``received`` names the signal.
+    """``dirpath/last.ckpt`` always holds the newest state. It is written at the end of training (ModelCheckpoint
+    only writes on its step interval) and when a signal asks the run to stop: the current step is finished,
+    last.ckpt written, training stopped, and the run resumes from it (``resume=auto``). Signals:
 
-    Lightning already turns SIGTERM into a stop at the next step boundary; SIGINT would interrupt it anywhere
-    (mid optimizer step), so this callback catches SIGINT itself and stops the same way."""
+    - SIGINT (Ctrl+C) and SIGTERM (``kill``, scancel; Lightning turns SIGTERM into a stop at the step boundary);
+    - the preemption/time-limit signal submitit asks SLURM for (``preempt_signal``, USR2 by default): after the
+      save, submitit's own handler requeues the job, and the requeued job, whose directory is the same, resumes.
+    ``received`` names the signal that stopped the run."""
 
-    def __init__(self, dirpath: str):
-        self.dirpath = Path(dirpath)
+    def __init__(self, dirpath: str, preempt_signal: str = "USR2"):
+        self.dirpath, self.preempt = Path(dirpath), f"SIG{preempt_signal.removeprefix('SIG')}"
         self.received: str | None = None
-        self._previous_sigint = None
+        self._previous: dict[int, object] = {}
+        self._saved_step: int | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         self.received = None
         if threading_main():
-            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+            for name in ("SIGINT", self.preempt):
+                signum = getattr(signal, name)
+                self._previous[signum] = signal.signal(signum, self._on_signal)
 
-    def _on_sigint(self, signum, frame) -> None:
-        if self.received == "SIGINT":  # a second Ctrl+C: stop now, the old way
-            signal.signal(signal.SIGINT, self._previous_sigint or signal.default_int_handler)
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.received == "SIGINT":  # a second Ctrl+C: stop now, the old way
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
-        self.received = "SIGINT"
+        self.received = name
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if trainer.received_sigterm and self.received is None:
             self.received = "SIGTERM"
-        if self.received is None:
+        if self.received is None or self._saved_step == trainer.global_step:
             return
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path)  # every rank joins; rank 0 writes
-        log.warning("%s at step %d: saved %s; the same command resumes from it", self.received, trainer.global_step, path)
         self._saved_step = trainer.global_step
+        log.warning("%s at step %d: saved %s; the same command resumes from it", self.received, trainer.global_step, path)
         trainer.should_stop = True  # SIGINT; for SIGTERM Lightning raises SIGTERMException right after this hook
+        previous = self._previous.get(getattr(signal, self.received))
+        if self.received == self.preempt and callable(previous):
+            previous(getattr(signal, self.received), None)  # submitit: requeue this job, then exit
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         path = self.dirpath / "last.ckpt"
-        if getattr(self, "_saved_step", None) == trainer.global_step:
+        if self._saved_step == trainer.global_step:
             return
         if path.is_file() and torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"] == trainer.global_step:
             return  # ModelCheckpoint just wrote this step
         trainer.save_checkpoint(path)
 
     def teardown(self, trainer: L.Trainer, pl_module, stage: str) -> None:
-        if self._previous_sigint is not None and threading_main():
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
+        if threading_main():
+            for signum, previous in self._previous.items():
+                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
 
 
 def threading_main() -> bool:

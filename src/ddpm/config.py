@@ -8,6 +8,7 @@ install reads them there; a wheel ships them inside the package as ``ddpm/conf``
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from hydra import compose as hydra_compose
@@ -31,6 +32,11 @@ def experiments_root() -> Path:
     return conf if (conf / "experiments").is_dir() else conf.parent
 
 
+# conf/hydra/launcher/submitit_{slurm,local}.yaml fill in the submitit plugin's configs of the same names (tying
+# tasks/GPUs/nodes to the trainer); Hydra 1.3 validates them against the plugin's schema, which is what we want,
+# and warns that this matching by name is deprecated. hydra-core is pinned below 1.4.
+warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
+
 # train.yaml adds file://${oc.env:DDPM_EXPERIMENTS_ROOT} to Hydra's search path, so that
 # `experiments=NAME` composes a preset from experiments/ like any other config group.
 os.environ.setdefault("DDPM_EXPERIMENTS_ROOT", str(experiments_root()))
@@ -53,6 +59,12 @@ def compose(overrides: list[str] | None = None, config_name: str = "train", outp
             with open_dict(cfg):  # as under @hydra.main, the task sees its config without the hydra node
                 del cfg["hydra"]
     return cfg
+
+
+def ddp_strategy() -> str:
+    """``ddp`` inside a multi-task SLURM job (SLURM started one process per device; Lightning joins them), else
+    ``ddp_spawn``: plain ``ddp`` would re-launch ``sys.argv``, which re-runs a whole Hydra multirun per device."""
+    return "ddp" if int(os.environ.get("SLURM_NTASKS", "1")) > 1 else "ddp_spawn"
 
 
 def run_cli(task, cfg: DictConfig):

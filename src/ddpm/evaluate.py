@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.config import config_dir, run_cli
+from ddpm.loggers import instantiate_loggers
 from ddpm.metrics import inception_score, metric_name, prepare, sample_metrics
 from ddpm.module import DiffusionModule
 from ddpm.sample import draw, load_for_sampling
@@ -83,11 +84,12 @@ def evaluate(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
     log.info("%s", json.dumps(metrics))
-    if cfg.get("logger"):
-        logger = instantiate(cfg.logger)
+    loggers = instantiate_loggers(cfg.get("logger"))
+    for logger in loggers or []:
         logger.log_hyperparams(record["protocol"])
         logger.log_metrics({f"eval/{key}": value for key, value in metrics.items()}, step=record["protocol"]["checkpoint"]["global_step"])
         logger.finalize("success")
+    if loggers:
         from ddpm.train import _finish_wandb
 
         _finish_wandb()

@@ -18,7 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from ddpm.checkpoint import load_checkpoint
 from ddpm.diffusion import GaussianDiffusion
@@ -45,7 +45,7 @@ class DiffusionModule(L.LightningModule):
         self.p_uncond, self.guidance_scale = p_uncond, guidance_scale
         self.config = config
         # EMA of the weights (Ho et al. sample with decay 0.9999); a frozen copy torch updates with foreach ops.
-        self.ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        self.ema = AveragedModel(net, multi_avg_fn=partial(ema_update, decay=ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
         # The first non-finite loss (step, value), kept on the device: checking it costs no host sync per step.
         self.register_buffer("_nonfinite", torch.tensor([-1.0, 0.0]), persistent=False)
@@ -168,6 +168,17 @@ class DiffusionModule(L.LightningModule):
         with evaluating(net):
             model_fn = guided_model_fn(net, labels if self.conditional else None, scale)
             return (sampler or self.sampler)(model_fn, self.diffusion, noise, generator=generator, progress=progress, callback=callback)
+
+
+@torch.no_grad()
+def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * param, as torch's get_ema_multi_avg_fn, but a module-level function so
+    the module pickles (ddp_spawn, submitit)."""
+    if torch.is_floating_point(ema_params[0]):
+        torch._foreach_lerp_(ema_params, params, 1 - decay)
+    else:
+        for ema, param in zip(ema_params, params):
+            ema.copy_(ema * decay + param * (1 - decay))
 
 
 class NonFiniteLossError(RuntimeError):

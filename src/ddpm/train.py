@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddpm.callbacks import LastCheckpoint
 from ddpm.checkpoint import config_differences, load_checkpoint
 from ddpm.config import config_dir, run_cli
+from ddpm.loggers import instantiate_loggers
 from ddpm.module import DiffusionModule
 from ddpm.validation import ConfigError, validate
 
@@ -41,7 +42,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Diffus
     datamodule.check()
     module = DiffusionModule.from_config(cfg)
     callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node] + list(extra_callbacks)
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    logger = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
 
     # Every logger gets the whole resolved config, schedule and guidance included.

@@ -1,0 +1,248 @@
+"""`python -m ddpm.report DIR`: the runs of a multirun directory as tables and plots.
+
+Reads each job's overrides (``N/.hydra/overrides.yaml``), its loss curve (``N/csv/version_*/metrics.csv``) and its
+quality numbers (``N/metrics.json``, from training's ``evaluate_at_end`` or from ``ddpm.evaluate``), then writes into
+DIR: ``report.md`` (printed too), ``runs.csv`` (one row per run), ``guidance.csv`` (one row per run and guidance scale),
+``loss_curves.png`` and ``quality_vs_guidance.png``. Runs that differ only in ``seed`` are averaged (mean ± std).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+QUALITY = ("fd_digits", "fid", "guided_accuracy", "diversity", "inception_score")
+LOWER_IS_BETTER = {"fd_digits", "fid", "final_loss"}
+
+
+def _parse_value(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def load_run(job_dir: Path) -> dict | None:
+    """One job: its overrides, loss curve, final loss and evaluations (one per guidance scale)."""
+    overrides_file = job_dir / ".hydra" / "overrides.yaml"
+    if not overrides_file.is_file():
+        return None
+    overrides = {}
+    for item in yaml.safe_load(overrides_file.read_text()) or []:
+        key, _, value = item.partition("=")
+        if not key.startswith(("hydra.", "~")) and key.lstrip("+") not in ("ckpt_path", "paths.cache_dir"):
+            overrides[key.lstrip("+")] = _parse_value(value)
+    curve: dict[int, float] = {}
+    for metrics_csv in sorted(job_dir.glob("csv/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
+        for row in csv.DictReader(open(metrics_csv)):
+            if row.get("train/loss"):
+                curve[int(row["step"])] = float(row["train/loss"])  # a resumed run's later version wins
+    steps = sorted(curve)
+    tail = [curve[s] for s in steps[-max(1, len(steps) // 10):]]
+    run = {"dir": job_dir.name, "overrides": overrides, "curve": [(s, curve[s]) for s in steps],
+           "final_loss": statistics.fmean(tail) if tail else None, "evaluations": []}
+    metrics_file = job_dir / "metrics.json"
+    if metrics_file.is_file():
+        record = json.loads(metrics_file.read_text())
+        if "evaluations" in record:  # written by training's EvaluateAtEnd: one entry per guidance scale
+            run["evaluations"] = [(e["guidance_scale"], e["metrics"]) for e in record["evaluations"]]
+            if run["final_loss"] is None:
+                run["final_loss"] = record.get("final_loss")
+        else:  # written by ddpm.evaluate
+            run["evaluations"] = [(record["protocol"]["guidance_scale"], record["metrics"])]
+    return run
+
+
+def load_runs(sweep_dir: Path) -> list[dict]:
+    jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else p.name))
+    return [run for run in map(load_run, jobs) if run is not None]
+
+
+def swept_keys(runs: list[dict]) -> list[str]:
+    """Keys whose value differs between runs, in the order they were given."""
+    keys: list[str] = []
+    for run in runs:
+        keys += [k for k in run["overrides"] if k not in keys]
+    return [k for k in keys if len({json.dumps(r["overrides"].get(k)) for r in runs}) > 1]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float, int]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return math.nan, math.nan, 0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def _fmt(mean: float, std: float | None = None, n: int = 1) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "n/a"
+    digits = 4 if abs(mean) < 1 else 2
+    return f"{mean:.{digits}f}" if std is None or n < 2 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _metric_names(runs: list[dict]) -> list[str]:
+    present = {k for r in runs for _, m in r["evaluations"] if m for k in m}
+    return [k for k in QUALITY if k in present]
+
+
+def build_report(sweep_dir: Path) -> str:
+    runs = load_runs(sweep_dir)
+    if not runs:
+        raise SystemExit(f"error: {sweep_dir} holds no runs (no */.hydra/overrides.yaml): pass a multirun directory")
+    keys = swept_keys(runs)
+    group_keys = [k for k in keys if k != "seed"]
+    metrics = _metric_names(runs)
+    scales = sorted({w for r in runs for w, _ in r["evaluations"]})
+    first = lambda r: next(((w, m) for w, m in r["evaluations"] if m), (None, None))  # noqa: E731
+
+    # 1. One row per run.
+    header = ["run", *keys, "final loss", *(f"{m} (w={first(runs[0])[0]:g})" if first(runs[0])[0] is not None else m for m in metrics)]
+    rows = []
+    for r in runs:
+        _, m = first(r)
+        rows.append([r["dir"], *(r["overrides"].get(k) for k in keys), _fmt(r["final_loss"]),
+                     *(_fmt((m or {}).get(name)) for name in metrics)])
+    with open(sweep_dir / "runs.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", *keys, "final_loss", *metrics])
+        for r in runs:
+            _, m = first(r)
+            writer.writerow([r["dir"], *(r["overrides"].get(k) for k in keys), r["final_loss"], *((m or {}).get(n) for n in metrics)])
+    out = [f"# Report: {sweep_dir}", "", f"{len(runs)} runs; swept: {', '.join(keys) or 'nothing'}.", "", "## Runs", "",
+           _table(header, rows)]
+
+    # 2. Mean ± std over seeds, per group, at each guidance scale.
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[tuple(json.dumps(r["overrides"].get(k)) for k in group_keys)].append(r)
+    summary_rows, long_rows = [], []
+    for gkey, members in groups.items():
+        labels = [json.loads(v) for v in gkey]
+        loss = _mean_std([m["final_loss"] for m in members])
+        for w in scales or [None]:
+            stats = {}
+            for name in metrics:
+                stats[name] = _mean_std([dict(r["evaluations"]).get(w, {}).get(name) if dict(r["evaluations"]).get(w) else None for r in members])
+            summary_rows.append([*labels, f"{w:g}" if w is not None else "", len(members), _fmt(*loss), *(_fmt(*stats[n]) for n in metrics)])
+            long_rows.append({"group": labels, "w": w, "n": len(members), "final_loss": loss, **stats})
+    out += ["", "## Mean ± std over seeds", "",
+            _table([*group_keys, "w", "seeds", "final loss", *metrics], summary_rows)]
+    with open(sweep_dir / "guidance.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*group_keys, "w", "seeds", "final_loss_mean", "final_loss_std", *(f"{n}_{s}" for n in metrics for s in ("mean", "std"))])
+        for row in long_rows:
+            writer.writerow([*row["group"], row["w"], row["n"], *row["final_loss"][:2], *(v for n in metrics for v in row[n][:2])])
+
+    out += ["", "## Findings", "", *findings(long_rows, group_keys, metrics, scales)]
+    plot(runs, long_rows, group_keys, metrics, sweep_dir)
+    out += ["", "![loss curves](loss_curves.png)"]
+    if scales and metrics:
+        out += ["", "![quality against guidance scale](quality_vs_guidance.png)"]
+    return "\n".join(out) + "\n"
+
+
+def findings(rows: list[dict], group_keys: list[str], metrics: list[str], scales: list) -> list[str]:
+    """Plain sentences: which setting is better on each metric, and whether the gap exceeds twice its standard
+    error over seeds (otherwise: no clear difference at this number of seeds)."""
+    lines = []
+    for i, key in enumerate(group_keys):
+        for name in ["final_loss", *metrics[:1]]:
+            w = scales[0] if scales else None
+            by_value = defaultdict(list)
+            for row in rows:
+                if row["w"] == w and row[name][2] > 0:
+                    by_value[json.dumps(row["group"][i])].append(row[name])
+            if len(by_value) < 2 or any(len(v) != 1 for v in by_value.values()):
+                continue  # several other keys vary too: see the tables
+            ranked = sorted(by_value.items(), key=lambda kv: kv[1][0][0], reverse=name not in LOWER_IS_BETTER)
+            (best, [(mb, sb, nb)]), (second, [(ms, ss, ns)]) = ranked[0], ranked[1]
+            se = math.sqrt(sb**2 / max(nb, 1) + ss**2 / max(ns, 1))
+            verdict = "a clear difference" if abs(mb - ms) > 2 * se and nb > 1 and ns > 1 else "within seed noise: no clear difference"
+            where = f" at w={w:g}" if w is not None and name != "final_loss" else ""
+            lines.append(f"- {name}{where}: {key}={json.loads(best)} is best ({_fmt(mb, sb, nb)}) vs {key}={json.loads(second)} "
+                         f"({_fmt(ms, ss, ns)}), {verdict} (gap {abs(mb - ms):.4g}, 2 standard errors {2 * se:.4g}).")
+    if len(scales) > 1:
+        for row_group in {json.dumps(r["group"]) for r in rows}:
+            series = sorted((r["w"], r) for r in rows if json.dumps(r["group"]) == row_group and r["w"] is not None)
+            label = ", ".join(f"{k}={v}" for k, v in zip(group_keys, json.loads(row_group))) or "all runs"
+            for name in ("guided_accuracy", "diversity", *[m for m in metrics if m in LOWER_IS_BETTER][:1]):
+                points = [(w, r[name][0]) for w, r in series if name in r and r[name][2] > 0]
+                if len(points) > 1:
+                    trend = " -> ".join(f"{v:.3g} (w={w:g})" for w, v in points)
+                    lines.append(f"- {label}: {name} {trend}.")
+    return lines or ["- (nothing to compare)"]
+
+
+def plot(runs: list[dict], rows: list[dict], group_keys: list[str], metrics: list[str], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    color_key = group_keys[0] if group_keys else None
+    values = sorted({json.dumps(r["overrides"].get(color_key)) for r in runs}) if color_key else ["null"]
+    colors = {v: plt.cm.tab10(i % 10) for i, v in enumerate(values)}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labelled = set()
+    for r in runs:
+        if not r["curve"]:
+            continue
+        steps, losses = zip(*r["curve"])
+        smooth, acc = [], losses[0]
+        for x in losses:  # exponential moving average: the raw per-step loss is too noisy to compare
+            acc = 0.95 * acc + 0.05 * x
+            smooth.append(acc)
+        v = json.dumps(r["overrides"].get(color_key)) if color_key else "null"
+        ax.plot(steps, smooth, color=colors[v], alpha=0.8, label=None if v in labelled else f"{color_key}={json.loads(v)}" if color_key else "run")
+        labelled.add(v)
+    ax.set(xlabel="step", ylabel="training loss (EMA 0.95)", yscale="log", title="Loss curves")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss_curves.png", dpi=120)
+    plt.close(fig)
+
+    scaled = [r for r in rows if r["w"] is not None]
+    if not scaled or not metrics:
+        return
+    shown = [m for m in ("fd_digits", "fid", "guided_accuracy", "diversity") if m in metrics]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], shown):
+        for group in sorted({json.dumps(r["group"]) for r in scaled}):
+            series = sorted((r["w"], r[name]) for r in scaled if json.dumps(r["group"]) == group and r[name][2] > 0)
+            if not series:
+                continue
+            label = ", ".join(f"{k}={v}" for k, v in zip(group_keys, json.loads(group))) or "all runs"
+            ax.errorbar([w for w, _ in series], [s[0] for _, s in series], yerr=[s[1] for _, s in series], marker="o", capsize=3, label=label)
+        ax.set(xlabel="guidance scale w", title=name)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "quality_vs_guidance.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", type=Path, help="a multirun directory, e.g. multirun/2026-11-30/12-00-00")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        raise SystemExit(f"error: sweep_dir={str(args.sweep_dir)!r}: no such directory")
+    text = build_report(args.sweep_dir)
+    (args.sweep_dir / "report.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

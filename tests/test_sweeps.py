@@ -1,0 +1,113 @@
+"""Ablations as sweeps: presets, the local and submitit launchers, SLURM settings tied to the trainer, DDP on
+CPU, the report, and wandb grouping."""
+
+import csv
+import os
+
+import pytest
+import torch
+from conftest import TINY, run_cli
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from omegaconf import OmegaConf
+
+from ddpm.config import config_dir
+
+# Tiny runs, tiny final evaluations; the digits classifier is cached per test session in DDPM_CACHE.
+QUICK = [o for o in TINY if not o.startswith("~callbacks.evaluate_at_end")] + [
+    "callbacks.evaluate_at_end.num_samples=20", "callbacks.evaluate_at_end.sampler.steps=4",
+    "callbacks.evaluate_at_end.guidance_scales=[0,2]", "trainer.max_steps=8",
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return {**os.environ, "DDPM_CACHE": str(cache)}
+
+
+@pytest.mark.xdist_group("digits_classifier")
+def test_digits_quick_sweep_then_report(tmp_path, env):
+    sweep = tmp_path / "sweep"
+    result = run_cli("ddpm.train", "--multirun", "experiments=digits_quick", *QUICK, "seed=0,1",
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert len(jobs) == 4  # schedule=linear,cosine (from the preset) x seed=0,1 (from the command line)
+    assert all((job / "metrics.json").is_file() and (job / "checkpoints" / "last.ckpt").is_file() for job in jobs)
+
+    report = run_cli("ddpm.report", str(sweep), cwd=tmp_path, env=env, timeout=120)
+    assert report.returncode == 0, report.stderr[-3000:]
+    rows = list(csv.DictReader(open(sweep / "runs.csv")))
+    assert len(rows) == 4 and {r["schedule"] for r in rows} == {"linear", "cosine"} and {r["seed"] for r in rows} == {"0", "1"}
+    assert all(float(r["final_loss"]) > 0 and float(r["fd_digits"]) > 0 for r in rows)
+    guidance = list(csv.DictReader(open(sweep / "guidance.csv")))
+    assert len(guidance) == 2 * 2 and all(g["seeds"] == "2" for g in guidance)  # 2 schedules x 2 scales, mean of 2 seeds
+    assert (sweep / "loss_curves.png").stat().st_size > 1000 and (sweep / "quality_vs_guidance.png").stat().st_size > 1000
+    assert "## Findings" in report.stdout and "schedule=" in report.stdout
+
+
+def test_submitit_local_runs_jobs(tmp_path, env):
+    sweep = tmp_path / "sweep"
+    result = run_cli("ddpm.train", "--multirun", "hydra/launcher=submitit_local", *TINY, "trainer.max_steps=3",
+                     "~callbacks.sample_grid", "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in ("0", "1"):
+        checkpoint = torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=True)
+        assert checkpoint["global_step"] == 3 and checkpoint["config"]["seed"] == int(job)
+    assert list((sweep / ".submitit").iterdir())  # submitit's own job folders: it really went through submitit
+
+
+def test_slurm_launcher_follows_the_trainer():
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = hydra_compose("train", ["hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.devices=4",
+                                      "trainer.num_nodes=2", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["_target_"].endswith("SlurmLauncher") and launcher["partition"] == "gpu"
+    assert launcher["tasks_per_node"] == launcher["gpus_per_node"] == 4 and launcher["nodes"] == 2
+    assert launcher["max_num_timeout"] > 0  # timed-out jobs are requeued (submitit's default 0 would not)
+
+
+def test_slurm_launcher_cfg_hydra_cli(tmp_path):
+    # `--cfg all`: the launcher's keys point into the trainer's, so they resolve only next to the job config.
+    result = run_cli("ddpm.train", "hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.devices=2", "--cfg", "all",
+                     "--resolve", cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    launcher = OmegaConf.create(result.stdout).hydra.launcher
+    assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (2, 2, 1)
+
+
+def test_ddp_strategy_follows_slurm(monkeypatch):
+    from ddpm.config import ddp_strategy
+
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    assert ddp_strategy() == "ddp_spawn"
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert ddp_strategy() == "ddp"
+
+
+def test_two_process_cpu_ddp_writes_each_checkpoint_once(tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("ddpm.train", *TINY, "trainer=ddp_cpu", "trainer.enable_progress_bar=false", "trainer.max_steps=4", "callbacks.model_checkpoint.every_n_train_steps=2",
+                     f"hydra.run.dir={run}", cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) == ["last.ckpt", "step_0000002.ckpt", "step_0000004.ckpt"]
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 4 and checkpoint["config"]["trainer"]["devices"] == 2
+    assert (run / "samples" / "final.png").is_file()
+
+
+def test_wandb_group_and_name_come_from_the_sweep(tmp_path):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from ddpm.loggers import sweep_identity
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = hydra_compose("train", ["schedule=cosine", "seed=1"], return_hydra_config=True)
+    cfg.hydra.mode = RunMode.MULTIRUN
+    cfg.hydra.runtime.output_dir = str(tmp_path / "multirun" / "2026-11-30" / "12-00-00" / "3")
+    HydraConfig.instance().set_config(cfg)
+    group, name, overrides = sweep_identity("schedule_ablation")
+    assert group == "schedule_ablation/2026-11-30_12-00-00"
+    assert name == "schedule=cosine,seed=1" and overrides == {"schedule": "cosine", "seed": "1"}
