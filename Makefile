@@ -2,7 +2,7 @@
 PYTHON ?= python
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test test-all train clean
+.PHONY: install test test-all train bench-samplers clean
 
 install:
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -15,6 +15,10 @@ test-all:
 
 train:
 	$(PYTHON) -m ddpm.train
+
+# Quality against NFE for one checkpoint: make bench-samplers CKPT=outputs/<date>/<time>/checkpoints/last.ckpt
+bench-samplers:
+	$(PYTHON) benchmarks/sampler_quality.py $(CKPT)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

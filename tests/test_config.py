@@ -110,10 +110,17 @@ def test_logger_options(option, tiny_cfg, offline_env):
     if option == "none":
         assert not cfg.logger
         return
-    logger = instantiate(cfg.logger)
-    assert isinstance(logger, L.pytorch.loggers.Logger)
-    if option == "wandb":
-        assert logger._wandb_init["mode"] == "offline"  # no credentials here: offline, never a prompt
+    from ddpm.loggers import instantiate_loggers
+
+    loggers = instantiate_loggers(cfg.logger)
+    assert loggers and all(isinstance(logger, L.pytorch.loggers.Logger) for logger in loggers)
+    assert len(loggers) == (2 if option == "wandb_csv" else 1)
+    for logger in loggers:
+        if isinstance(logger, L.pytorch.loggers.WandbLogger):
+            assert logger._wandb_init["mode"] == "offline"  # no credentials here: offline, never a prompt
+            run_dir = Path(cfg.paths.output_dir)  # a single run: the group is the experiment and the run directory
+            assert logger._wandb_init["group"] == f"default/{run_dir.parent.name}_{run_dir.name}"
+            assert logger._wandb_init["name"].startswith("logger=")  # named after the job's overrides
 
 
 def test_wandb_mode_follows_credentials(offline_env, monkeypatch, tmp_path):

@@ -103,7 +103,7 @@ def build_report(sweep_dir: Path) -> str:
     if not runs:
         raise SystemExit(f"error: {sweep_dir} holds no runs (no */.hydra/overrides.yaml): pass a multirun directory")
     keys = swept_keys(runs)
-    group_keys = [k for k in keys if k != "seed"]
+    group_keys = [k for k in keys if k not in ("seed", "guidance.scale")]  # a sampling-time w is the w column
     metrics = _metric_names(runs)
     scales = sorted({w for r in runs for w, _ in r["evaluations"]})
     first = lambda r: next(((w, m) for w, m in r["evaluations"] if m), (None, None))  # noqa: E731
@@ -132,12 +132,13 @@ def build_report(sweep_dir: Path) -> str:
     for gkey, members in groups.items():
         labels = [json.loads(v) for v in gkey]
         loss = _mean_std([m["final_loss"] for m in members])
-        for w in scales or [None]:
+        for w in sorted({w for r in members for w, _ in r["evaluations"]}) or [None]:
             stats = {}
             for name in metrics:
                 stats[name] = _mean_std([dict(r["evaluations"]).get(w, {}).get(name) if dict(r["evaluations"]).get(w) else None for r in members])
-            summary_rows.append([*labels, f"{w:g}" if w is not None else "", len(members), _fmt(*loss), *(_fmt(*stats[n]) for n in metrics)])
-            long_rows.append({"group": labels, "w": w, "n": len(members), "final_loss": loss, **stats})
+            n = sum(1 for r in members if w is None or w in dict(r["evaluations"]))
+            summary_rows.append([*labels, f"{w:g}" if w is not None else "", n, _fmt(*loss), *(_fmt(*stats[name]) for name in metrics)])
+            long_rows.append({"group": labels, "w": w, "n": n, "final_loss": loss, **stats})
     out += ["", "## Mean ± std over seeds", "",
             _table([*group_keys, "w", "seeds", "final loss", *metrics], summary_rows)]
     with open(sweep_dir / "guidance.csv", "w", newline="") as f:
@@ -148,7 +149,8 @@ def build_report(sweep_dir: Path) -> str:
 
     out += ["", "## Findings", "", *findings(long_rows, group_keys, metrics, scales)]
     plot(runs, long_rows, group_keys, metrics, sweep_dir)
-    out += ["", "![loss curves](loss_curves.png)"]
+    if any(r["curve"] for r in runs):
+        out += ["", "![loss curves](loss_curves.png)"]
     if scales and metrics:
         out += ["", "![quality against guidance scale](quality_vs_guidance.png)"]
     return "\n".join(out) + "\n"
@@ -159,8 +161,8 @@ def findings(rows: list[dict], group_keys: list[str], metrics: list[str], scales
     error over seeds (otherwise: no clear difference at this number of seeds)."""
     lines = []
     for i, key in enumerate(group_keys):
-        for name in ["final_loss", *metrics[:1]]:
-            w = scales[0] if scales else None
+        comparisons = [("final_loss", scales[0] if scales else None)] + [(m, w) for m in metrics[:1] for w in (scales or [None])]
+        for name, w in comparisons:
             by_value = defaultdict(list)
             for row in rows:
                 if row["w"] == w and row[name][2] > 0:
@@ -172,10 +174,12 @@ def findings(rows: list[dict], group_keys: list[str], metrics: list[str], scales
             se = math.sqrt(sb**2 / max(nb, 1) + ss**2 / max(ns, 1))
             verdict = "a clear difference" if abs(mb - ms) > 2 * se and nb > 1 and ns > 1 else "within seed noise: no clear difference"
             where = f" at w={w:g}" if w is not None and name != "final_loss" else ""
+            caveat = (" (losses under different schedules weight the noise levels differently: not comparable)"
+                      if name == "final_loss" and key.startswith("schedule") else "")
             lines.append(f"- {name}{where}: {key}={json.loads(best)} is best ({_fmt(mb, sb, nb)}) vs {key}={json.loads(second)} "
-                         f"({_fmt(ms, ss, ns)}), {verdict} (gap {abs(mb - ms):.4g}, 2 standard errors {2 * se:.4g}).")
+                         f"({_fmt(ms, ss, ns)}), {verdict} (gap {abs(mb - ms):.4g}, 2 standard errors {2 * se:.4g}){caveat}.")
     if len(scales) > 1:
-        for row_group in {json.dumps(r["group"]) for r in rows}:
+        for row_group in sorted({json.dumps(r["group"]) for r in rows}):
             series = sorted((r["w"], r) for r in rows if json.dumps(r["group"]) == row_group and r["w"] is not None)
             label = ", ".join(f"{k}={v}" for k, v in zip(group_keys, json.loads(row_group))) or "all runs"
             for name in ("guided_accuracy", "diversity", *[m for m in metrics if m in LOWER_IS_BETTER][:1]):
@@ -193,6 +197,8 @@ def plot(runs: list[dict], rows: list[dict], group_keys: list[str], metrics: lis
     import matplotlib.pyplot as plt
 
     color_key = group_keys[0] if group_keys else None
+    if not any(r["curve"] for r in runs):
+        return plot_quality(rows, group_keys, metrics, out_dir, plt)
     values = sorted({json.dumps(r["overrides"].get(color_key)) for r in runs}) if color_key else ["null"]
     colors = {v: plt.cm.tab10(i % 10) for i, v in enumerate(values)}
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -213,7 +219,10 @@ def plot(runs: list[dict], rows: list[dict], group_keys: list[str], metrics: lis
     fig.tight_layout()
     fig.savefig(out_dir / "loss_curves.png", dpi=120)
     plt.close(fig)
+    plot_quality(rows, group_keys, metrics, out_dir, plt)
 
+
+def plot_quality(rows: list[dict], group_keys: list[str], metrics: list[str], out_dir: Path, plt) -> None:
     scaled = [r for r in rows if r["w"] is not None]
     if not scaled or not metrics:
         return
