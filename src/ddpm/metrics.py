@@ -162,7 +162,9 @@ class Reference:
 
 def _stack(dataset: Dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     n = len(dataset) if limit is None else min(limit, len(dataset))
-    images, labels = next(iter(DataLoader(dataset, batch_size=n, shuffle=False)))
+    # A private generator: creating a loader's iterator otherwise draws a seed from the global RNG, which would
+    # shift the training run's stream whenever a callback measures quality.
+    images, labels = next(iter(DataLoader(dataset, batch_size=n, shuffle=False, generator=torch.Generator())))
     return images, labels
 
 
