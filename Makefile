@@ -2,7 +2,7 @@
 PYTHON ?= python
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test test-all train bench-samplers clean
+.PHONY: install test test-all train bench bench-samplers clean
 
 install:
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -15,6 +15,11 @@ test-all:
 
 train:
 	$(PYTHON) -m ddpm.train
+
+# Training/sampling throughput against diffusers (installs the bench extra first).
+bench:
+	$(PYTHON) -m pip install -e ".[bench]"
+	$(PYTHON) -m ddpm.bench
 
 # Quality against NFE for one checkpoint: make bench-samplers CKPT=outputs/<date>/<time>/checkpoints/last.ckpt
 bench-samplers:

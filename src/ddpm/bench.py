@@ -1,0 +1,285 @@
+"""`python -m ddpm.bench`: training and sampling throughput of ddpm's U-Net against HuggingFace diffusers'
+``UNet2DModel`` built with the same layout, measured side by side in one process.
+
+For each network (``tiny``: unet_tiny on 1x8x8 digits; ``cifar10``: the DDPM CIFAR-10 U-Net on 3x32x32) it times
+- the full training step (label dropout, noise, forward, L_simple, backward, AdamW, EMA), median over timed steps
+  after warm-up, ddpm and diffusers alternating step by step so both see the same machine state;
+- guided DDIM-50 sampling (conditional and unconditional passes) in images/s and model evaluations/s;
+- peak memory (resident set on CPU, reset per row through /proc/self/clear_refs; allocated on GPU);
+- FLOPs per training step (``torch.utils.flop_counter``) and the achieved rate, next to a matrix-product roof
+  measured here in the same precision.
+Variants of ddpm's own speed options (channels_last, bf16 autocast, torch.compile) are rows of their own; the ratio
+column is ddpm / diffusers float32 eager. Needs ``pip install -e ".[bench]"`` (diffusers). Prints one markdown
+table and writes it as JSON. A benchmark, never a test: numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.guidance import drop_labels, guided_model_fn
+from ddpm.module import ema_update
+from ddpm.samplers.ddim import sample_ddim
+from ddpm.schedules import linear_betas
+from ddpm.unet import UNet
+
+NETWORKS = {
+    # name: (image size, channels, ddpm UNet kwargs, diffusers UNet2DModel kwargs) -- the same layout
+    "tiny": (8, 1, dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), dropout=0.0,
+                        norm_groups=8),
+             dict(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8, dropout=0.0)),
+    "cifar10": (32, 3, dict(base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16,),
+                            dropout=0.1, norm_groups=32),
+                dict(block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+                     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32, dropout=0.1)),
+}
+NUM_CLASSES, T, P_UNCOND, W = 10, 1000, 0.1, 1.0
+
+
+@dataclass
+class Row:
+    network: str
+    impl: str
+    options: str
+    batch: int
+    params: int
+    train_ms: float = float("nan")
+    train_img_s: float = float("nan")
+    flops_per_step: float = float("nan")
+    gflops_s: float = float("nan")
+    roof_fraction: float = float("nan")
+    sample_img_s: float = float("nan")
+    nfe_s: float = float("nan")
+    peak_mb: float = float("nan")
+    ratio_train: float = float("nan")
+    ratio_sample: float = float("nan")
+    extra: dict = field(default_factory=dict)
+
+
+def matmul_roof(dtype: torch.dtype, device: str, n: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of an n x n matrix product in ``dtype``: the machine's practical compute ceiling."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _autocast(device: str, bf16: bool):
+    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def _peak_reset(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the resident-set high-water mark (VmHWM)
+
+
+def _peak_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+# --- the two implementations, each as (train_step, sample, count_flops) closures ----------------------------
+def ddpm_impl(network: str, batch: int, device: str, channels_last: bool, bf16: bool, compile_net: bool):
+    size, channels, kwargs, _ = NETWORKS[network]
+    net = UNet(size, channels, num_classes=NUM_CLASSES, channels_last=channels_last, **kwargs).to(device)
+    ema = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=partial(ema_update, decay=0.9999), use_buffers=True)
+    diffusion = GaussianDiffusion(linear_betas(T)).to(device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=2e-4, fused=device.startswith("cuda"))
+    run = torch.compile(net) if compile_net else net
+    x0 = torch.randn(batch, channels, size, size, device=device)
+    labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+
+    def train_step():
+        with _autocast(device, bf16):
+            loss = diffusion.training_loss(run, x0, labels=drop_labels(labels, P_UNCOND, net.null_label))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema.update_parameters(net)
+
+    def sample(n: int, steps: int = 50):
+        noise = torch.randn(n, channels, size, size, device=device)
+        with torch.no_grad(), _autocast(device, bf16):
+            sample_ddim(guided_model_fn(run, labels[:n], W), diffusion, noise, steps=steps)
+
+    return net, train_step, sample
+
+
+def diffusers_impl(network: str, batch: int, device: str, bf16: bool):
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+    from diffusers.training_utils import EMAModel
+
+    size, channels, _, kwargs = NETWORKS[network]
+    unet = UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, num_class_embeds=NUM_CLASSES + 1,
+                       attention_head_dim=None, **kwargs).to(device)
+    ema = EMAModel(unet.parameters(), decay=0.9999)
+    train_scheduler = DDPMScheduler(num_train_timesteps=T, beta_schedule="linear")
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-4, fused=device.startswith("cuda"))
+    x0 = torch.randn(batch, channels, size, size, device=device)
+    labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+    alphas = train_scheduler.alphas_cumprod.to(device)
+
+    def train_step():
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, T, (batch,), device=device)
+        dropped = torch.where(torch.rand(batch, device=device) < P_UNCOND, NUM_CLASSES, labels)
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise  # DDPMScheduler.add_noise, without its per-call host copies
+        with _autocast(device, bf16):
+            loss = F.mse_loss(unet(x_t, t, class_labels=dropped).sample.float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema.step(unet.parameters())
+
+    def sample(n: int, steps: int = 50):
+        scheduler = DDIMScheduler(num_train_timesteps=T, beta_schedule="linear")
+        scheduler.set_timesteps(steps)
+        x = torch.randn(n, channels, size, size, device=device)
+        both = torch.cat([labels[:n], torch.full((n,), NUM_CLASSES, device=device)])
+        with torch.no_grad(), _autocast(device, bf16):
+            for t in scheduler.timesteps:
+                eps_c, eps_u = unet(torch.cat([x, x]), t, class_labels=both).sample.chunk(2)
+                x = scheduler.step(eps_u + (1 + W) * (eps_c - eps_u), t, x).prev_sample  # diffusers' s = 1 + w
+
+    return unet, train_step, sample
+
+
+def _time(fn, device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _flops(train_step) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        train_step()
+    return float(counter.get_total_flops())
+
+
+def bench_network(network: str, args, roofs: dict) -> list[Row]:
+    device, batch = args.device, args.batch or (128 if network == "tiny" else (128 if args.device.startswith("cuda") else 16))
+    variants = [("fp32", dict(channels_last=True, bf16=False, compile_net=False))]
+    if args.ablate:
+        variants.append(("fp32, no channels_last", dict(channels_last=False, bf16=False, compile_net=False)))
+    if args.bf16:
+        variants.append(("bf16 autocast", dict(channels_last=True, bf16=True, compile_net=False)))
+    if args.compile:
+        variants.append(("bf16 + compile" if args.bf16 else "fp32 + compile", dict(channels_last=True, bf16=args.bf16, compile_net=True)))
+
+    unet, d_train, d_sample = diffusers_impl(network, batch, device, bf16=False)
+    base = Row(network, "diffusers", "fp32 eager", batch, sum(p.numel() for p in unet.parameters()))
+    base.flops_per_step = _flops(d_train)
+    rows, diffusers_times, diffusers_sample = [], [], []
+    for name, options in variants:
+        net, o_train, o_sample = ddpm_impl(network, batch, device, **options)
+        row = Row(network, "ddpm", name, batch, sum(p.numel() for p in net.parameters()))
+        for _ in range(args.warmup):
+            o_train(), d_train()
+        times = []
+        for _ in range(args.steps):  # alternating: both see the same machine state
+            times.append(_time(o_train, device))
+            diffusers_times.append(_time(d_train, device))
+        row.train_ms = 1000 * statistics.median(times)
+        row.flops_per_step = _flops(o_train)
+        o_sample(2, steps=2)
+        sample_times = []
+        for _ in range(args.sample_repeats):
+            sample_times.append(_time(lambda: o_sample(args.sample_batch), device))
+            diffusers_sample.append(_time(lambda: d_sample(args.sample_batch), device))
+        row.sample_img_s = args.sample_batch / statistics.median(sample_times)
+        _peak_reset(device)
+        o_train()
+        row.peak_mb = _peak_mb(device)
+        row.extra["roof"] = roofs["bf16" if options["bf16"] else "fp32"]
+        rows.append(row)
+        del net, o_train, o_sample
+    _peak_reset(device)
+    d_train()
+    base.peak_mb = _peak_mb(device)
+    base.train_ms = 1000 * statistics.median(diffusers_times)
+    base.sample_img_s = args.sample_batch / statistics.median(diffusers_sample)
+    base.extra["roof"] = roofs["fp32"]
+    for row in [base, *rows]:
+        row.train_img_s = batch / (row.train_ms / 1000)
+        row.gflops_s = row.flops_per_step / (row.train_ms / 1000) / 1e9
+        row.roof_fraction = row.gflops_s / row.extra["roof"]
+        row.nfe_s = row.sample_img_s * 50
+        row.ratio_train = row.train_img_s / base.train_img_s
+        row.ratio_sample = row.sample_img_s / base.sample_img_s
+    return [base, *rows]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--networks", default="tiny,cifar10")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=None, help="training batch (default: 128; cifar10 on CPU: 16)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps per implementation")
+    parser.add_argument("--sample-batch", type=int, default=8, help="images per guided DDIM-50 sample")
+    parser.add_argument("--sample-repeats", type=int, default=2)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="add a bf16 autocast row")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="add a torch.compile row")
+    parser.add_argument("--ablate", action="store_true", help="also channels_last off")
+    parser.add_argument("--out", default="bench.json")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+
+    roofs = {"fp32": matmul_roof(torch.float32, args.device), "bf16": matmul_roof(torch.bfloat16, args.device)}
+    rows = [row for network in args.networks.split(",") for row in bench_network(network, args, roofs)]
+    where = f"{args.device}, {torch.get_num_threads()} threads" if args.device == "cpu" else torch.cuda.get_device_name()
+    print(f"\n{where}; matmul roof fp32 {roofs['fp32']:.0f} GFLOP/s, bf16 {roofs['bf16']:.0f} GFLOP/s; torch {torch.__version__}")
+    print("| network | impl | options | batch | params | train img/s | ratio | GFLOP/step | GFLOP/s | % roof | "
+          "DDIM-50 guided img/s | NFE/s | ratio | peak MB |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r.network} | {r.impl} | {r.options} | {r.batch} | {r.params:,} | {r.train_img_s:.1f} | {r.ratio_train:.2f} | "
+              f"{r.flops_per_step / 1e9:.1f} | {r.gflops_s:.0f} | {100 * r.roof_fraction:.0f}% | {r.sample_img_s:.2f} | "
+              f"{r.nfe_s:.1f} | {r.ratio_sample:.2f} | {r.peak_mb:.0f} |")
+    with open(args.out, "w") as f:
+        json.dump({"device": where, "roofs_gflops": roofs, "rows": [r.__dict__ for r in rows]}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
