@@ -9,7 +9,7 @@ For each network (``tiny``: unet_tiny on 1x8x8 digits; ``cifar10``: the DDPM CIF
 - FLOPs per training step (``torch.utils.flop_counter``) and the achieved rate, next to a matrix-product roof
   measured here in the same precision.
 Variants of ddpm's own speed options (channels_last, bf16 autocast, torch.compile) are rows of their own; the ratio
-column is ddpm / diffusers float32 eager. Needs ``pip install -e ".[bench]"`` (diffusers). Prints one markdown
+column is ddpm / diffusers eager (float32, or bf16 with --diffusers-bf16). Needs ``pip install -e ".[bench]"`` (diffusers). Prints one markdown
 table and writes it as JSON. A benchmark, never a test: numbers depend on the machine.
 """
 
@@ -207,8 +207,8 @@ def bench_network(network: str, args, roofs: dict) -> list[Row]:
     if args.compile:
         variants.append(("bf16 + compile" if args.bf16 else "fp32 + compile", dict(channels_last=True, bf16=args.bf16, compile_net=True)))
 
-    unet, d_train, d_sample = diffusers_impl(network, batch, device, bf16=False)
-    base = Row(network, "diffusers", "fp32 eager", batch, sum(p.numel() for p in unet.parameters()))
+    unet, d_train, d_sample = diffusers_impl(network, batch, device, bf16=args.diffusers_bf16)
+    base = Row(network, "diffusers", "bf16 eager" if args.diffusers_bf16 else "fp32 eager", batch, sum(p.numel() for p in unet.parameters()))
     base.flops_per_step = _flops(d_train)
     rows, diffusers_times, diffusers_sample = [], [], []
     for name, options in variants:
@@ -239,7 +239,7 @@ def bench_network(network: str, args, roofs: dict) -> list[Row]:
     base.peak_mb = _peak_mb(device)
     base.train_ms = 1000 * statistics.median(diffusers_times)
     base.sample_img_s = args.sample_batch / statistics.median(diffusers_sample)
-    base.extra["roof"] = roofs["fp32"]
+    base.extra["roof"] = roofs["bf16" if args.diffusers_bf16 else "fp32"]
     for row in [base, *rows]:
         row.train_img_s = batch / (row.train_ms / 1000)
         row.gflops_s = row.flops_per_step / (row.train_ms / 1000) / 1e9
@@ -262,6 +262,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="add a bf16 autocast row")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="add a torch.compile row")
     parser.add_argument("--ablate", action="store_true", help="also channels_last off")
+    parser.add_argument("--diffusers-bf16", action="store_true", help="the diffusers baseline in bf16 autocast (GPU target)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense bf16 peak (H200: 989) to report model FLOPs utilisation")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -277,6 +280,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {r.network} | {r.impl} | {r.options} | {r.batch} | {r.params:,} | {r.train_img_s:.1f} | {r.ratio_train:.2f} | "
               f"{r.flops_per_step / 1e9:.1f} | {r.gflops_s:.0f} | {100 * r.roof_fraction:.0f}% | {r.sample_img_s:.2f} | "
               f"{r.nfe_s:.1f} | {r.ratio_sample:.2f} | {r.peak_mb:.0f} |")
+    if args.peak_tflops:
+        for r in rows:
+            r.extra["mfu"] = r.gflops_s / (1000 * args.peak_tflops)
+            print(f"MFU {r.network} {r.impl} {r.options}: {100 * r.extra['mfu']:.1f}% of {args.peak_tflops:g} TFLOP/s")
     with open(args.out, "w") as f:
         json.dump({"device": where, "roofs_gflops": roofs, "rows": [r.__dict__ for r in rows]}, f, indent=2)
 

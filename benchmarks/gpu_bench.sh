@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Issue 5's GPU check, prepared for the lent H200 (not run yet: no GPU was lent to the sessions so far).
+# The device has torch, lightning, torchvision, einops, torchmetrics but no network: first, here,
+#   pip download -d .whl hydra-core omegaconf antlr4-python3-runtime==4.9.3 diffusers
+# then run this script there with .whl carried. Budget: about 5 minutes (compile included).
+set -euo pipefail
+python -m pip install -q --no-index --find-links .whl hydra-core omegaconf diffusers
+python -m pip install -q --no-deps --no-build-isolation -e .
+OUT=${OUT:-.}
+# unet_cifar10 at batch 128: ddpm bf16 eager and bf16 + compile against diffusers eager bf16; MFU vs 989 TFLOP/s.
+timeout 280 python -m ddpm.bench --device cuda --networks cifar10 --batch 128 --bf16 --compile --diffusers-bf16 \
+    --sample-batch 64 --steps 20 --warmup 5 --peak-tflops 989 --out "$OUT/bench_gpu.json" | tee "$OUT/bench_gpu.md"
