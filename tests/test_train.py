@@ -126,3 +126,11 @@ def test_multirun_writes_one_directory_per_job(tmp_path):
         assert (sweep / job / "samples" / "final.png").is_file()
         config = (sweep / job / "checkpoints" / "config.yaml").read_text()
         assert f"ddpm.schedules.{schedule}_betas" in config
+
+
+@pytest.mark.slow  # compiling takes a minute on 2 CPU cores
+def test_compiled_training_keeps_plain_checkpoint_keys(tiny_cfg, tmp_path):
+    train(tiny_cfg("model.compile=true", "trainer.max_steps=3", "~callbacks.sample_grid"))
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert state and not any("_orig_mod" in key for key in state)
+    DiffusionModule.from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")  # loads into an uncompiled net

@@ -38,12 +38,15 @@ class DiffusionModule(L.LightningModule):
         p_uncond: float = 0.1,
         guidance_scale: float = 0.0,
         config: dict | None = None,
+        compile_net: bool = False,
     ):
         super().__init__()
         self.net, self.diffusion, self.sampler = net, diffusion, sampler
         self.optimizer_factory, self.warmup_steps = optimizer, warmup_steps
         self.p_uncond, self.guidance_scale = p_uncond, guidance_scale
         self.config = config
+        # torch.compile'd forward for the training step; kept off the module tree so checkpoints keep plain keys.
+        object.__setattr__(self, "_train_net", torch.compile(net) if compile_net else net)
         # EMA of the weights (Ho et al. sample with decay 0.9999); a frozen copy torch updates with foreach ops.
         self.ema = AveragedModel(net, multi_avg_fn=partial(ema_update, decay=ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
@@ -59,8 +62,9 @@ class DiffusionModule(L.LightningModule):
         """Build network, schedule and sampler from the composed config (the groups model, schedule, guidance,
         sampler, optim, ema)."""
         num_classes = cfg.data.num_classes if cfg.guidance.conditional else None
+        model_cfg = {k: v for k, v in cfg.model.items() if k != "compile"}  # a training option, not a UNet argument
         return cls(
-            net=instantiate(cfg.model, num_classes=num_classes),
+            net=instantiate(model_cfg, num_classes=num_classes),
             diffusion=GaussianDiffusion(instantiate(cfg.schedule)),
             sampler=instantiate(cfg.sampler),
             optimizer=instantiate(cfg.optim.optimizer),
@@ -69,6 +73,7 @@ class DiffusionModule(L.LightningModule):
             p_uncond=cfg.guidance.p_uncond if cfg.guidance.conditional else 0.0,
             guidance_scale=cfg.guidance.scale,
             config=OmegaConf.to_container(cfg, resolve=True),
+            compile_net=bool(cfg.model.get("compile", False)),
         )
 
     @classmethod
@@ -84,7 +89,7 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x0, labels = batch
         labels = drop_labels(labels, self.p_uncond, self.net.null_label) if self.conditional else None
-        loss = self.diffusion.training_loss(self.net, x0, labels=labels)
+        loss = self.diffusion.training_loss(self._train_net, x0, labels=labels)
         first_bad = ~torch.isfinite(loss.detach()) & (self._nonfinite[0] < 0)
         candidate = torch.stack([loss.new_full((), float(self.global_step)).float(), loss.detach().float()])
         self._nonfinite.copy_(torch.where(first_bad, candidate, self._nonfinite))

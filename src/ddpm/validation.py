@@ -114,6 +114,8 @@ TRAIN_RULES = [
          "feature-map sizes the network has: data.image_size / 2^level for each level of model.channel_mult"),
     Rule("model.dropout", probability, "a probability in [0, 1)"),
     Rule("model.num_heads", positive_int, "an integer > 0"),
+    Rule("model.compile", lambda v, _: isinstance(v, bool), "true or false"),
+    Rule("model.channels_last", lambda v, _: isinstance(v, bool), "true or false"),
     Rule("model.norm_groups", lambda v, cfg: positive_int(v) and cfg.model.base_channels % v == 0,
          "an integer > 0 dividing model.base_channels"),
     Rule("schedule.timesteps", positive_int, "an integer > 0"),
