@@ -56,7 +56,9 @@ def test_data_options(option, tiny_cfg, image_folder):
 @pytest.mark.parametrize("option", options("model"))
 def test_model_options(option, tiny_cfg):
     cfg = tiny_cfg(f"model={option}", "data.image_size=32", "model.norm_groups=8")
-    net = instantiate(cfg.model)
+    from ddpm.module import build_net
+
+    net = build_net(cfg.model)
     x = torch.randn(2, cfg.data.channels, 32, 32)
     with torch.no_grad():
         assert net(x, torch.tensor([0, 99]), torch.tensor([1, 10])).shape == x.shape

@@ -62,9 +62,8 @@ class DiffusionModule(L.LightningModule):
         """Build network, schedule and sampler from the composed config (the groups model, schedule, guidance,
         sampler, optim, ema)."""
         num_classes = cfg.data.num_classes if cfg.guidance.conditional else None
-        model_cfg = {k: v for k, v in cfg.model.items() if k != "compile"}  # a training option, not a UNet argument
         return cls(
-            net=instantiate(model_cfg, num_classes=num_classes),
+            net=build_net(cfg.model, num_classes=num_classes),
             diffusion=GaussianDiffusion(instantiate(cfg.schedule)),
             sampler=instantiate(cfg.sampler),
             optimizer=instantiate(cfg.optim.optimizer),
@@ -173,6 +172,11 @@ class DiffusionModule(L.LightningModule):
         with evaluating(net):
             model_fn = guided_model_fn(net, labels if self.conditional else None, scale)
             return (sampler or self.sampler)(model_fn, self.diffusion, noise, generator=generator, progress=progress, callback=callback)
+
+
+def build_net(model_cfg: DictConfig, **overrides) -> nn.Module:
+    """The network of the ``model`` group; ``model.compile`` is a training option, not a network argument."""
+    return instantiate({k: v for k, v in model_cfg.items() if k != "compile"}, **overrides)
 
 
 @torch.no_grad()
