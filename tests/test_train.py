@@ -134,3 +134,19 @@ def test_compiled_training_keeps_plain_checkpoint_keys(tiny_cfg, tmp_path):
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert state and not any("_orig_mod" in key for key in state)
     DiffusionModule.from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")  # loads into an uncompiled net
+
+
+def test_on_device_data_gives_the_same_batches(tiny_cfg, tmp_path):
+    """data.on_device=true draws batches by gathering from one tensor on the model's device: the same indices as the
+    ordinary loader, so the same losses step for step."""
+    common = ["trainer.max_steps=8", "~callbacks.sample_grid"]
+    train(tiny_cfg(*common, output_dir=tmp_path / "loader"))
+    class Gathered(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.cached = trainer.datamodule._device_data  # the whole set, on the model's device
+
+    gathered = Gathered()
+    train(tiny_cfg(*common, "data.on_device=true", output_dir=tmp_path / "device"), [gathered])
+    assert gathered.cached is not None and len(gathered.cached[0]) == 1617
+    loader, device = read_losses(tmp_path / "loader"), read_losses(tmp_path / "device")
+    assert len(loader) == 8 and loader == device

@@ -49,23 +49,49 @@ class ImageDataModule(L.LightningDataModule):
 
     name = "images"  # names the dataset in evaluation protocols and cached reference statistics
 
-    def __init__(self, root: str, batch_size: int, num_workers: int, image_size: int, channels: int, num_classes: int):
+    def __init__(self, root: str, batch_size: int, num_workers: int, image_size: int, channels: int, num_classes: int,
+                 on_device: bool = False):
         super().__init__()
         self.root, self.batch_size, self.num_workers = Path(root).expanduser(), batch_size, num_workers
         self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
+        self.on_device = on_device
         self.train_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self._device_data: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def train_dataloader(self) -> DataLoader:
         # drop_last keeps every step's batch the same size, so the loss curve is comparable across steps.
         seed = torch.initial_seed()  # the run's `seed`, as set by seed_everything
         # The loader's own generator seeds its workers, so starting an epoch draws nothing from the global RNG
         # (whose stream, saved in checkpoints, drives t, noise and label dropout).
+        if self.on_device:  # batches of indices; on_after_batch_transfer gathers the images where the model is
+            return DataLoader(range(len(self.train_set)), batch_size=self.batch_size, drop_last=True,
+                              sampler=EpochShuffle(len(self.train_set), seed), generator=torch.Generator().manual_seed(seed))
         return DataLoader(
             self.train_set, batch_size=self.batch_size, sampler=EpochShuffle(len(self.train_set), seed), drop_last=True,
             num_workers=self.num_workers, generator=torch.Generator().manual_seed(seed),
             persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
         )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """With ``data.on_device``: the whole training set lives as one tensor on the model's device (copied once), and
+        a batch is an index gather there: no worker processes, no host-to-device copy per step. The indices come
+        from the same shuffle as the ordinary loader, so the batches are the same."""
+        if not self.on_device or not torch.is_tensor(batch):
+            return batch
+        if self._device_data is None or self._device_data[0].device != batch.device:
+            images, labels = next(iter(DataLoader(self.train_set_unaugmented(), batch_size=len(self.train_set),
+                                                  generator=torch.Generator())))
+            self._device_data = images.to(batch.device), labels.to(batch.device)
+        images, labels = self._device_data[0][batch], self._device_data[1][batch]
+        if getattr(self, "random_flip", False):
+            flip = torch.rand(len(batch), device=batch.device) < 0.5
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        return images, labels
+
+    def train_set_unaugmented(self) -> Dataset:
+        """The training images without random augmentation (flips are then applied per batch on the device)."""
+        return getattr(self, "train_reference", self.train_set)
 
     def check(self) -> None:
         """Fail fast, before any model is built, when the data cannot be had (missing or empty paths)."""

@@ -105,6 +105,7 @@ TRAIN_RULES = [
     Rule("data.num_classes", positive_int, "an integer > 0"),
     Rule("data.test_fraction", lambda v, _: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
     Rule("data.image_size", positive_int, "an integer > 0"),
+    Rule("data.on_device", lambda v, _: isinstance(v, bool), "true or false"),
     Rule("data.image_size", lambda v, cfg: not _is_int(v) or v % _downsampling(cfg) == 0,
          "a multiple of the U-Net's downsampling factor 2^(len(model.channel_mult)-1)"),
     Rule("model.base_channels", positive_int, "an integer > 0"),
