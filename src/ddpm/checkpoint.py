@@ -35,13 +35,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """A checkpoint written by ``ddpm.train``; ConfigError naming the file when it is missing, truncated or not ours."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """A checkpoint written by ``ddpm.train``; ConfigError naming the file when it is missing, truncated or not ours.
+    ``mmap``: map the tensors instead of reading them (to look at the config alone)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"ckpt_path={str(path)!r}: no such file")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)  # tensors and plain data only
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)  # tensors and plain data only
     except Exception as error:  # truncated zip, foreign pickle, text...: torch raises many kinds
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"ckpt_path={str(path)!r}: not a readable checkpoint (truncated or not a torch file: {reason[:200]})") from None

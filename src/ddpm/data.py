@@ -44,6 +44,13 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+def stack_dataset(dataset: Dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``limit`` (all) images and labels of ``dataset`` as two tensors. A private generator: creating a
+    loader's iterator otherwise draws a seed from the global RNG, shifting a training run's stream."""
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    return next(iter(DataLoader(dataset, batch_size=n, shuffle=False, generator=torch.Generator())))
+
+
 class ImageDataModule(L.LightningDataModule):
     """What every dataset shares: the keys users set (``data.batch_size`` ...) and the train loader."""
 
@@ -80,8 +87,7 @@ class ImageDataModule(L.LightningDataModule):
         if not self.on_device or not torch.is_tensor(batch):
             return batch
         if self._device_data is None or self._device_data[0].device != batch.device:
-            images, labels = next(iter(DataLoader(self.train_set_unaugmented(), batch_size=len(self.train_set),
-                                                  generator=torch.Generator())))
+            images, labels = stack_dataset(self.train_set_unaugmented())
             self._device_data = images.to(batch.device), labels.to(batch.device)
         images, labels = self._device_data[0][batch], self._device_data[1][batch]
         if getattr(self, "random_flip", False):

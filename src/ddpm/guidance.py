@@ -49,10 +49,12 @@ def guided_model_fn(net: nn.Module, labels: torch.Tensor | None, guidance_scale:
 
 def check_guidance(p_uncond: float, guidance_scale: float, conditional: bool = True) -> None:
     """Refuse guided sampling from a model that never saw the null label: its eps_uncond is untrained."""
+    from ddpm.validation import ConfigError
+
     if guidance_scale < 0:
-        raise ValueError(f"guidance.scale={guidance_scale}: must be >= 0 (0 = purely conditional)")
+        raise ConfigError(f"guidance.scale={guidance_scale}: must be >= 0 (0 = purely conditional)")
     if conditional and guidance_scale > 0 and p_uncond <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"guidance.scale={guidance_scale} needs a model trained with guidance.p_uncond > 0; with p_uncond=0 "
             "it never saw the null label. Set guidance.scale=0 or train with e.g. guidance.p_uncond=0.1"
         )

@@ -22,6 +22,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from ddpm.data import stack_dataset
+
 log = logging.getLogger(__name__)
 
 EXTRACTORS = ("auto", "digits_classifier", "inception")
@@ -104,7 +106,7 @@ def train_digits_classifier(seed: int = 0, epochs: int = 40, batch_size: int = 6
             optimizer.step()
             schedule.step()
     model.eval()
-    x_test, y_test = _stack(data.test_set)
+    x_test, y_test = stack_dataset(data.test_set)
     with torch.no_grad():
         accuracy = (model.logits(x_test).argmax(1) == y_test).float().mean().item()
     return model, accuracy
@@ -160,14 +162,6 @@ class Reference:
     info: dict = field(default_factory=dict)
 
 
-def _stack(dataset: Dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    # A private generator: creating a loader's iterator otherwise draws a seed from the global RNG, which would
-    # shift the training run's stream whenever a callback measures quality.
-    images, labels = next(iter(DataLoader(dataset, batch_size=n, shuffle=False, generator=torch.Generator())))
-    return images, labels
-
-
 @torch.no_grad()
 def _features(extractor: nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     device = next(extractor.parameters()).device
@@ -191,7 +185,7 @@ def reference_statistics(extractor: nn.Module, dataset: Dataset, info: dict, cac
     if path is not None and path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         return Reference(saved["sum"], saved["cov_sum"], int(saved["n"]), saved["spread"], saved["info"])
-    images, labels = _stack(dataset, limit)
+    images, labels = stack_dataset(dataset, limit)
     features = _features(extractor, images)
     spread = {"per_class": class_spread(features, labels), "all": class_spread(features, None)}
     reference = Reference(features.sum(0), features.T @ features, len(features), spread, info)
@@ -216,20 +210,29 @@ def prepare(feature_extractor: str, datamodule, split: str, cache_dir: str | Pat
     return extractor, extractor_info, reference_statistics(extractor, reference_set, key, cache_dir, limit)
 
 
+class _Precomputed(nn.Module):
+    """Features in, features out: torchmetrics accumulates and compares features computed once, elsewhere."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
 @torch.no_grad()
 def sample_metrics(extractor: nn.Module, reference: Reference, images: torch.Tensor,
                    labels: torch.Tensor | None = None) -> dict:
     """Fréchet distance of ``images`` ([-1, 1]) to the reference in ``extractor``'s feature space; with labels and a
     classifier, its accuracy on the requested labels; the within-class diversity relative to the real data."""
-    device = next(extractor.parameters()).device
-    fd = FrechetInceptionDistance(feature=extractor, reset_real_features=False).to(device)
+    features = _features(extractor, images)  # once: the Fréchet distance, accuracy and diversity all use them
+    fd = FrechetInceptionDistance(feature=_Precomputed(features.shape[1]), reset_real_features=False)
     fd.real_features_sum.copy_(reference.features_sum)
     fd.real_features_cov_sum.copy_(reference.features_cov_sum)
     fd.real_features_num_samples.fill_(reference.num_samples)
-    for i in range(0, len(images), 500):
-        fd.update(images[i:i + 500].to(device), real=False)
+    fd.update(features, real=False)
     out = {metric_name(extractor): fd.compute().item()}
-    features = _features(extractor, images)
     if labels is not None and hasattr(extractor, "head"):
         predicted = extractor.head(features.to(extractor.head.weight)).argmax(1).cpu()
         out["guided_accuracy"] = (predicted == labels.cpu()).float().mean().item()

@@ -124,7 +124,7 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Never write a checkpoint from a run that has gone non-finite: the last good one stays the newest.
         self.check_finite()
-        if not all(torch.isfinite(p).all() for p in self.state_dict().values() if p.is_floating_point()):
+        if not torch.stack([torch.isfinite(p).all() for p in self.state_dict().values() if p.is_floating_point()]).all():
             raise NonFiniteLossError(f"non-finite weights at step {self.global_step}: not saving a checkpoint; "
                                      "lower optim.optimizer.lr or keep trainer.gradient_clip_val")
         checkpoint["config"] = self.config

@@ -16,6 +16,7 @@ from torchvision.utils import save_image
 
 from ddpm.callbacks import class_rows, even_labels, to_grid
 from ddpm.config import config_dir, run_cli
+from ddpm.guidance import check_guidance
 from ddpm.module import DiffusionModule
 from ddpm.validation import ConfigError, validate
 
@@ -90,10 +91,8 @@ def load_for_sampling(cfg: DictConfig, entry: str, outputs: tuple[str, ...]) -> 
     steps = cfg.sampler.get("steps")
     if steps is not None and steps > timesteps:
         raise ConfigError(f"sampler.steps={steps}: must be between 1 and the checkpoint's schedule.timesteps={timesteps}")
-    scale = module.guidance_scale if cfg.guidance.scale is None else cfg.guidance.scale
-    if module.conditional and scale > 0 and module.p_uncond <= 0:
-        raise ConfigError(f"guidance.scale={scale}: must be 0 for this checkpoint, trained with guidance.p_uncond=0 "
-                          "(it never saw the null label)")
+    check_guidance(module.p_uncond, module.guidance_scale if cfg.guidance.scale is None else cfg.guidance.scale,
+                   module.conditional)
     return module
 
 

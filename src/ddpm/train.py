@@ -81,7 +81,7 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
             raise ConfigError(f"paths.checkpoint_dir={str(own)!r} already holds checkpoints of an earlier run "
                               f"({existing[-1].name}): pick a new hydra.run.dir, or resume=auto to continue from its last.ckpt")
     if ckpt_path is not None:
-        saved = load_checkpoint(ckpt_path)["config"]
+        saved = load_checkpoint(ckpt_path, mmap=True)["config"]  # Lightning reads the weights itself
         requested = OmegaConf.to_container(cfg, resolve=True)
         differences = config_differences(saved, requested)
         if differences:
