@@ -10,7 +10,7 @@ from conftest import TINY, run_cli
 from hydra.utils import instantiate
 from PIL import Image
 
-from ddpm.config import config_dir, experiments_root
+from ddpm.config import config_dir, experiments_root, resolve_precision
 from ddpm.module import DiffusionModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +97,7 @@ def test_trainer_options(option, tiny_cfg):
     cfg = tiny_cfg(f"trainer={option}")
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         pytest.skip("composes (checked above); instantiating a GPU trainer needs a GPU")
+    resolve_precision(cfg)  # as train() does: precision=auto becomes what this machine runs
     assert isinstance(instantiate(cfg.trainer), L.Trainer)
 
 
@@ -162,3 +163,14 @@ def test_wheel_ships_the_configs(tmp_path):
     assert "ddpm/conf/train.yaml" in names
     assert "ddpm/conf/model/unet_cifar10.yaml" in names
     assert "ddpm/conf/experiments/digits_quick.yaml" in names
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16-mixed"), (False, "32-true")])
+def test_precision_auto_follows_the_hardware(native, expected, tiny_cfg, monkeypatch):
+    monkeypatch.setattr("ddpm.config.native_bf16", lambda accelerator: native)
+    cfg = tiny_cfg("trainer.precision=auto")
+    resolve_precision(cfg)
+    assert cfg.trainer.precision == expected
+    explicit = tiny_cfg("trainer.precision=32-true")
+    resolve_precision(explicit)
+    assert explicit.trainer.precision == "32-true"

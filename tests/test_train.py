@@ -150,3 +150,63 @@ def test_on_device_data_gives_the_same_batches(tiny_cfg, tmp_path):
     assert gathered.cached is not None and len(gathered.cached[0]) == 1617
     loader, device = read_losses(tmp_path / "loader"), read_losses(tmp_path / "device")
     assert len(loader) == 8 and loader == device
+
+
+def test_gradients_are_clipped_under_bf16_with_the_fused_optimizer(tiny_cfg):
+    """Lightning's mixed-precision plugin refuses to clip for fused optimizers; the module clips itself when no loss
+    scaler is involved (bf16), so trainer.gradient_clip_val still holds with the default fused AdamW."""
+    module = DiffusionModule.from_config(tiny_cfg())
+    module.trainer = L.Trainer(precision="bf16-mixed", accelerator="cpu", logger=False, enable_checkpointing=False)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert optimizer.defaults["fused"]
+    for p in module.net.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    module.configure_gradient_clipping(optimizer, 1.0, "norm")
+    total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.net.parameters()]))
+    assert total.item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_ema_step_is_the_exponential_moving_average():
+    """With the network held at p and the average started at e0, k steps give p + decay^k (e0 - p) (float64)."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from ddpm.module import ema_step
+
+    net = torch.nn.Linear(3, 2).double()
+    ema = AveragedModel(net, use_buffers=True)
+    start = [p.detach().clone() for p in ema.module.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    for _ in range(5):
+        ema_step(ema, net, decay=0.9)
+    for e0, e, p in zip(start, ema.module.parameters(), net.parameters()):
+        torch.testing.assert_close(e, p + 0.9**5 * (e0 - p), rtol=1e-12, atol=1e-12)
+    assert int(ema.n_averaged) == 5
+
+
+def test_training_steps_read_nothing_from_the_device_between_log_intervals(tiny_cfg, monkeypatch):
+    """No host-device synchronisation on the hot path: between logging intervals, a whole step (forward, loss,
+    backward, clipping, AdamW, EMA, non-finite tracking, logging, callbacks, progress bar) reads no tensor value on
+    the host. Nothing syncs on a CPU, so this counts the calls that would on a GPU."""
+    reads = []  # [global step when the window opened, reads in it, where the first read came from]
+
+    class Window(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            reads.append([trainer.global_step, 0, None])
+
+    import traceback
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        def counting(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            if reads:
+                reads[-1][1] += 1
+                reads[-1][2] = reads[-1][2] or f"{_name} at {traceback.extract_stack(limit=3)[0]}"
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+
+    train(tiny_cfg("trainer.max_steps=40", "trainer.log_every_n_steps=10", "trainer.enable_progress_bar=true"), [Window()])
+    assert len(reads) == 40
+    # the step that logs (global step 9 -> 10, 19 -> 20, ...) and its neighbour may read; the other 7 of 10 may not
+    between = [(step, n, where) for step, n, where in reads[1:-1] if step % 10 not in (8, 9, 0)]
+    assert len(between) >= 20 and all(n == 0 for _, n, _ in between), [r for r in between if r[1]]

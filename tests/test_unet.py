@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ddpm.unet import UNet
+from ddpm.unet import AttentionBlock, GroupNorm32, UNet
 
 
 def count(net):
@@ -43,3 +43,35 @@ def test_bad_sizes_name_the_config_key():
         UNet(10, 1, 16, (1, 2, 2), 1, ())
     with pytest.raises(ValueError, match=r"model.attention_resolutions=\[3\]"):
         UNet(8, 1, 16, (1, 2), 1, (3,))
+
+
+def test_both_attention_paths_compute_softmax_qk_v():
+    """sdpa=True (PyTorch's fused kernel) and sdpa=False (written out) against Vaswani et al. eq. 1 summed by hand,
+    in float64, with two heads."""
+    torch.manual_seed(0)
+    blocks = [AttentionBlock(8, num_heads=2, groups=2, sdpa=sdpa).double() for sdpa in (True, False)]
+    blocks[1].load_state_dict(blocks[0].state_dict())
+    for p in blocks[0].proj.parameters():  # zero-initialised: give the output projection weights to test through
+        torch.nn.init.normal_(p)
+    blocks[1].load_state_dict(blocks[0].state_dict())
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64)
+
+    block = blocks[0]
+    q, k, v = block.qkv(block.norm(x)).reshape(2, 3, 2, 4, 9).unbind(1)  # (batch, head, d, pixel)
+    expected = torch.zeros(2, 2, 4, 9, dtype=torch.float64)
+    for i in range(9):
+        weights = torch.softmax((q[..., i, None] * k).sum(2) / 2.0, dim=-1)  # sqrt(d) = 2
+        expected[..., i] = (weights[:, :, None, :] * v).sum(-1)
+    expected = x + block.proj(expected.reshape(2, 8, 3, 3))
+    for block in blocks:
+        torch.testing.assert_close(block(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_groupnorm_runs_in_float32_under_bf16():
+    norm = GroupNorm32(2, 4)
+    x = torch.randn(2, 4, 3, 3).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.nn.functional.group_norm(x.float(), 2, norm.weight, norm.bias))
+    assert norm.double()(x.double()).dtype == torch.float64  # a float64 network stays float64

@@ -8,9 +8,12 @@ For each network (``tiny``: unet_tiny on 1x8x8 digits; ``cifar10``: the DDPM CIF
 - peak memory (resident set on CPU, reset per row through /proc/self/clear_refs; allocated on GPU);
 - FLOPs per training step (``torch.utils.flop_counter``) and the achieved rate, next to a matrix-product roof
   measured here in the same precision.
-Variants of ddpm's own speed options (channels_last, bf16 autocast, torch.compile) are rows of their own; the ratio
-column is ddpm / diffusers eager (float32, or bf16 with --diffusers-bf16). Needs ``pip install -e ".[bench]"`` (diffusers). Prints one markdown
-table and writes it as JSON. A benchmark, never a test: numbers depend on the machine.
+The first ddpm row is what ``python -m ddpm.train`` runs on this machine (``default_options``), the next its
+float32 version; ``--ablate`` adds one row per speed switch flipped alone and ``--compile`` a torch.compile row.
+Each ratio is ddpm's speed over diffusers eager (float32, or bf16 with --diffusers-bf16): the median of paired
+ratios, each diffusers step against the ddpm step timed just before it. ddpm samples in float32, as ``ddpm.sample`` does. A second table times the digits
+batches reaching the device with and without ``data.on_device``. Needs ``pip install -e ".[bench]"``
+(diffusers). Prints markdown tables and writes them as JSON. A benchmark, never a test: numbers depend on the machine.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import os
 import statistics
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.guidance import drop_labels, guided_model_fn
-from ddpm.module import ema_update
+from ddpm.module import ema_step
 from ddpm.samplers.ddim import sample_ddim
 from ddpm.schedules import linear_betas
 from ddpm.unet import UNet
@@ -114,28 +117,55 @@ def _peak_mb(device: str) -> float:
 
 
 # --- the two implementations, each as (train_step, sample, count_flops) closures ----------------------------
-def ddpm_impl(network: str, batch: int, device: str, channels_last: bool, bf16: bool, compile_net: bool):
+@dataclass(frozen=True)
+class Options:
+    """ddpm's speed switches, as in conf/: model.channels_last, model.sdpa, model.compile, trainer.precision
+    (bf16-mixed), optim.optimizer.fused; batched_guidance (both halves of the guided eps in one forward) is how
+    ddpm always samples, switchable here only to measure it."""
+
+    channels_last: bool = True
+    sdpa: bool = True
+    bf16: bool = False
+    compile_net: bool = False
+    fused: bool = True
+    batched_guidance: bool = True
+
+    def describe(self) -> str:
+        return ", ".join(name for name in self.__dataclass_fields__ if getattr(self, name)) or "all off"
+
+    def label(self, default: "Options") -> str:
+        """The defaults spelled out, or only what this row changes."""
+        changed = [f"{name}={getattr(self, name)}" for name in self.__dataclass_fields__ if getattr(self, name) != getattr(default, name)]
+        return "default, " + ", ".join(changed) if changed else f"default ({self.describe()})"
+
+
+def ddpm_impl(network: str, batch: int, device: str, options: Options = Options()):
     size, channels, kwargs, _ = NETWORKS[network]
-    net = UNet(size, channels, num_classes=NUM_CLASSES, channels_last=channels_last, **kwargs).to(device)
-    ema = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=partial(ema_update, decay=0.9999), use_buffers=True)
+    net = UNet(size, channels, num_classes=NUM_CLASSES, channels_last=options.channels_last, sdpa=options.sdpa, **kwargs).to(device)
+    ema = torch.optim.swa_utils.AveragedModel(net, use_buffers=True)
     diffusion = GaussianDiffusion(linear_betas(T)).to(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=2e-4, fused=device.startswith("cuda"))
-    run = torch.compile(net) if compile_net else net
+    optimizer = torch.optim.AdamW(net.parameters(), lr=2e-4, fused=options.fused)
+    run = torch.compile(net) if options.compile_net else net
     x0 = torch.randn(batch, channels, size, size, device=device)
     labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
 
     def train_step():
-        with _autocast(device, bf16):
+        with _autocast(device, options.bf16):
             loss = diffusion.training_loss(run, x0, labels=drop_labels(labels, P_UNCOND, net.null_label))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        ema.update_parameters(net)
+        ema_step(ema, net, decay=0.9999)
+
+    def two_passes(x, t, y):  # guidance without batching: the conditional and unconditional eps one after the other
+        eps_cond, eps_uncond = run(x, t, y), run(x, t, torch.full_like(y, net.null_label))
+        return (1 + W) * eps_cond - W * eps_uncond
 
     def sample(n: int, steps: int = 50):
         noise = torch.randn(n, channels, size, size, device=device)
-        with torch.no_grad(), _autocast(device, bf16):
-            sample_ddim(guided_model_fn(run, labels[:n], W), diffusion, noise, steps=steps)
+        model_fn = guided_model_fn(run, labels[:n], W) if options.batched_guidance else partial(two_passes, y=labels[:n])
+        with torch.no_grad():  # float32, as ddpm.sample and ddpm.evaluate sample
+            sample_ddim(model_fn, diffusion, noise, steps=steps)
 
     return net, train_step, sample
 
@@ -197,41 +227,71 @@ def _flops(train_step) -> float:
     return float(counter.get_total_flops())
 
 
+def default_options(network: str, device: str) -> Options:
+    """What ``python -m ddpm.train`` does with this network on this machine: conf/model/unet_<network>.yaml's switches,
+    conf/optim's fused AdamW, and trainer.precision=auto (bf16-mixed where bf16 is native)."""
+    from omegaconf import OmegaConf
+
+    from ddpm.config import config_dir, native_bf16
+
+    model = OmegaConf.load(config_dir() / "model" / f"unet_{network}.yaml")
+    optim = OmegaConf.load(config_dir() / "optim" / "adamw.yaml")
+    return Options(channels_last=model.channels_last, sdpa=model.sdpa, compile_net=model.compile,
+                   fused=bool(optim.optimizer.fused), bf16=native_bf16("gpu" if device.startswith("cuda") else "cpu"))
+
+
+def variants(network: str, args) -> list[tuple[Options, bool]]:
+    """(options, sample too?) per row: the default fast path, its float32 version, then each switch flipped alone."""
+    default = default_options(network, args.device)
+    rows = [(default, True)]
+    if default.bf16:
+        rows.append((replace(default, bf16=False), True))
+    if args.compile:
+        rows.append((replace(default, compile_net=True), True))
+    if args.ablate:
+        rows += [(replace(default, channels_last=not default.channels_last), True),
+                 (replace(default, sdpa=not default.sdpa), True),
+                 (replace(default, fused=False), False),  # the optimizer: training only
+                 (replace(default, batched_guidance=False), True)]
+    return rows
+
+
 def bench_network(network: str, args, roofs: dict) -> list[Row]:
     device, batch = args.device, args.batch or (128 if network == "tiny" else (128 if args.device.startswith("cuda") else 16))
-    variants = [("fp32", dict(channels_last=True, bf16=False, compile_net=False))]
-    if args.ablate:
-        variants.append(("fp32, no channels_last", dict(channels_last=False, bf16=False, compile_net=False)))
-    if args.bf16:
-        variants.append(("bf16 autocast", dict(channels_last=True, bf16=True, compile_net=False)))
-    if args.compile:
-        variants.append(("bf16 + compile" if args.bf16 else "fp32 + compile", dict(channels_last=True, bf16=args.bf16, compile_net=True)))
-
+    steps = args.steps or (20 if network == "tiny" else 5)
+    default = default_options(network, device)
     unet, d_train, d_sample = diffusers_impl(network, batch, device, bf16=args.diffusers_bf16)
     base = Row(network, "diffusers", "bf16 eager" if args.diffusers_bf16 else "fp32 eager", batch, sum(p.numel() for p in unet.parameters()))
     base.flops_per_step = _flops(d_train)
     rows, diffusers_times, diffusers_sample = [], [], []
-    for name, options in variants:
-        net, o_train, o_sample = ddpm_impl(network, batch, device, **options)
-        row = Row(network, "ddpm", name, batch, sum(p.numel() for p in net.parameters()))
+    for options, with_sampling in variants(network, args):
+        net, o_train, o_sample = ddpm_impl(network, batch, device, options)
+        row = Row(network, "ddpm", options.label(default), batch, sum(p.numel() for p in net.parameters()))
+        row.extra["options"] = options.__dict__
         for _ in range(args.warmup):
             o_train(), d_train()
-        times = []
-        for _ in range(args.steps):  # alternating: both see the same machine state
+        times, theirs = [], []
+        for _ in range(steps):  # alternating: both see the same machine state
             times.append(_time(o_train, device))
-            diffusers_times.append(_time(d_train, device))
+            theirs.append(_time(d_train, device))
         row.train_ms = 1000 * statistics.median(times)
+        # The median of paired ratios, each diffusers step against the ddpm step just before it: the machine drifts.
+        row.ratio_train = statistics.median(d / o for d, o in zip(theirs, times))
+        diffusers_times += theirs
         row.flops_per_step = _flops(o_train)
-        o_sample(2, steps=2)
-        sample_times = []
-        for _ in range(args.sample_repeats):
-            sample_times.append(_time(lambda: o_sample(args.sample_batch), device))
-            diffusers_sample.append(_time(lambda: d_sample(args.sample_batch), device))
-        row.sample_img_s = args.sample_batch / statistics.median(sample_times)
+        if with_sampling:
+            o_sample(2, steps=2)
+            sample_times, theirs = [], []
+            for _ in range(args.sample_repeats):
+                sample_times.append(_time(lambda: o_sample(args.sample_batch), device))
+                theirs.append(_time(lambda: d_sample(args.sample_batch), device))
+            row.sample_img_s = args.sample_batch / statistics.median(sample_times)
+            row.ratio_sample = statistics.median(d / o for d, o in zip(theirs, sample_times))
+            diffusers_sample += theirs
         _peak_reset(device)
         o_train()
         row.peak_mb = _peak_mb(device)
-        row.extra["roof"] = roofs["bf16" if options["bf16"] else "fp32"]
+        row.extra["roof"] = roofs["bf16" if options.bf16 else "fp32"]
         rows.append(row)
         del net, o_train, o_sample
     _peak_reset(device)
@@ -239,15 +299,42 @@ def bench_network(network: str, args, roofs: dict) -> list[Row]:
     base.peak_mb = _peak_mb(device)
     base.train_ms = 1000 * statistics.median(diffusers_times)
     base.sample_img_s = args.sample_batch / statistics.median(diffusers_sample)
+    base.ratio_train = base.ratio_sample = 1.0
     base.extra["roof"] = roofs["bf16" if args.diffusers_bf16 else "fp32"]
     for row in [base, *rows]:
         row.train_img_s = batch / (row.train_ms / 1000)
         row.gflops_s = row.flops_per_step / (row.train_ms / 1000) / 1e9
         row.roof_fraction = row.gflops_s / row.extra["roof"]
-        row.nfe_s = row.sample_img_s * 50
-        row.ratio_train = row.train_img_s / base.train_img_s
-        row.ratio_sample = row.sample_img_s / base.sample_img_s
+        row.nfe_s = row.sample_img_s * 50 * 2  # network evaluations of one image: 50 steps x (conditional + unconditional)
     return [base, *rows]
+
+
+def bench_data(device: str, batches: int = 200, batch: int = 128) -> list[dict]:
+    """Batches per second of the digits training data reaching ``device``: through the DataLoader (collating 128
+    dataset items, then a host-to-device copy) against ``data.on_device`` (one index gather on the device)."""
+    from ddpm.data import DigitsDataModule
+
+    rows = []
+    for on_device in (False, True):
+        data = DigitsDataModule(root=".", batch_size=batch, num_workers=0, image_size=8, channels=1, num_classes=10,
+                                on_device=on_device)
+        data.setup()
+
+        def draw():
+            drawn = 0
+            while drawn < batches:
+                for item in data.train_dataloader():
+                    item = item.to(device) if torch.is_tensor(item) else [x.to(device, non_blocking=True) for x in item]
+                    images, labels = data.on_after_batch_transfer(item, 0)
+                    drawn += 1
+                    if drawn == batches:
+                        break
+            _sync(device)
+
+        draw()  # warm-up (and, with on_device, the one-time copy of the set)
+        seconds = statistics.median(_time(draw, device) for _ in range(3))
+        rows.append({"data.on_device": on_device, "batches_s": batches / seconds})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -256,12 +343,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=None, help="training batch (default: 128; cifar10 on CPU: 16)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps per implementation")
+    parser.add_argument("--steps", type=int, default=None, help="timed training steps per implementation and row (default: 20; cifar10: 5)")
     parser.add_argument("--sample-batch", type=int, default=8, help="images per guided DDIM-50 sample")
-    parser.add_argument("--sample-repeats", type=int, default=2)
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="add a bf16 autocast row")
+    parser.add_argument("--sample-repeats", type=int, default=3)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="add a torch.compile row")
-    parser.add_argument("--ablate", action="store_true", help="also channels_last off")
+    parser.add_argument("--ablate", action="store_true",
+                        help="also one row per switch flipped alone: channels_last, sdpa, fused AdamW, batched guidance")
     parser.add_argument("--diffusers-bf16", action="store_true", help="the diffusers baseline in bf16 autocast (GPU target)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense bf16 peak (H200: 989) to report model FLOPs utilisation")
@@ -280,12 +367,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {r.network} | {r.impl} | {r.options} | {r.batch} | {r.params:,} | {r.train_img_s:.1f} | {r.ratio_train:.2f} | "
               f"{r.flops_per_step / 1e9:.1f} | {r.gflops_s:.0f} | {100 * r.roof_fraction:.0f}% | {r.sample_img_s:.2f} | "
               f"{r.nfe_s:.1f} | {r.ratio_sample:.2f} | {r.peak_mb:.0f} |")
+    data_rows = bench_data(args.device)
+    print("\n| digits training batches (128) reaching the device | batches/s | ratio |\n|---|---:|---:|")
+    for r in data_rows:
+        print(f"| data.on_device={str(r['data.on_device']).lower()} | {r['batches_s']:.0f} | {r['batches_s'] / data_rows[0]['batches_s']:.2f} |")
     if args.peak_tflops:
         for r in rows:
             r.extra["mfu"] = r.gflops_s / (1000 * args.peak_tflops)
             print(f"MFU {r.network} {r.impl} {r.options}: {100 * r.extra['mfu']:.1f}% of {args.peak_tflops:g} TFLOP/s")
     with open(args.out, "w") as f:
-        json.dump({"device": where, "roofs_gflops": roofs, "rows": [r.__dict__ for r in rows]}, f, indent=2)
+        json.dump({"device": where, "roofs_gflops": roofs, "rows": [r.__dict__ for r in rows], "data": data_rows}, f, indent=2)
 
 
 if __name__ == "__main__":

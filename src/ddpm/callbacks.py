@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import OmegaConf
 from torchvision.utils import make_grid, save_image
@@ -170,6 +171,19 @@ def _describe(sampler, steps) -> dict:
     if isinstance(sampler, partial):
         return {"name": sampler.func.__name__.removeprefix("sample_"), **sampler.keywords}
     return {"name": "configured", "steps": steps}
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's progress bar with the training loss, read from the device only when the bar redraws (every
+    ``refresh_rate`` steps). Logging the loss with ``prog_bar=True`` instead makes Lightning convert it to a Python
+    number after every step: a host-device synchronisation per step on a GPU."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            metrics["loss"] = loss.item()
+        return metrics
 
 
 class SaveResolvedConfig(L.Callback):

@@ -19,6 +19,8 @@ from ddpm.validation import ConfigError
 # Config keys that fix the network and the data it models: resuming or sampling across a change in any of
 # them would load weights into a different model.
 MODEL_KEYS = ("model", "schedule", "guidance.conditional", "data.image_size", "data.channels", "data.num_classes")
+# How the network computes, not what it computes: a resumed run may switch these.
+SPEED_KEYS = ("model.channels_last", "model.sdpa", "model.compile")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -66,7 +68,7 @@ def config_differences(saved: dict, requested: dict, keys: tuple[str, ...] = MOD
     saved_flat, requested_flat = _flatten(saved), _flatten(requested)
     lines = []
     for key in sorted(set(saved_flat) | set(requested_flat)):
-        if not any(key == k or key.startswith(k + ".") for k in keys):
+        if not any(key == k or key.startswith(k + ".") for k in keys) or key in SPEED_KEYS:
             continue
         a, b = saved_flat.get(key, "<absent>"), requested_flat.get(key, "<absent>")
         if a != b:

@@ -67,6 +67,26 @@ def ddp_strategy() -> str:
     return "ddp" if int(os.environ.get("SLURM_NTASKS", "1")) > 1 else "ddp_spawn"
 
 
+def native_bf16(accelerator: str = "auto") -> bool:
+    """Whether the device training would run on computes bfloat16 in hardware: a CUDA GPU of compute capability
+    >= 8.0 (Ampere and later), or a CPU with AMX or AVX512-BF16 (Intel Cooper Lake, Sapphire Rapids and later;
+    AMD Zen 4). Elsewhere bf16 is emulated and slower than float32."""
+    import torch
+
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def resolve_precision(cfg: DictConfig) -> None:
+    """Replace ``trainer.precision=auto`` by what it means on this machine: ``bf16-mixed`` where bf16 is native
+    (``native_bf16``), else ``32-true``. Done in place before anything is built, so logs and checkpoints record the
+    precision the run actually used."""
+    if cfg.trainer.get("precision") == "auto":
+        cfg.trainer.precision = "bf16-mixed" if native_bf16(str(cfg.trainer.get("accelerator", "auto"))) else "32-true"
+
+
 def run_cli(task, cfg: DictConfig):
     """Run an entry point's task; bad input (ConfigError) or a run gone non-finite ends it with one line per problem
     on stderr and exit status 2, instead of a traceback."""

@@ -47,8 +47,8 @@ class DiffusionModule(L.LightningModule):
         self.config = config
         # torch.compile'd forward for the training step; kept off the module tree so checkpoints keep plain keys.
         object.__setattr__(self, "_train_net", torch.compile(net) if compile_net else net)
-        # EMA of the weights (Ho et al. sample with decay 0.9999); a frozen copy torch updates with foreach ops.
-        self.ema = AveragedModel(net, multi_avg_fn=partial(ema_update, decay=ema_decay), use_buffers=True)
+        # EMA of the weights (Ho et al. sample with decay 0.9999): torch's AveragedModel holds the frozen copy.
+        self.ema, self.ema_decay = AveragedModel(net, use_buffers=True), ema_decay
         self.ema.requires_grad_(False)
         # The first non-finite loss (step, value), kept on the device: checking it costs no host sync per step.
         self.register_buffer("_nonfinite", torch.tensor([-1.0, 0.0]), persistent=False)
@@ -92,7 +92,7 @@ class DiffusionModule(L.LightningModule):
         first_bad = ~torch.isfinite(loss.detach()) & (self._nonfinite[0] < 0)
         candidate = torch.stack([loss.new_full((), float(self.global_step)).float(), loss.detach().float()])
         self._nonfinite.copy_(torch.where(first_bad, candidate, self._nonfinite))
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)  # not prog_bar=True, which reads it on the host every step (callbacks.ProgressBar)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -111,7 +111,15 @@ class DiffusionModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         # Right after the weights move (not in on_train_batch_end, which runs after callbacks such as
         # ModelCheckpoint): a checkpoint at step N then holds the EMA of step N, and a resume matches.
-        self.ema.update_parameters(self.net)
+        ema_step(self.ema, self.net, self.ema_decay)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for a fused optimizer even under bf16, where there is no
+        # loss scaler and clipping before the fused step is exact. With a loss scaler (16-mixed) its rule stands.
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.net.parameters())
@@ -180,14 +188,21 @@ def build_net(model_cfg: DictConfig, **overrides) -> nn.Module:
 
 
 @torch.no_grad()
-def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * param, as torch's get_ema_multi_avg_fn, but a module-level function so
-    the module pickles (ddp_spawn, submitit)."""
-    if torch.is_floating_point(ema_params[0]):
-        torch._foreach_lerp_(ema_params, params, 1 - decay)
-    else:
-        for ema, param in zip(ema_params, params):
-            ema.copy_(ema * decay + param * (1 - decay))
+def ema_step(ema: AveragedModel, net: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * net, parameters and buffers, in one foreach op per dtype.
+
+    The average of torch.optim.swa_utils.get_ema_multi_avg_fn, without ``AveragedModel.update_parameters``, whose
+    ``n_averaged == 0`` tests read a device tensor on the host: two GPU synchronisations every training step.
+    The average starts as the network itself (AveragedModel copies it), so no first-step copy is needed."""
+    averaged = [*ema.module.parameters(), *ema.module.buffers()]
+    current = [*net.parameters(), *net.buffers()]
+    floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+    if floats:
+        torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1 - decay)
+    for a, c in zip(averaged, current):
+        if not a.is_floating_point():  # integer buffers (e.g. BatchNorm's counters) follow the network
+            a.copy_(c)
+    ema.n_averaged += 1
 
 
 class NonFiniteLossError(RuntimeError):

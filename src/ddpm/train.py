@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpm.callbacks import LastCheckpoint
 from ddpm.checkpoint import config_differences, load_checkpoint
-from ddpm.config import config_dir, run_cli
+from ddpm.config import config_dir, resolve_precision, run_cli
 from ddpm.loggers import instantiate_loggers
 from ddpm.module import DiffusionModule
 from ddpm.validation import ConfigError, validate
@@ -35,13 +35,15 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Diffus
     the checkpoint is unreadable or of another model; with SystemExit(128 + signal) after SIGINT/SIGTERM, once
     last.ckpt is written."""
     validate(cfg, "train")
+    resolve_precision(cfg)
     ckpt_path = resume_checkpoint(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
     datamodule.check()
     module = DiffusionModule.from_config(cfg)
-    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node] + list(extra_callbacks)
+    callbacks = [instantiate(node) for name, node in (cfg.get("callbacks") or {}).items()
+                 if node and (name != "progress_bar" or cfg.trainer.enable_progress_bar)] + list(extra_callbacks)
     logger = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
 

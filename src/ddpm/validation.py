@@ -87,6 +87,9 @@ def _existing_file(v, _=None) -> bool:
     return isinstance(v, str) and Path(v).expanduser().is_file()
 
 
+# trainer.precision: auto (ddpm.config.resolve_precision) or one of Lightning's names for the precisions it supports
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine")
+
 # --- the tables -------------------------------------------------------------------------------------------
 SAMPLER_RULES = [
     Rule("sampler.steps", _steps_ok, "an integer between 1 and schedule.timesteps (null: all T for ddpm)"),
@@ -117,6 +120,8 @@ TRAIN_RULES = [
     Rule("model.num_heads", positive_int, "an integer > 0"),
     Rule("model.compile", lambda v, _: isinstance(v, bool), "true or false"),
     Rule("model.channels_last", lambda v, _: isinstance(v, bool), "true or false"),
+    Rule("model.sdpa", lambda v, _: isinstance(v, bool), "true or false"),
+    Rule("optim.optimizer.fused", lambda v, _: v is None or isinstance(v, bool), "true, false or null"),
     Rule("model.norm_groups", lambda v, cfg: positive_int(v) and cfg.model.base_channels % v == 0,
          "an integer > 0 dividing model.base_channels"),
     Rule("schedule.timesteps", positive_int, "an integer > 0"),
@@ -136,6 +141,7 @@ TRAIN_RULES = [
     Rule("trainer.max_steps", lambda v, _: positive_int(v) or v == -1, "an integer > 0 (or -1 with trainer.max_epochs)"),
     Rule("trainer.devices", lambda v, _: positive_int(v) or v in ("auto", -1) or isinstance(v, (list, str)), "an integer > 0, a list of ids, or auto"),
     Rule("trainer.num_nodes", positive_int, "an integer > 0"),
+    Rule("trainer.precision", one_of(*PRECISIONS), f"one of {list(PRECISIONS)}"),
     Rule("trainer.gradient_clip_val", optional(nonneg), "a number >= 0 or null"),
     Rule("trainer.log_every_n_steps", positive_int, "an integer > 0"),
     Rule("ckpt_path", optional(_existing_file), "null or an existing checkpoint file"),
