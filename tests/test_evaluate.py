@@ -143,3 +143,16 @@ def test_guidance_sweep_is_one_multirun(checkpoint, cache_dir, tmp_path):
     records = [json.loads((tmp_path / "sweep" / str(i) / "metrics.json").read_text()) for i in range(2)]
     assert [r["protocol"]["guidance_scale"] for r in records] == [0.0, 2.0]
     assert all("fd_digits" in r["metrics"] and "guided_accuracy" in r["metrics"] for r in records)
+
+
+def test_one_extractor_per_process_for_the_same_data(cache_dir):
+    """sample_quality and evaluate_at_end (and the runs of a multirun) share the extractor and reference statistics."""
+    from ddpm.metrics import prepare
+
+    digits = DigitsDataModule(root=".", batch_size=32, num_workers=0, image_size=8, channels=1, num_classes=10)
+    first = prepare("auto", digits, "train", cache_dir)
+    again = prepare("auto", DigitsDataModule(root=".", batch_size=64, num_workers=0, image_size=8, channels=1, num_classes=10),
+                    "train", cache_dir)
+    assert again[0] is first[0] and again[2] is first[2]
+    other_split = prepare("auto", digits, "test", cache_dir)
+    assert other_split[2].num_samples != first[2].num_samples

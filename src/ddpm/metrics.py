@@ -198,16 +198,24 @@ def reference_statistics(extractor: nn.Module, dataset: Dataset, info: dict, cac
 def prepare(feature_extractor: str, datamodule, split: str, cache_dir: str | Path | None, limit: int | None = None,
             device: str | torch.device = "cpu") -> tuple[nn.Module, dict, Reference]:
     """The feature extractor for ``datamodule``'s images, its description, and the reference statistics of its
-    ``split`` (cached per dataset, split, resolution and extractor)."""
+    ``split`` (cached on disk per dataset, split, resolution and extractor). Kept in memory too, so the callbacks
+    of one run (sample_quality, evaluate_at_end) and the runs of one multirun share one extractor."""
     datamodule.prepare_data()
-    reference_set = datamodule.reference_set(split)
-    extractor, extractor_info = build_extractor(feature_extractor, datamodule.name, cache_dir)
-    extractor = extractor.to(device)
     key = {"dataset": datamodule.name, "split": split, "image_size": datamodule.image_size,
-           "channels": datamodule.channels, "feature_extractor": extractor_info["name"]}
+           "channels": datamodule.channels}
     if datamodule.name == "image_folder":
         key["root"] = str(datamodule.root.resolve())
-    return extractor, extractor_info, reference_statistics(extractor, reference_set, key, cache_dir, limit)
+    memo_key = json.dumps([feature_extractor, key, str(cache_dir), limit, str(device)], sort_keys=True)
+    if memo_key not in _PREPARED:
+        extractor, extractor_info = build_extractor(feature_extractor, datamodule.name, cache_dir)
+        extractor = extractor.to(device)
+        reference = reference_statistics(extractor, datamodule.reference_set(split),
+                                         {**key, "feature_extractor": extractor_info["name"]}, cache_dir, limit)
+        _PREPARED[memo_key] = extractor, extractor_info, reference
+    return _PREPARED[memo_key]
+
+
+_PREPARED: dict[str, tuple[nn.Module, dict, Reference]] = {}
 
 
 class _Precomputed(nn.Module):
