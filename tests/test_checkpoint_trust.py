@@ -1,0 +1,132 @@
+"""A checkpoint is data: a file that passes torch.load(weights_only=True) must still never choose what code runs.
+
+Each payload below is a checkpoint a stranger could send: a valid ddpm checkpoint whose config names other callables
+(the attacks of issue 11), one per place a target can hide. Every entry point refuses it with one line naming the key
+and the target, before anything is built, and nothing the payload would do happens."""
+
+import copy
+
+import pytest
+import torch
+from conftest import TINY, run_cli
+
+from ddpm.checkpoint import check_trusted, load_checkpoint, shipped_targets
+from ddpm.config import compose
+from ddpm.module import DiffusionModule
+from ddpm.train import train
+from ddpm.validation import ConfigError
+
+
+@pytest.fixture(scope="module")
+def genuine(tmp_path_factory):
+    run = tmp_path_factory.mktemp("genuine")
+    train(compose([*TINY, "trainer.max_steps=2", "~callbacks.sample_grid"], output_dir=run))
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+def payloads(tmp):
+    """(name, key path to replace, node, the key the refusal must name, the target it must name)."""
+    victim, made = tmp / "victim" / "last.ckpt", tmp / "made_by_payload"
+    hub = {"_target_": "torch.hub.load", "repo_or_dir": str(tmp), "model": "x", "source": "local", "trust_repo": True}
+    return [
+        ("makedirs+savetxt+hub", "sampler", {"_target_": "builtins.dict",
+                                             "a": {"_target_": "os.makedirs", "name": str(made)},
+                                             "b": {"_target_": "numpy.savetxt", "fname": str(tmp / "hubconf.py"), "X": [1]},
+                                             "c": hub}, "sampler._target_", "builtins.dict"),
+        ("open-truncates", "model", {"_target_": "builtins.open", "file": str(victim), "mode": "w"}, "model._target_", "builtins.open"),
+        ("hub-load", "schedule", hub, "schedule._target_", "torch.hub.load"),
+        ("nested-under-model", "model.extra", {"_target_": "builtins.open", "file": str(victim), "mode": "w"},
+         "model.extra._target_", "builtins.open"),
+        ("hidden-in-callbacks", "callbacks.x", {"_target_": "os.system", "command": f"touch {made}"}, "callbacks.x._target_", "os.system"),
+        ("data-exec", "data", {"_target_": "builtins.exec", "source": f"open({str(made)!r}, 'w')"}, "data._target_", "builtins.exec"),
+        ("optimizer-eval", "optim.optimizer", {"_target_": "builtins.eval", "_partial_": True}, "optim.optimizer._target_", "builtins.eval"),
+        ("our-target-wrong-group", "model", {"_target_": "ddpm.data.DigitsDataModule"}, "model._target_", "ddpm.data.DigitsDataModule"),
+        ("interpolation", "data.root", "${oc.decode:'{_target_: os.system, command: touch x}'}", "data.root", "interpolation"),
+    ]
+
+
+def _write(genuine, tmp, key, node):
+    checkpoint = copy.deepcopy(genuine)
+    parent = checkpoint["config"]
+    *parents, last = key.split(".")
+    for part in parents:
+        parent = parent[part]
+    parent[last] = node
+    path = tmp / "payload.ckpt"
+    torch.save(checkpoint, path)
+    torch.load(path, weights_only=True)  # the attack passes the weights_only gate
+    return path
+
+
+def _untouched(tmp):
+    victim = tmp / "victim" / "last.ckpt"
+    return victim.read_bytes() == b"another run's checkpoint" and not (tmp / "made_by_payload").exists() \
+        and not (tmp / "hubconf.py").exists()
+
+
+@pytest.mark.parametrize("index", range(9), ids=[p[0] for p in payloads(__import__("pathlib").Path("."))])
+def test_every_entry_point_refuses_the_payload_before_building_anything(genuine, tmp_path, index):
+    from ddpm.evaluate import evaluate
+    from ddpm.sample import sample
+
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "victim" / "last.ckpt").write_bytes(b"another run's checkpoint")
+    _, key, node, named_key, named_target = payloads(tmp_path)[index]
+    path = _write(genuine, tmp_path, key, node)
+
+    attempts = [
+        lambda: DiffusionModule.from_checkpoint(path),
+        lambda: sample(compose([f"ckpt_path={path}", "num_samples=2"], config_name="sample", output_dir=tmp_path / "s")),
+        lambda: evaluate(compose([f"ckpt_path={path}", "num_samples=2"], config_name="evaluate", output_dir=tmp_path / "e")),
+        lambda: train(compose([*TINY, f"ckpt_path={path}", "trainer.max_steps=3"], output_dir=tmp_path / "t")),
+    ]
+    for attempt in attempts:
+        with pytest.raises(ConfigError) as error:
+            attempt()
+        message = str(error.value)
+        assert "\n" not in message and "payload.ckpt" in message, message
+        assert named_key in message and named_target in message, message
+        assert _untouched(tmp_path)
+    assert not (tmp_path / "s" / "samples.npz").exists() and not (tmp_path / "e" / "metrics.json").exists()
+    assert not list((tmp_path / "t").rglob("*.ckpt")) if (tmp_path / "t").exists() else True
+
+
+def test_the_cli_refuses_with_one_line_and_exit_2(genuine, tmp_path):
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "victim" / "last.ckpt").write_bytes(b"another run's checkpoint")
+    _, key, node, named_key, _ = payloads(tmp_path)[0]
+    path = _write(genuine, tmp_path, key, node)
+    result = run_cli("ddpm.sample", f"ckpt_path={path}", f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.count("error: ") == 1 and named_key in result.stderr
+    assert _untouched(tmp_path) and not (tmp_path / "out" / "samples.npz").exists()
+
+
+def test_genuine_checkpoints_and_every_shipped_option_pass(genuine):
+    check_trusted(genuine["config"], "genuine")
+    allowed = shipped_targets()
+    assert "ddpm.unet.UNet" in allowed["model"] and "ddpm.schedules.cosine_betas" in allowed["schedule"]
+    assert allowed["sampler"] >= {"ddpm.samplers.ddpm.sample_ddpm", "ddpm.samplers.ddim.sample_ddim",
+                                  "ddpm.samplers.dpmpp_2m.sample_dpmpp_2m"}
+    assert allowed["optim.optimizer"] == {"torch.optim.AdamW"}
+    assert "builtins.open" not in allowed["*"]
+    # Every composable option of every rebuilt group is loadable: composing with each and checking its config.
+    for overrides in (["model=unet_cifar10"], ["schedule=cosine"], ["sampler=ddim"], ["sampler=dpmpp_2m"],
+                      ["data=cifar10"], ["data=mnist"], ["data=fashion_mnist"], ["experiments=cifar10_cfg_cosine"]):
+        from omegaconf import OmegaConf
+
+        config = OmegaConf.to_container(compose(overrides, output_dir="/tmp/unused"), resolve=True)
+        check_trusted(config, str(overrides))
+
+
+class Pickled:
+    """Any class: a plain pickle of it names a Python callable that unpickling would import and call."""
+
+
+def test_weights_only_refusal_says_why_in_full(tmp_path):
+    path = tmp_path / "pickled.ckpt"
+    torch.save({"state_dict": {}, "config": {}, "obj": Pickled()}, path)
+    with pytest.raises(ConfigError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert "\n" not in message and "refused" in message and "could run code" in message and "trust its source" in message
