@@ -39,7 +39,7 @@ def image_folder(tmp_path):
 
 @pytest.mark.parametrize("option", options("data"))
 def test_data_options(option, tiny_cfg, image_folder):
-    extra = [f"data.root={image_folder}", "data.num_classes=2", "data.image_size=8"] if option == "image_folder" else []
+    extra = [f"data.root={image_folder}", "data.num_classes=2", "data.image_size=8", "data.batch_size=4"] if option == "image_folder" else []
     cfg = tiny_cfg(f"data={option}", *extra)
     datamodule = instantiate(cfg.data)
     assert isinstance(datamodule, L.LightningDataModule)

@@ -52,6 +52,10 @@ BAD_INPUTS = [
     ("train", ["trainer.precision=fp8"], "trainer.precision"),
     ("train", ["model.sdpa=maybe"], "model.sdpa"),
     ("train", ["trainer.max_steps=0"], "trainer.max_steps"),
+    ("train", ["trainer.max_steps=-1"], "trainer.max_steps"),         # with max_epochs=-1: would train forever
+    ("train", ["+guidance.puncond=0.1"], "+guidance.puncond"),        # an appended key nothing reads
+    ("train", ["+ema.decayy=0.9"], "+ema.decayy"),
+    ("train", ["data.batch_size=2000"], "data.batch_size"),           # more than the 1,617 training images: zero steps
     ("train", ["schedule=quadratic"], "schedule/quadratic"),        # Hydra: unknown option, lists the available ones
     ("train", ["guidance.p_uncnd=0.1"], "guidance.p_uncnd"),         # Hydra: unknown key
     ("train", ["ckpt_path={tmp}/nope.ckpt"], "ckpt_path"),
@@ -62,6 +66,8 @@ BAD_INPUTS = [
     ("sample", ["ckpt_path={tmp}/nope.ckpt"], "ckpt_path"),
     ("sample", ["ckpt_path={ckpt}", "num_samples=0"], "num_samples"),
     ("sample", ["ckpt_path={ckpt}", "labels=[12]"], "labels"),
+    ("sample", ["ckpt_path={ckpt}", "labels=3"], "labels"),
+    *([("sample", ["ckpt_path={ckpt}", "device=cuda"], "device")] if not torch.cuda.is_available() else []),
     ("sample", ["ckpt_path={ckpt}", "sampler=ddim", "sampler.steps=500"], "sampler.steps"),
     ("sample", ["ckpt_path={ckpt}", "guidance.scale=-2"], "guidance.scale"),
     ("evaluate", ["ckpt_path={ckpt}", "metrics.reference_split=val"], "metrics.reference_split"),
@@ -223,7 +229,9 @@ def _first_logged_step(run: Path, version: int) -> int:
 
 def test_sigkill_during_checkpointing_then_resume(tmp_path):
     """A checkpoint every step, SIGKILL at random moments (so often mid-save), then the same command again:
-    every restart resumes from the newest complete last.ckpt."""
+    every restart resumes from the newest complete checkpoint (last.ckpt, or a step file written after it)."""
+    from ddpm.train import newest_checkpoint
+
     run, rng, steps = tmp_path / "run", random.Random(0), 150
     last = run / "checkpoints" / "last.ckpt"
     resumed_from = []
@@ -233,12 +241,14 @@ def test_sigkill_during_checkpointing_then_resume(tmp_path):
         time.sleep(rng.uniform(0.1, 1.0))
         process.kill()
         process.wait()
-        checkpoint = torch.load(last, weights_only=True)  # always complete: the previous file or the new one
-        resumed_from.append(checkpoint["global_step"])
-        assert not [p for p in run.joinpath("checkpoints").glob("*.ckpt") if p.name.endswith(".tmp")]
+        torch.load(last, weights_only=True)  # always complete: the previous file or the new one
+        resumed_from.append(newest_checkpoint(run / "checkpoints")[1])
+    stray = run / "checkpoints" / ".last.ckpt.tmp"  # what a kill in the middle of a write leaves
+    stray.write_bytes(b"half a checkpoint")
     result = subprocess.run(_train_cmd(run, steps), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.load(last, weights_only=True)["global_step"] == steps
+    assert not list(run.joinpath("checkpoints").glob(".*.tmp")) and not list(run.joinpath("checkpoints").glob("last-v*"))
     # Each restart (csv version k+1) began right after the step its predecessor's newest checkpoint held.
     for k, step in enumerate(resumed_from):
         assert _first_logged_step(run, k + 1) == step, (k, step)
@@ -262,3 +272,248 @@ def test_signal_saves_last_and_a_rerun_resumes(tmp_path, signum):
     assert result.returncode == 0, result.stderr[-3000:]
     assert _first_logged_step(run, 1) == step
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step + 5
+
+
+# --- where a run resumes from ---------------------------------------------------------------------------------
+def _steps_run(tmp_path, name="run", steps=10, every=5, *extra):
+    run = tmp_path / name
+    train(compose([*TINY, f"trainer.max_steps={steps}", "~callbacks.sample_grid",
+                   f"callbacks.model_checkpoint.every_n_train_steps={every}", *extra], output_dir=run))
+    return run
+
+
+def test_resume_takes_the_newest_complete_checkpoint_not_an_older_last(tmp_path):
+    """last.ckpt written before a later step_*.ckpt (an early signal, then a kill): the step file is newer, and wins."""
+    import shutil
+
+    run = _steps_run(tmp_path)
+    ckpts = run / "checkpoints"
+    shutil.copyfile(ckpts / "step_0000005.ckpt", ckpts / "last.ckpt")  # last.ckpt is behind step_0000010.ckpt
+    _steps_run(tmp_path, "run", 15, 5)
+    assert _first_logged_step(run, 1) == 10
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 15
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["last.ckpt", "step_0000005.ckpt", "step_0000010.ckpt", "step_0000015.ckpt"]
+
+
+def test_a_kill_during_the_first_last_write_does_not_strand_the_run(tmp_path):
+    """No last.ckpt at all, a torn temporary, complete step files: the same command resumes from the newest step."""
+    run = _steps_run(tmp_path)
+    ckpts = run / "checkpoints"
+    (ckpts / "last.ckpt").unlink()
+    (ckpts / ".last.ckpt.tmp").write_bytes(b"PK\x03\x04 torn")
+    _steps_run(tmp_path, "run", 12, 5)
+    assert _first_logged_step(run, 1) == 10 and not (ckpts / ".last.ckpt.tmp").exists()
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 12
+
+
+def test_a_short_run_resumed_leaves_one_last_ckpt(tmp_path):
+    """A run shorter than the checkpoint interval, resumed: last.ckpt is overwritten, never last-v1.ckpt."""
+    run = _steps_run(tmp_path, "run", 3, 1000)
+    _steps_run(tmp_path, "run", 6, 1000)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["config.yaml", "last.ckpt"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+def test_two_runs_started_at_once_get_their_own_directories(tmp_path):
+    """Both name their directory by the clock alone (to the year, so they surely collide): each claims its own."""
+    commands = [[sys.executable, "-m", "ddpm.train", *TINY, "trainer.max_steps=2", "~callbacks.sample_grid", f"seed={seed}",
+                 f"hydra.run.dir={tmp_path}/outputs/${{now:%Y}}"] for seed in (0, 1)]
+    processes = [subprocess.Popen(c, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in commands]
+    for process in processes:
+        assert process.wait(timeout=300) == 0, process.stderr.read()[-3000:]
+    runs = sorted((tmp_path / "outputs").iterdir())
+    assert len(runs) == 2 and runs[1].name == runs[0].name + "_1"
+    seeds = {torch.load(r / "checkpoints" / "last.ckpt", weights_only=True)["config"]["seed"] for r in runs}
+    assert seeds == {0, 1}
+    for r in runs:  # each directory holds one run: its own config, one last.ckpt
+        seed = torch.load(r / "checkpoints" / "last.ckpt", weights_only=True)["config"]["seed"]
+        assert f"seed={seed}" in (r / ".hydra" / "overrides.yaml").read_text()
+        assert sorted(p.name for p in (r / "checkpoints").glob("*.ckpt")) == ["last.ckpt"]
+
+
+def test_claiming_a_directory_is_atomic(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ddpm.rundirs import claim
+
+    with ThreadPoolExecutor(16) as pool:
+        claimed = list(pool.map(lambda _: claim(tmp_path / "outputs" / "12-00-00"), range(32)))
+    assert len(set(claimed)) == 32 and all(p.is_dir() for p in claimed)
+
+
+def test_an_unwritable_run_directory_is_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("not a directory")
+    result = run_cli("ddpm.train", *TINY, f"hydra.run.dir={tmp_path / 'a_file' / 'run'}", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert result.stderr.startswith("error: hydra.run.dir=") and "cannot write there" in result.stderr
+
+
+# --- disk full ------------------------------------------------------------------------------------------------
+def test_disk_full_names_the_disk_and_keeps_earlier_checkpoints(tmp_path, monkeypatch, capsys):
+    """The third checkpoint write goes to /dev/full (ENOSPC from the kernel, as on a full disk)."""
+    import builtins
+
+    import ddpm.checkpoint
+    from ddpm.config import run_cli as run_entry
+
+    writes, real_open = [], builtins.open
+
+    def open_full_on_third(path, mode="r", *args, **kwargs):
+        if str(path).endswith(".ckpt.tmp"):
+            writes.append(path)
+            if len(writes) == 3:
+                return real_open("/dev/full", mode, *args, **kwargs)
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(ddpm.checkpoint, "open", open_full_on_third, raising=False)
+    cfg = compose([*TINY, "trainer.max_steps=20", "~callbacks.sample_grid", "callbacks.model_checkpoint.every_n_train_steps=5"],
+                  output_dir=tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_info:
+        run_entry(train, cfg)
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2 and stderr.count("\n") == 1, stderr
+    assert "no space left on the disk" in stderr and "MiB free in" in stderr and "checkpoints" in stderr
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert not list(ckpts.glob(".*.tmp"))
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 5  # step 5 and its last.ckpt survive
+    monkeypatch.undo()
+    train(compose([*TINY, "trainer.max_steps=20", "~callbacks.sample_grid", "callbacks.model_checkpoint.every_n_train_steps=5"],
+                  output_dir=tmp_path / "run"))  # space again: the same command resumes
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 20
+
+
+# --- the NaN advice, the learning rate on resume, logger=none ----------------------------------------------------
+class DivergeAboveLr(__import__("lightning").Callback):
+    """Stand-in for a learning rate too high for the model: the weights go NaN at step 7 if lr > 1e-3."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.lr = trainer.optimizers[0].param_groups[0]["lr"]
+        if trainer.global_step == 7 and trainer.optimizers[0].defaults["lr"] > 1e-3:
+            with torch.no_grad():
+                next(pl_module.net.parameters()).fill_(float("nan"))
+
+
+def test_the_nan_advice_works_as_printed(tmp_path):
+    """"lower optim.optimizer.lr" and rerun: the rerun resumes from the last finite checkpoint *with the new rate*."""
+    common = [*TINY, "trainer.max_steps=12", "~callbacks.sample_grid", "callbacks.model_checkpoint.every_n_train_steps=5",
+              "optim.warmup_steps=0"]
+    with pytest.raises(NonFiniteLossError, match="Lower optim.optimizer.lr"):
+        train(compose([*common, "optim.optimizer.lr=1e-2"], output_dir=tmp_path / "run"), [DivergeAboveLr()])
+    capture = DivergeAboveLr()
+    train(compose([*common, "optim.optimizer.lr=1e-4"], output_dir=tmp_path / "run"), [capture])
+    assert _first_logged_step(tmp_path / "run", 1) == 5 and capture.lr == pytest.approx(1e-4)
+    final = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final["global_step"] == 12 and final["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1e-4)
+    assert final["lr_schedulers"][0]["base_lrs"] == [pytest.approx(1e-4)]
+
+
+def test_resume_keeps_the_warmup_position_with_a_new_rate(tmp_path):
+    """Halfway through a 20-step warm-up at lr 1e-3, resumed at lr 2e-3: the rate is 2e-3 x (its warm-up factor)."""
+    from ddpm.module import apply_optimizer_settings
+
+    checkpoint = {"optimizer_states": [{"param_groups": [{"lr": 5e-4, "initial_lr": 1e-3, "betas": (0.9, 0.999)}]}],
+                  "lr_schedulers": [{"base_lrs": [1e-3], "_last_lr": [5e-4]}]}
+    apply_optimizer_settings(checkpoint, {"lr": 2e-3, "betas": (0.9, 0.99)})
+    group = checkpoint["optimizer_states"][0]["param_groups"][0]
+    assert group["lr"] == pytest.approx(1e-3) and group["initial_lr"] == 2e-3 and group["betas"] == (0.9, 0.99)
+    assert checkpoint["lr_schedulers"][0] == {"base_lrs": [2e-3], "_last_lr": [pytest.approx(1e-3)]}
+
+
+def test_logger_none_trains_with_the_default_callbacks(tmp_path):
+    cfg = compose([*TINY, "logger=none", "trainer.max_steps=3", "~callbacks.sample_grid"], output_dir=tmp_path / "run")
+    assert "lr_monitor" in cfg.callbacks
+    train(cfg)
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+# --- clear messages ------------------------------------------------------------------------------------------------
+def test_a_checkpoint_path_with_a_tilde(checkpoint, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copyfile(checkpoint, tmp_path / "x.ckpt")
+    out = sample(compose(["ckpt_path='~/x.ckpt'", "num_samples=2", "sampler=ddim", "sampler.steps=2"], config_name="sample",
+                         output_dir=tmp_path / "out"))
+    assert out["images"].shape[0] == 2
+
+
+def test_slurm_launcher_composes_with_every_trainer():
+    from omegaconf import OmegaConf
+
+    for trainer in ("cpu", "gpu", "debug", "ddp", "ddp_cpu"):
+        from hydra import compose as hydra_compose
+        from hydra import initialize_config_dir
+
+        from ddpm.config import config_dir
+
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = hydra_compose("train", [f"trainer={trainer}", "hydra/launcher=submitit_slurm"], return_hydra_config=True)
+        launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+        assert launcher["nodes"] == cfg.trainer.num_nodes and launcher["tasks_per_node"] == cfg.trainer.devices, trainer
+
+
+def test_corrupt_image_with_loader_workers_is_one_line(tmp_path):
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / c / f"ok{i}.png")
+    (tmp_path / "imgs" / "b" / "broken.png").write_bytes(b"\x89PNG not really")
+    result = run_cli("ddpm.train", *TINY, "data=image_folder", f"data.root={tmp_path / 'imgs'}", "data.num_classes=2",
+                     "data.batch_size=3", "data.image_size=8", "data.num_workers=1", f"hydra.run.dir={tmp_path / 'run'}",
+                     cwd=tmp_path, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot read image" in errors[0] and "broken.png" in errors[0], result.stderr[-3000:]
+
+
+def test_report_names_a_malformed_metrics_file(tmp_path):
+    from ddpm.report import build_report
+
+    job = tmp_path / "sweep" / "0"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
+    (job / "metrics.json").write_text('{"evaluations": [')
+    with pytest.raises(SystemExit, match=r"error: .*sweep/0/metrics.json: not a metrics.json written by ddpm"):
+        build_report(tmp_path / "sweep")
+
+
+def test_wandb_without_a_network_goes_offline_at_once(tmp_path, monkeypatch, offline_env):
+    """An API key (so wandb would go online) and a server that accepts connections but never answers."""
+    import socket
+    import threading
+
+    import wandb
+
+    from ddpm.loggers import wandb_logger
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held = []
+    threading.Thread(target=lambda: [held.append(server.accept()) for _ in range(8)], daemon=True).start()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+    start = time.perf_counter()
+    logger = wandb_logger(project="ddpm", save_dir=str(tmp_path / "run"))
+    elapsed = time.perf_counter() - start
+    try:
+        assert logger.experiment.settings.mode == "offline"
+        assert elapsed < 60, elapsed  # a hang guard, not a speed claim: wandb's own wait is 90 s, then it fails
+    finally:
+        wandb.finish()
+        server.close()
+
+
+def test_wandb_that_cannot_start_is_one_line(tmp_path, monkeypatch, offline_env):
+    import wandb
+
+    from ddpm.loggers import wandb_logger
+
+    def broken(*args, **kwargs):
+        raise wandb.errors.UsageError("wandb service could not start")
+
+    monkeypatch.setattr(wandb, "init", broken)
+    with pytest.raises(ConfigError, match=r"^logger=wandb: wandb could not start \(wandb service could not start\)"):
+        wandb_logger(project="ddpm", save_dir=str(tmp_path / "run"), mode="offline")

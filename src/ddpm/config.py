@@ -88,16 +88,28 @@ def resolve_precision(cfg: DictConfig) -> None:
 
 
 def run_cli(task, cfg: DictConfig):
-    """Run an entry point's task; bad input (ConfigError) or a run gone non-finite ends it with one line per problem
-    on stderr and exit status 2, instead of a traceback."""
+    """Run an entry point's task; bad input (ConfigError), a run gone non-finite or a checkpoint that cannot be written
+    ends it with one line per problem on stderr and exit status 2, instead of a traceback."""
     import sys
 
+    from ddpm.checkpoint import CheckpointWriteError
     from ddpm.module import NonFiniteLossError
     from ddpm.validation import ConfigError
 
     try:
         return task(cfg)
-    except (ConfigError, NonFiniteLossError) as error:
-        for line in str(error).splitlines():
+    except (ConfigError, NonFiniteLossError, CheckpointWriteError) as error:
+        for line in error_lines(error):
             print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
+
+
+def error_lines(error: Exception) -> list[str]:
+    """The lines of an error's message. An error raised in a data-loader worker reaches the main process re-raised
+    with the worker's whole traceback as its message ("Caught X in DataLoader worker process 0. Original Traceback
+    ..."): only its last line, the original message, is the user's business."""
+    lines = str(error).splitlines()
+    if lines and lines[0].startswith("Caught ") and "Original Traceback" in str(error):
+        original = lines[-1]
+        return [original.split(": ", 1)[1] if original.split(": ", 1)[0].endswith(type(error).__name__) else original]
+    return lines

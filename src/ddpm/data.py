@@ -102,6 +102,28 @@ class ImageDataModule(L.LightningDataModule):
     def check(self) -> None:
         """Fail fast, before any model is built, when the data cannot be had (missing or empty paths)."""
 
+    def setup(self, stage: str | None = None) -> None:
+        """Load the splits (once); before fitting, refuse a batch size that would train nothing."""
+        if self.train_set is None:
+            self.load()
+        if stage == "fit":
+            self.check_batches()
+
+    def load(self) -> None:
+        """Set ``train_set`` and ``test_set`` (and ``train_reference``, the training images without augmentation)."""
+        raise NotImplementedError
+
+    def check_batches(self) -> None:
+        """drop_last keeps only full batches: a training set (per process) smaller than one batch yields no step at
+        all, and the run would end "successfully" having trained nothing."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        per_process = -(-len(self.train_set) // world)
+        if per_process < self.batch_size:
+            each = f", {per_process} per process on {world}" if world > 1 else ""
+            raise ConfigError(f"data.batch_size={self.batch_size}: larger than the training set ({len(self.train_set)} "
+                              f"images{each}), so no full batch is ever drawn and nothing would train; "
+                              f"use data.batch_size <= {per_process}")
+
     def reference_set(self, split: str) -> Dataset:
         """The ``train`` or ``test`` split without augmentation: the real images sample quality is measured against."""
         self.setup()
@@ -131,9 +153,7 @@ class DigitsDataModule(ImageDataModule):
         super().__init__(**kwargs)
         self.test_fraction, self.split_seed = test_fraction, split_seed
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+    def load(self) -> None:
         from sklearn.datasets import load_digits
 
         digits = load_digits()
@@ -174,9 +194,7 @@ class TorchvisionDataModule(ImageDataModule):
                 raise ConfigError(f"data.root={str(self.root)!r}: could not get {self.name} ({reason}); without internet "
                                   "use data=digits, or copy the files under data.root (DDPM_DATA)") from None
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+    def load(self) -> None:
         flip = [transforms.RandomHorizontalFlip()] if self.random_flip else []
         make = self.DATASETS[self.name]
         self.train_set = make(str(self.root), train=True, transform=transforms.Compose(flip + self.to_unit_range()))
@@ -196,9 +214,7 @@ class ImageFolderDataModule(ImageDataModule):
     def check(self) -> None:
         self.setup()
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+    def load(self) -> None:
         expected = "class folders root/<class>/<image> of png/jpg/... images"
         if not self.root.is_dir():
             raise ConfigError(f"data.root={str(self.root)!r}: no such directory; expected {expected}")

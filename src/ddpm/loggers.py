@@ -3,6 +3,7 @@ when the user is logged in."""
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 from pathlib import Path
@@ -10,12 +11,39 @@ from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger
 
+from ddpm.validation import ConfigError
+
+log = logging.getLogger(__name__)
+
+# How long an online wandb run may take to start before the run goes offline instead (wandb's own default is 90 s).
+INIT_TIMEOUT_S = 10
+
+
+def wandb_server() -> str:
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+
+
+def unreachable(url: str, timeout: float = 5.0) -> str | None:
+    """Why ``url`` gives no HTTP answer within ``timeout`` seconds (None: it answers, whatever the status). A dead
+    network, a closed port and a server that accepts but never replies all fail here quickly, where wandb.init would
+    wait for its own, much longer timeout."""
+    from urllib.error import HTTPError
+    from urllib.request import urlopen
+
+    try:
+        urlopen(url, timeout=timeout).close()
+    except HTTPError:
+        return None  # an HTTP status is an answer
+    except (OSError, ValueError) as error:  # URLError, timeouts, refused connections; ValueError: a malformed URL
+        return str(getattr(error, "reason", None) or error) or type(error).__name__
+    return None
+
 
 def wandb_credentials_available() -> bool:
     """True when wandb has an API key: WANDB_API_KEY or an entry for its host in ~/.netrc (`wandb login`)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    host = urlparse(wandb_server()).hostname
     try:
         return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
     except (FileNotFoundError, netrc.NetrcParseError):
@@ -52,10 +80,30 @@ def wandb_logger(project: str, save_dir: str, mode: str = "auto", group: str | N
                  experiment: str | None = None, **kwargs) -> WandbLogger:
     """A WandbLogger whose run lives under the run directory (``save_dir/wandb``). ``auto`` group and name come from
     the Hydra job (see ``sweep_identity``); the job's overrides are logged as config fields under ``sweep``."""
+    import wandb
+
     os.makedirs(save_dir, exist_ok=True)
     auto_group, auto_name, overrides = sweep_identity(experiment)
-    logger = WandbLogger(project=project, save_dir=save_dir, mode=resolve_wandb_mode(mode),
-                         group=auto_group if group == "auto" else group, name=auto_name if name == "auto" else name, **kwargs)
+    mode = resolve_wandb_mode(mode)
+    sync = f"upload it later with: wandb sync {Path(save_dir) / 'wandb'}/offline-run-*"
+    if mode == "online" and (reason := unreachable(wandb_server())):
+        log.warning("wandb: cannot reach %s (%s): logging offline instead; %s", wandb_server(), reason, sync)
+        mode = "offline"
+
+    def start(mode: str) -> WandbLogger:
+        logger = WandbLogger(project=project, save_dir=save_dir, mode=mode, settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S),
+                             group=auto_group if group == "auto" else group, name=auto_name if name == "auto" else name, **kwargs)
+        logger.experiment  # start the run now: a failure surfaces here, before any compute
+        return logger
+
+    try:
+        logger = start(mode)
+    except Exception as error:  # wandb raises its own error types for auth, network and timeouts
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if mode != "online":
+            raise ConfigError(f"logger=wandb: wandb could not start ({reason}); use logger=csv, or logger.mode=disabled") from None
+        log.warning("wandb: the online run did not start within %d s (%s): logging offline instead; %s", INIT_TIMEOUT_S, reason, sync)
+        logger = start("offline")
     if overrides:
         logger.log_hyperparams({"sweep": {"overrides": overrides, **{k.lstrip("+"): v for k, v in overrides.items()}}})
     return logger

@@ -7,6 +7,7 @@ so ``DiffusionModule.from_checkpoint`` rebuilds the model from the file alone.
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 from functools import partial
 from pathlib import Path
@@ -24,6 +25,8 @@ from ddpm.checkpoint import load_checkpoint
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.guidance import check_guidance, drop_labels, guided_model_fn
 from ddpm.samplers import randn_like
+
+log = logging.getLogger(__name__)
 
 
 class DiffusionModule(L.LightningModule):
@@ -105,7 +108,8 @@ class DiffusionModule(L.LightningModule):
         if step >= 0:
             raise NonFiniteLossError(
                 f"non-finite loss {value} at step {int(step) + 1}: training stopped; checkpoints on disk are from before it "
-                "and hold finite weights. Lower optim.optimizer.lr, raise optim.warmup_steps or keep trainer.gradient_clip_val")
+                "and hold finite weights. Lower optim.optimizer.lr (or raise optim.warmup_steps, keep trainer.gradient_clip_val) "
+                "and run the same command again: it resumes from the newest checkpoint with the new settings")
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -149,6 +153,8 @@ class DiffusionModule(L.LightningModule):
         # Applied in on_train_start, not now: between restoring and the first step Lightning itself draws
         # from the RNG (as it did at the start of the original run), which would shift the stream.
         self._rng_states_to_restore = checkpoint.get("rng_states")
+        if checkpoint.get("optimizer_states"):
+            apply_optimizer_settings(checkpoint, self.optimizer_factory([nn.Parameter(torch.zeros(1))]).defaults)
 
     def on_train_start(self) -> None:
         states, self._rng_states_to_restore = getattr(self, "_rng_states_to_restore", None), None
@@ -203,6 +209,27 @@ def ema_step(ema: AveragedModel, net: nn.Module, decay: float) -> None:
         if not a.is_floating_point():  # integer buffers (e.g. BatchNorm's counters) follow the network
             a.copy_(c)
     ema.n_averaged += 1
+
+
+def apply_optimizer_settings(checkpoint: dict, requested: dict) -> None:
+    """Resume with the optimizer hyperparameters asked for now (lr, betas, weight decay, ...), not the checkpoint's:
+    the moments and step counts are kept, the settings replaced in its param groups and in the learning-rate
+    scheduler's base rates (where a warm-up is, the rate keeps its place in it). Each change is logged."""
+    for state in checkpoint["optimizer_states"]:
+        for group in state["param_groups"]:
+            old_base = group.get("initial_lr", group["lr"])
+            for key, value in requested.items():
+                if key in group and group[key] != value and key not in ("lr", "initial_lr"):
+                    log.info("resuming with optim.optimizer.%s=%s (the checkpoint had %s)", key, value, group[key])
+                    group[key] = value
+            if old_base != requested["lr"]:
+                log.info("resuming with optim.optimizer.lr=%g (the checkpoint had %g)", requested["lr"], old_base)
+                group["lr"] = group["lr"] / old_base * requested["lr"] if old_base else requested["lr"]
+                group["initial_lr"] = requested["lr"]
+    for scheduler in checkpoint.get("lr_schedulers", []):
+        if "base_lrs" in scheduler:
+            scheduler["base_lrs"] = [requested["lr"]] * len(scheduler["base_lrs"])
+            scheduler["_last_lr"] = [group["lr"] for state in checkpoint["optimizer_states"] for group in state["param_groups"]]
 
 
 class NonFiniteLossError(RuntimeError):

@@ -50,13 +50,17 @@ def load_run(job_dir: Path) -> dict | None:
            "final_loss": statistics.fmean(tail) if tail else None, "evaluations": []}
     metrics_file = job_dir / "metrics.json"
     if metrics_file.is_file():
-        record = json.loads(metrics_file.read_text())
-        if "evaluations" in record:  # written by training's EvaluateAtEnd: one entry per guidance scale
-            run["evaluations"] = [(e["guidance_scale"], e["metrics"]) for e in record["evaluations"]]
-            if run["final_loss"] is None:
-                run["final_loss"] = record.get("final_loss")
-        else:  # written by ddpm.evaluate
-            run["evaluations"] = [(record["protocol"]["guidance_scale"], record["metrics"])]
+        try:
+            record = json.loads(metrics_file.read_text())
+            if "evaluations" in record:  # written by training's EvaluateAtEnd: one entry per guidance scale
+                run["evaluations"] = [(e["guidance_scale"], e["metrics"]) for e in record["evaluations"]]
+                if run["final_loss"] is None:
+                    run["final_loss"] = record.get("final_loss")
+            else:  # written by ddpm.evaluate
+                run["evaluations"] = [(record["protocol"]["guidance_scale"], record["metrics"])]
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise SystemExit(f"error: {metrics_file}: not a metrics.json written by ddpm ({type(error).__name__}: {error}); "
+                             "fix or remove it (python -m ddpm.evaluate writes a new one)") from None
     return run
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -42,9 +43,11 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Diffus
     datamodule = instantiate(cfg.data)
     datamodule.check()
     module = DiffusionModule.from_config(cfg)
+    logger = instantiate_loggers(cfg.get("logger"))
     callbacks = [instantiate(node) for name, node in (cfg.get("callbacks") or {}).items()
                  if node and (name != "progress_bar" or cfg.trainer.enable_progress_bar)] + list(extra_callbacks)
-    logger = instantiate_loggers(cfg.get("logger"))
+    if not logger:  # logger=none: a learning-rate monitor has nowhere to write (Lightning refuses it)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
 
     # Every logger gets the whole resolved config, schedule and guidance included.
@@ -69,19 +72,19 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Diffus
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:
-    """The checkpoint to resume from: ``cfg.ckpt_path``; else, with ``resume=auto``, the run directory's own
-    last.ckpt (a requeued or rerun job); never a fresh start over an earlier run's checkpoints. The checkpoint
-    must be readable and of the requested model."""
-    ckpt_path = cfg.ckpt_path
+    """The checkpoint to resume from: ``cfg.ckpt_path``; else, with ``resume=auto``, the run directory's own newest
+    complete checkpoint (a requeued or rerun job; see ``newest_checkpoint``); never a fresh start over an earlier run's
+    checkpoints. The checkpoint must be readable and of the requested model."""
+    ckpt_path = str(Path(cfg.ckpt_path).expanduser()) if cfg.ckpt_path is not None else None
     own = Path(cfg.paths.checkpoint_dir)
-    existing = sorted(own.glob("*.ckpt")) if own.is_dir() else []
-    if ckpt_path is None and existing:
-        if cfg.resume == "auto" and (own / "last.ckpt").is_file():
-            ckpt_path = str(own / "last.ckpt")
-            log.info("resuming from this run directory's own %s (resume=auto)", ckpt_path)
-        else:
-            raise ConfigError(f"paths.checkpoint_dir={str(own)!r} already holds checkpoints of an earlier run "
-                              f"({existing[-1].name}): pick a new hydra.run.dir, or resume=auto to continue from its last.ckpt")
+    if ckpt_path is None and own.is_dir():
+        newest = newest_checkpoint(own)
+        if newest is not None and cfg.resume != "auto":
+            raise ConfigError(f"paths.checkpoint_dir={str(own)!r} already holds checkpoints of an earlier run ({newest[0].name}, "
+                              f"step {newest[1]}): pick a new hydra.run.dir, or resume=auto to continue from it")
+        if newest is not None:
+            ckpt_path = str(newest[0])
+            log.info("resuming from this run directory's newest checkpoint %s (step %d; resume=auto)", ckpt_path, newest[1])
     if ckpt_path is not None:
         saved = load_checkpoint(ckpt_path, mmap=True)["config"]  # Lightning reads the weights itself
         requested = OmegaConf.to_container(cfg, resolve=True)
@@ -89,6 +92,25 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
         if differences:
             raise ConfigError(f"ckpt_path={str(ckpt_path)!r} holds a different model than requested: " + "; ".join(differences))
     return ckpt_path
+
+
+def newest_checkpoint(directory: Path) -> tuple[Path, int] | None:
+    """The one rule for where a run resumes: of ``last.ckpt`` and the ``step_*.ckpt`` files, the complete one with the
+    largest step (``last.ckpt`` on a tie). Temporaries a kill left mid-write are removed first; a file that cannot be
+    read (torn by some other writer) is skipped with a warning. None when there is nothing to resume."""
+    for stray in directory.glob(".*.ckpt.tmp"):
+        log.warning("removing %s, a checkpoint write that a kill or a full disk interrupted", stray)
+        stray.unlink(missing_ok=True)
+    found = []
+    for path in directory.glob("*.ckpt"):
+        try:
+            found.append((load_checkpoint(path, mmap=True)["global_step"], path.name == "last.ckpt", path))
+        except ConfigError as error:
+            log.warning("skipping %s: %s", path, error)
+    if not found:
+        return None
+    step, _, path = max(found)
+    return path, step
 
 
 def _finish_wandb() -> None:

@@ -83,6 +83,16 @@ def _steps_ok(v, cfg) -> bool:
     return v is None or (positive_int(v) and (t is None or v <= t))
 
 
+def _cuda_index(device: str) -> int:
+    return int(str(device).partition(":")[2] or 0)
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def _existing_file(v, _=None) -> bool:
     return isinstance(v, str) and Path(v).expanduser().is_file()
 
@@ -138,7 +148,8 @@ TRAIN_RULES = [
     Rule("optim.optimizer.lr", positive, "a number > 0"),
     Rule("optim.warmup_steps", nonneg_int, "an integer >= 0"),
     Rule("ema.decay", lambda v, _: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
-    Rule("trainer.max_steps", lambda v, _: positive_int(v) or v == -1, "an integer > 0 (or -1 with trainer.max_epochs)"),
+    Rule("trainer.max_steps", lambda v, cfg: positive_int(v) or (v == -1 and positive_int(OmegaConf.select(cfg, "trainer.max_epochs"))),
+         "an integer > 0, or -1 together with trainer.max_epochs > 0 (else training never ends)"),
     Rule("trainer.devices", lambda v, _: positive_int(v) or v in ("auto", -1) or isinstance(v, (list, str)), "an integer > 0, a list of ids, or auto"),
     Rule("trainer.num_nodes", positive_int, "an integer > 0"),
     Rule("trainer.precision", one_of(*PRECISIONS), f"one of {list(PRECISIONS)}"),
@@ -165,10 +176,13 @@ SAMPLE_RULES = [
     Rule("batch_size", positive_int, "an integer > 0"),
     Rule("seed", lambda v, _: _is_int(v), "an integer"),
     Rule("guidance.scale", optional(nonneg), "null (the checkpoint's) or a number >= 0"),
-    Rule("labels", lambda v, _: v is None or (len(v) > 0 and all(nonneg_int(x) for x in v)), "null or a list of class ids >= 0"),
+    Rule("labels", lambda v, _: v is None or (isinstance(v, list) and len(v) > 0 and all(nonneg_int(x) for x in v)),
+         "null or a list of class ids >= 0, e.g. labels=[3] or labels=[3,3,7]"),
     Rule("use_ema", lambda v, _: isinstance(v, bool), "true or false"),
     Rule("trajectory", nonneg_int, "an integer >= 0"),
     Rule("device", lambda v, _: v in ("auto", "cpu", "cuda") or str(v).startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
+    Rule("device", lambda v, _: not str(v).startswith("cuda") or _cuda_index(v) < _cuda_count(),
+         "a device this machine has: auto or cpu, or cuda/cuda:N with N below its CUDA device count"),
     *SAMPLER_RULES,
 ]
 
@@ -185,7 +199,7 @@ RULES = {"train": TRAIN_RULES, "sample": SAMPLE_RULES, "evaluate": EVALUATE_RULE
 
 def problems(cfg: DictConfig, rules: list[Rule]) -> list[str]:
     """One line per broken rule (a key with several broken rules is reported once)."""
-    lines, seen = [], set()
+    lines, seen, raised = [], set(), []
     for rule in rules:
         if rule.key in seen:
             continue
@@ -195,11 +209,16 @@ def problems(cfg: DictConfig, rules: list[Rule]) -> list[str]:
         plain = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
         try:
             ok = rule.check(plain, cfg)
-        except Exception:  # a malformed neighbour (checked by its own rule) makes this rule moot
-            ok = True
+        except Exception:  # this value, or a malformed neighbour it depends on: decided below
+            raised.append((rule, plain))
+            continue
         if not ok:
             seen.add(rule.key)
             lines.append(f"{rule.key}={plain!r}: must be {rule.allowed}")
+    # A rule that could not even be evaluated is moot when a neighbour is reported broken (its own rule says so);
+    # when nothing else is, the value itself is at fault (labels=3 where a list is expected).
+    if not lines:
+        lines = [f"{rule.key}={plain!r}: must be {rule.allowed}" for rule, plain in raised if rule.key not in seen]
     return lines
 
 
@@ -210,10 +229,42 @@ def _missing(node, prefix: str = "") -> list[str]:
     return [prefix[:-1]] if node == "???" else []
 
 
+# Nodes that pass any key on, so `+key=value` may add to them: Trainer arguments, optimizer keyword arguments, logger
+# keyword arguments, callbacks by name, Hydra's own settings. Anywhere else an appended key is read by nothing.
+FREE_KEYS = ("trainer", "optim.optimizer", "logger", "callbacks", "hydra")
+
+
+def appended_keys(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """One line per ``+key=value`` override that adds a key no code reads (``+guidance.puncond=0.1``, a typo that
+    Hydra accepts because of the +). ``+group=option`` (a config group, e.g. ``+data=cifar10``) is fine."""
+    from ddpm.config import config_dir
+
+    groups = {p.name for p in config_dir().iterdir() if p.is_dir()} | {"experiments"}
+    lines = []
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if not key.startswith("+") or key.startswith("++"):
+            continue
+        key = key[1:].split("@", 1)[0]
+        parent, _, leaf = key.rpartition(".")
+        if key in groups or any(key == free or key.startswith(free + ".") for free in FREE_KEYS):
+            continue
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        known = sorted(k for k in (node.keys() if OmegaConf.is_dict(node) else []) if k != leaf and not str(k).startswith("_"))
+        lines.append(f"+{key}: {parent or 'the config'} has no key {leaf!r} and nothing would read it (its keys: {known}); "
+                     "check the spelling, and set an existing key without the +")
+    return lines
+
+
 def validate(cfg: DictConfig, entry: str) -> None:
-    """Raise ConfigError listing every broken rule of ``entry`` (train | sample | evaluate)."""
+    """Raise ConfigError listing every broken rule of ``entry`` (train | sample | evaluate), and every appended key
+    (``+key=value``) that nothing reads."""
+    from hydra.core.hydra_config import HydraConfig
+
     missing = sorted(key for key in _missing(OmegaConf.to_container(cfg, resolve=False)) if not key.startswith("hydra."))
     found = [f"{key}=???: must be set (it has no default); e.g. {key}=..." for key in missing]
+    if HydraConfig.initialized():
+        found += appended_keys(cfg, list(HydraConfig.get().overrides.task))
     found += problems(cfg, RULES[entry]) if not missing else []
     if found:
         raise ConfigError("\n".join(found))
