@@ -13,7 +13,14 @@ def test_ddpm_side_runs_a_training_step_and_a_guided_sample(options):
     train_step()
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))  # the optimizer moved the weights
     sample(2, steps=2)
-    assert matmul_roof(torch.float32, "cpu", n=128, repeats=2) > 0
+
+
+def test_matmul_roof_is_the_products_flops_over_its_median_time(monkeypatch):
+    import ddpm.bench
+
+    clock = iter([0.0, 0.1, 1.0, 1.5, 2.0, 2.25])  # three timed products: 0.1 s, 0.5 s, 0.25 s; median 0.25 s
+    monkeypatch.setattr(ddpm.bench.time, "perf_counter", lambda: next(clock))
+    assert matmul_roof(torch.float32, "cpu", n=64, repeats=3) == pytest.approx(2 * 64**3 / 0.25 / 1e9)
 
 
 def test_default_row_is_what_train_runs(tiny_cfg):
@@ -35,8 +42,11 @@ def test_diffusers_network_has_the_same_layout(network):
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
 
 
-def test_data_path_rows():
+def test_data_path_rows_are_batches_over_the_median_time(monkeypatch):
+    import ddpm.bench
     from ddpm.bench import bench_data
 
+    times = iter([2.0, 4.0, 3.0, 1.0, 9.0, 5.0])  # medians 3.0 (loader), 5.0 (on device)
+    monkeypatch.setattr(ddpm.bench, "_time", lambda fn, device: (fn(), next(times))[1])
     rows = bench_data("cpu", batches=3, batch=16)
-    assert [r["data.on_device"] for r in rows] == [False, True] and all(r["batches_s"] > 0 for r in rows)
+    assert rows == [{"data.on_device": False, "batches_s": 1.0}, {"data.on_device": True, "batches_s": 0.6}]
