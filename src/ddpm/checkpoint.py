@@ -69,7 +69,7 @@ def temporary_path(path: Path) -> Path:
 def _write_failure(path: Path, error: Exception) -> str:
     """One line: which file, why, how much room the disk has, and that the older checkpoints are untouched."""
     free = shutil.disk_usage(path.parent).free
-    full = getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error) or free < 64 * 2**20
+    full = getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error) or free < 2**20
     reason = "no space left on the disk" if full else (str(error).strip().splitlines() or [type(error).__name__])[0]
     return (f"could not write checkpoint {path}: {reason} ({free / 2**20:.0f} MiB free in {path.parent}); the earlier "
             "checkpoints there are intact: free some space and run the same command again to resume")
