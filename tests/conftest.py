@@ -18,6 +18,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 TINY = [
     "logger=csv",
     "trainer=debug",
+    "trainer.max_steps=10",
     "trainer.enable_progress_bar=false",
     "model.base_channels=16",
     "model.norm_groups=4",

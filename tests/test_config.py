@@ -4,13 +4,14 @@ import zipfile
 from pathlib import Path
 
 import lightning as L
+from omegaconf import OmegaConf
 import pytest
 import torch
 from conftest import TINY, run_cli
 from hydra.utils import instantiate
 from PIL import Image
 
-from ddpm.config import config_dir, experiments_root, resolve_precision
+from ddpm.config import compose, config_dir, experiments_root, resolve_precision
 from ddpm.module import DiffusionModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,9 +143,34 @@ def test_wandb_mode_follows_credentials(offline_env, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("name", [p.stem for p in (experiments_root() / "experiments").glob("*.yaml")])
-def test_experiment_presets_compose(name, tiny_cfg):
-    cfg = tiny_cfg(f"experiments={name}")
-    assert cfg.trainer.max_steps > 0
+def test_experiment_presets_compose(name):
+    cfg = compose([f"experiments={name}"])
+    assert cfg.trainer.max_steps > 0 and cfg.experiment_name == name
+
+
+TRAINERS = [p.stem for p in (config_dir() / "trainer").glob("*.yaml") if p.stem != "default"]
+
+
+@pytest.mark.parametrize("name", [None, *(p.stem for p in (experiments_root() / "experiments").glob("*.yaml"))])
+def test_run_length_belongs_to_the_experiment_not_the_trainer(name):
+    """Every preset (and the default run) trains as long on any trainer: trainer=* says where, never how long.
+    (trainer=gpu once set 800,000 steps, so a 2,000-step digits preset ran 400x longer on a cluster.)"""
+    preset = [f"experiments={name}"] if name else []
+    lengths = {trainer: compose([*preset, f"trainer={trainer}"]).trainer.max_steps for trainer in TRAINERS}
+    assert len(set(lengths.values())) == 1, lengths
+    for trainer in ("default", *TRAINERS):
+        assert "max_steps" not in OmegaConf.load(config_dir() / "trainer" / f"{trainer}.yaml")
+
+
+def test_help_lists_the_presets(tmp_path):
+    result = run_cli("ddpm.train", "--help", cwd=tmp_path)
+    line = next(line for line in result.stdout.splitlines() if line.startswith("experiments:"))
+    assert "digits_quick" in line and "quick" in line
+
+
+def test_cfg_with_multirun_is_one_line(tmp_path):
+    result = run_cli("ddpm.train", "--multirun", "--cfg", "job", "seed=0,1", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "drop --multirun" in result.stderr, result.stderr
 
 
 def test_cli_prints_the_composed_config(tmp_path):

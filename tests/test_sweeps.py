@@ -111,3 +111,48 @@ def test_wandb_group_and_name_come_from_the_sweep(tmp_path):
     group, name, overrides = sweep_identity("schedule_ablation")
     assert group == "schedule_ablation/2026-11-30_12-00-00"
     assert name == "schedule=cosine,seed=1" and overrides == {"schedule": "cosine", "seed": "1"}
+
+
+def _fake_sweep(root, runs):
+    """A sweep directory as ddpm.train/evaluate write it: per job overrides and a metrics.json."""
+    import json
+
+    for i, (overrides, evaluations) in enumerate(runs):
+        job = root / str(i)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        (job / "metrics.json").write_text(json.dumps({"global_step": 10, "final_loss": 0.1, "evaluations": [
+            {"guidance_scale": w, "metrics": {"fd_digits": fd}} for w, fd in evaluations]}))
+    return root
+
+
+def test_report_labels_each_row_with_its_own_w_and_says_one_seed_has_no_statistics(tmp_path):
+    """An evaluate sweep over w: each Runs row shows the w it was measured at; one seed per setting: no finding."""
+    import json
+
+    from ddpm.report import build_report
+
+    sweep = tmp_path / "sweep"
+    for i, w in enumerate((0.0, 1.0, 2.0)):
+        job = sweep / str(i)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- ckpt_path=x.ckpt\n- guidance.scale={w}\n")
+        (job / "metrics.json").write_text(json.dumps({"metrics": {"fd_digits": 10.0 + w},
+                                                      "protocol": {"guidance_scale": w}}))
+    text = build_report(sweep)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()][:3]
+    assert [row.split("|")[4].strip() for row in rows] == ["0", "1", "2"], rows  # the w column, one per row
+    assert "fd_digits (w=" not in text  # the old header named one w for every row
+
+    single = _fake_sweep(tmp_path / "single", [(["schedule=linear"], [(1.0, 30.0)]), (["schedule=cosine"], [(1.0, 30.03)])])
+    text = build_report(single)
+    assert "1 seed: no statistics" in text and "2 standard errors 0" not in text and "no clear difference" not in text
+
+
+def test_report_says_where_loss_curves_are_when_only_wandb_has_them(tmp_path):
+    from ddpm.report import build_report
+
+    sweep = _fake_sweep(tmp_path / "sweep", [(["seed=0"], [(1.0, 30.0)]), (["seed=1"], [(1.0, 31.0)])])
+    (sweep / "0" / "wandb").mkdir()
+    text = build_report(sweep)
+    assert "logged the loss to wandb only" in text and not (sweep / "loss_curves.png").exists()

@@ -121,6 +121,7 @@ def test_multirun_writes_one_directory_per_job(tmp_path):
     result = run_cli("ddpm.train", "--multirun", "schedule=linear,cosine", *TINY, "trainer.max_steps=3",
                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"sweep directory: {sweep}\nreport: python -m ddpm.report {sweep}" in result.stdout  # printed at the end
     for job, schedule in (("0", "linear"), ("1", "cosine")):
         assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
         assert (sweep / job / "samples" / "final.png").is_file()
@@ -210,3 +211,29 @@ def test_training_steps_read_nothing_from_the_device_between_log_intervals(tiny_
     # the step that logs (global step 9 -> 10, 19 -> 20, ...) and its neighbour may read; the other 7 of 10 may not
     between = [(step, n, where) for step, n, where in reads[1:-1] if step % 10 not in (8, 9, 0)]
     assert len(between) >= 20 and all(n == 0 for _, n, _ in between), [r for r in between if r[1]]
+
+
+def test_quick_preset_is_a_smoke_run_with_a_summary(tmp_path):
+    """experiments=quick: 50 steps, the final grid, no quality measurement, no metrics.json; the console and
+    train.log end with where everything is and what to run next; progress lines reach train.log."""
+    run = tmp_path / "run"
+    result = run_cli("ddpm.train", "experiments=quick", "logger=csv", "model.base_channels=16", "model.norm_groups=4",
+                     "callbacks.progress_log.every_n_steps=25", f"hydra.run.dir={run}", cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "samples" / "final.png").is_file() and not (run / "metrics.json").exists()
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 50
+    log = (run / "train.log").read_text()
+    assert "step 25/50 (50%) loss" in log and "left" in log and "step 50/50 (100%)" in log
+    assert f"finished 50 steps in" in log and f"everything is in {run}" in log
+    for line in (f"python -m ddpm.sample ckpt_path={run}/checkpoints/last.ckpt", "python -m ddpm.evaluate ckpt_path=",
+                 "trainer.max_steps=100"):
+        assert line in log and line in result.stdout
+    assert "drawing final.png" in log and "done in" in log
+    noise = ("anonymous setting", "weights_only` was not set", "LeafSpec", "litlogger", "model summary")
+    assert not [n for n in noise if n in result.stdout + result.stderr]
+
+
+def test_a_refused_command_leaves_no_run_directory(tmp_path):
+    result = run_cli("ddpm.train", *TINY, "data.batch_size=5000", "hydra.run.dir=outputs/${now:%Y}", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "data.batch_size=5000" in result.stderr, result.stderr[-2000:]
+    assert not list((tmp_path / "outputs").iterdir())

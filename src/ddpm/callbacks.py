@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import shutil
+import time
 from functools import partial
 from pathlib import Path
 
@@ -27,6 +28,30 @@ def even_labels(num_samples: int, num_classes: int) -> torch.Tensor:
 def class_rows(num_images: int, num_classes: int | None) -> int:
     """Images per grid row: a row per class for conditional samples, a square grid otherwise."""
     return -(-num_images // num_classes) if num_classes else max(1, round(num_images**0.5))
+
+
+def completed(trainer: L.Trainer) -> bool:
+    """Training reached its configured end (max_steps, or max_epochs), rather than being stopped early by a signal:
+    only then are the final grid and the final evaluation worth their time."""
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        return trainer.global_step >= trainer.max_steps
+    return trainer.max_epochs is not None and trainer.max_epochs > 0 and trainer.current_epoch >= trainer.max_epochs
+
+
+class timed:
+    """Log a line as a slow piece of work starts (so a frozen progress bar says why) and one with its duration."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        log.info("%s ...", self.what)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            log.info("%s: done in %.1f s", self.what, time.perf_counter() - self.start)
 
 
 def to_grid(images: torch.Tensor, nrow: int, min_size: int = 32) -> torch.Tensor:
@@ -56,6 +81,9 @@ class SampleGrid(L.Callback):
             self.write(trainer, pl_module, f"step_{step:07d}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not completed(trainer):
+            log.info("no final grid: training stopped early at step %d", trainer.global_step)
+            return
         if trainer.global_step in self._written:  # the same weights were just drawn: copy, don't resample
             if trainer.is_global_zero:
                 shutil.copyfile(self._written[trainer.global_step], self.dirpath / "final.png")
@@ -70,10 +98,12 @@ class SampleGrid(L.Callback):
         # A private generator: the grid is the same noise every time, and the training RNG stream is untouched.
         generator = torch.Generator(pl_module.device).manual_seed(self.seed)
         sampler = partial(pl_module.sampler, steps=self.steps) if self.steps else None
-        images = pl_module.sample(labels, num_samples=self.num_samples, generator=generator, sampler=sampler)
+        path = self.dirpath / f"{name}.png"
+        with timed(f"step {trainer.global_step}: drawing {path.name} ({len(labels) if labels is not None else self.num_samples} "
+                   f"images, {self.steps or 'all'} sampler steps)"):
+            images = pl_module.sample(labels, num_samples=self.num_samples, generator=generator, sampler=sampler)
         grid = to_grid(images, nrow=class_rows(len(images), num_classes), min_size=self.min_size)
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        path = self.dirpath / f"{name}.png"
         save_image(grid, path)
         self._written[trainer.global_step] = path
         for logger in trainer.loggers:
@@ -106,10 +136,11 @@ class SampleQuality(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
         if self.every_n_steps > 0 and step % self.every_n_steps == 0 and trainer.is_global_zero:
-            metrics = self.measure(trainer, pl_module)
+            with timed(f"step {step}: quality on {self.num_samples} samples"):
+                metrics = self.measure(trainer, pl_module)
             self.history.append({"step": step, **metrics})
             for logger in trainer.loggers:
-                logger.log_metrics({f"quality/{key}": value for key, value in metrics.items()}, step=step)
+                logger.log_metrics({f"quality/{key}": value for key, value in sized(metrics, self.num_samples).items()}, step=step)
 
     def _prepare(self, trainer: L.Trainer, pl_module) -> None:
         from ddpm.metrics import prepare
@@ -131,6 +162,12 @@ class SampleQuality(L.Callback):
         return sample_metrics(self._extractor, self._reference, images, labels)
 
 
+def sized(metrics: dict, num_samples: int) -> dict:
+    """Fréchet distances carry their sample count in their name (``fd_digits_n500``): they are biased by it, so a
+    500-sample curve and a 1,000-sample evaluation are different measurements, never one series."""
+    return {(f"{key}_n{num_samples}" if key == "fid" or key.startswith("fd_") else key): value for key, value in metrics.items()}
+
+
 class EvaluateAtEnd(SampleQuality):
     """After training, measure the EMA model at each of ``guidance_scales`` (w) and write ``path`` (metrics.json):
     what ``ddpm.report`` tabulates for a sweep. Scales above 0 are skipped (null) for a model trained without label
@@ -147,16 +184,21 @@ class EvaluateAtEnd(SampleQuality):
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
+        if not completed(trainer):  # no metrics.json for an interrupted model: a report would read it as finished
+            log.info("no final evaluation: training stopped early at step %d", trainer.global_step)
+            return
         import json
 
         results = []
         for w in self.guidance_scales if pl_module.conditional else [0.0]:
             usable = not pl_module.conditional or w == 0 or pl_module.p_uncond > 0
-            metrics = self.measure(trainer, pl_module, guidance_scale=w) if usable else None
+            with timed(f"final evaluation at w={w:g} on {self.num_samples} samples"):
+                metrics = self.measure(trainer, pl_module, guidance_scale=w) if usable else None
             results.append({"guidance_scale": w, "metrics": metrics})
             for logger in trainer.loggers:
                 if metrics:
-                    logger.log_metrics({f"eval/w={w:g}/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+                    logger.log_metrics({f"eval/w={w:g}/{k}": v for k, v in sized(metrics, self.num_samples).items()},
+                                       step=trainer.global_step)
         loss = trainer.callback_metrics.get("train/loss")
         record = {"global_step": trainer.global_step, "final_loss": float(loss) if loss is not None else None,
                   "evaluations": results,
@@ -174,16 +216,64 @@ def _describe(sampler, steps) -> dict:
 
 
 class ProgressBar(TQDMProgressBar):
-    """Lightning's progress bar with the training loss, read from the device only when the bar redraws (every
+    """One bar for the whole run, counted in optimizer steps (``step 500/2000``, with its rate and time left), not
+    Lightning's bar per epoch; with the training loss, read from the device only when the bar redraws (every
     ``refresh_rate`` steps). Logging the loss with ``prog_bar=True`` instead makes Lightning convert it to a Python
     number after every step: a host-device synchronisation per step on a GPU."""
 
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self.train_progress_bar = self.init_train_tqdm()
+        self.train_progress_bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
+        self.train_progress_bar.initial = self.train_progress_bar.n = trainer.global_step  # a resumed run's rate and ETA
+        self.train_progress_bar.set_description("step")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
+        pass  # epochs of a small dataset are a few steps each: the bar spans the run
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        bar, step = self.train_progress_bar, trainer.global_step
+        if bar is not None and self._should_update(step, bar.total):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # redraws
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        pass
+
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version number: not progress
         loss = trainer.callback_metrics.get("train/loss")
         if loss is not None:
-            metrics["loss"] = loss.item()
+            metrics["loss"] = f"{loss.item():.4f}"
         return metrics
+
+
+class ProgressLog(L.Callback):
+    """A log line every ``every_n_steps`` steps (``step 500/2000 (25%) loss 0.0412, 14.2 steps/s, 1m46s left``): the
+    progress record that reaches train.log and cluster logs, where a progress bar does not."""
+
+    def __init__(self, every_n_steps: int = 250):
+        self.every_n_steps = every_n_steps
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._start, self._start_step = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps <= 0 or step % self.every_n_steps or not trainer.is_global_zero:
+            return
+        rate = (step - self._start_step) / max(time.perf_counter() - self._start, 1e-9)
+        loss = trainer.callback_metrics.get("train/loss")
+        total = trainer.max_steps if trainer.max_steps > 0 else None
+        left = f", {duration((total - step) / rate)} left" if total and rate > 0 else ""
+        log.info("step %d%s%s, %.1f steps/s%s", step, f"/{total} ({100 * step / total:.0f}%)" if total else "",
+                 f" loss {loss.item():.4f}" if loss is not None else "", rate, left)
+
+
+def duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 class SaveResolvedConfig(L.Callback):
@@ -235,7 +325,7 @@ class LastCheckpoint(L.Callback):
         if self.received is None or self._saved_step == trainer.global_step:
             return
         path = self.dirpath / "last.ckpt"
-        trainer.save_checkpoint(path)  # every rank joins; rank 0 writes
+        trainer.save_checkpoint(path, weights_only=False)  # the whole state; every rank joins, rank 0 writes
         self._saved_step = trainer.global_step
         log.warning("%s at step %d: saved %s; the same command resumes from it", self.received, trainer.global_step, path)
         trainer.should_stop = True  # SIGINT; for SIGTERM Lightning raises SIGTERMException right after this hook
@@ -249,7 +339,7 @@ class LastCheckpoint(L.Callback):
             return
         if path.is_file() and torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"] == trainer.global_step:
             return  # ModelCheckpoint just wrote this step
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
 
     def teardown(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         if threading_main():

@@ -7,13 +7,14 @@ install reads them there; a wheel ships them inside the package as ``ddpm/conf``
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -37,9 +38,40 @@ def experiments_root() -> Path:
 # and warns that this matching by name is deprecated. hydra-core is pinned below 1.4.
 warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
 
+# Two messages of Lightning 2.6 printed in every run, silenced one by one (never by category): its own use of a
+# torch pytree API that torch 2.14 deprecates, and an advertisement for a logging service.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+
+
+class _DropLitLoggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "try installing [litlogger]" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLitLoggerTip())
+
 # train.yaml adds file://${oc.env:DDPM_EXPERIMENTS_ROOT} to Hydra's search path, so that
 # `experiments=NAME` composes a preset from experiments/ like any other config group.
 os.environ.setdefault("DDPM_EXPERIMENTS_ROOT", str(experiments_root()))
+
+
+def presets() -> str:
+    """The experiment presets, for --help (Hydra's own list misses the group, which lives on the search path)."""
+    return ", ".join(sorted(p.stem for p in (experiments_root() / "experiments").glob("*.yaml")))
+
+
+OmegaConf.register_new_resolver("ddpm_presets", presets, replace=True)
+
+
+def check_flags(argv: list[str]) -> None:
+    """Hydra refuses --cfg together with --multirun with a traceback; say what to do in one line instead."""
+    import sys
+
+    flags = set(argv)
+    if flags & {"--cfg", "-c"} and flags & {"--multirun", "-m"}:
+        print("error: --cfg prints the config of one job: drop --multirun and give one value per swept key "
+              "(seed=0 instead of seed=0,1,2)", file=sys.stderr)
+        sys.exit(2)
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "train", output_dir: str | None = None) -> DictConfig:
@@ -101,7 +133,19 @@ def run_cli(task, cfg: DictConfig):
     except (ConfigError, NonFiniteLossError, CheckpointWriteError) as error:
         for line in error_lines(error):
             print(f"error: {line}", file=sys.stderr)
+        if isinstance(error, ConfigError):
+            _discard_refused_run(cfg)
         sys.exit(2)
+
+
+def _discard_refused_run(cfg: DictConfig) -> None:
+    """A single run refused on bad input leaves no empty run directory behind (a multirun keeps its job folders)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from ddpm.rundirs import discard_if_unused
+
+    if HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.RUN" and cfg.get("paths"):
+        discard_if_unused(Path(cfg.paths.output_dir))
 
 
 def error_lines(error: Exception) -> list[str]:

@@ -113,10 +113,11 @@ class ImageDataModule(L.LightningDataModule):
         """Set ``train_set`` and ``test_set`` (and ``train_reference``, the training images without augmentation)."""
         raise NotImplementedError
 
-    def check_batches(self) -> None:
+    def check_batches(self, world: int | None = None) -> None:
         """drop_last keeps only full batches: a training set (per process) smaller than one batch yields no step at
-        all, and the run would end "successfully" having trained nothing."""
-        world = self.trainer.world_size if self.trainer is not None else 1
+        all, and the run would end "successfully" having trained nothing. ``world``: the number of processes
+        (default: the trainer's)."""
+        world = world or (self.trainer.world_size if self.trainer is not None else 1)
         per_process = -(-len(self.train_set) // world)
         if per_process < self.batch_size:
             each = f", {per_process} per process on {world}" if world > 1 else ""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -15,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.config import config_dir, run_cli
+from ddpm.config import check_flags, config_dir, run_cli
 from ddpm.loggers import instantiate_loggers
 from ddpm.metrics import inception_score, metric_name, prepare, sample_metrics
 from ddpm.module import DiffusionModule
@@ -101,5 +102,11 @@ def main(cfg: DictConfig) -> None:
     run_cli(evaluate, cfg)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line: ``python -m ddpm.evaluate`` and the ``ddpm-evaluate`` script."""
+    check_flags(sys.argv[1:])
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -93,6 +93,7 @@ def wandb_logger(project: str, save_dir: str, mode: str = "auto", group: str | N
     def start(mode: str) -> WandbLogger:
         logger = WandbLogger(project=project, save_dir=save_dir, mode=mode, settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S),
                              group=auto_group if group == "auto" else group, name=auto_name if name == "auto" else name, **kwargs)
+        logger._wandb_init.pop("anonymous", None)  # Lightning always passes it; wandb warns that it has no effect
         logger.experiment  # start the run now: a failure surfaces here, before any compute
         return logger
 

@@ -112,13 +112,13 @@ def build_report(sweep_dir: Path) -> str:
     scales = sorted({w for r in runs for w, _ in r["evaluations"]})
     first = lambda r: next(((w, m) for w, m in r["evaluations"] if m), (None, None))  # noqa: E731
 
-    # 1. One row per run.
-    header = ["run", *keys, "final loss", *(f"{m} (w={first(runs[0])[0]:g})" if first(runs[0])[0] is not None else m for m in metrics)]
+    # 1. One row per run, with the guidance scale its numbers were measured at (its first evaluation).
+    header = ["run", *keys, "final loss", *(["w"] if scales else []), *metrics]
     rows = []
     for r in runs:
-        _, m = first(r)
+        w, m = first(r)
         rows.append([r["dir"], *(r["overrides"].get(k) for k in keys), _fmt(r["final_loss"]),
-                     *(_fmt((m or {}).get(name)) for name in metrics)])
+                     *([f"{w:g}" if w is not None else "n/a"] if scales else []), *(_fmt((m or {}).get(name)) for name in metrics)])
     with open(sweep_dir / "runs.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run", *keys, "final_loss", *metrics])
@@ -155,6 +155,9 @@ def build_report(sweep_dir: Path) -> str:
     plot(runs, long_rows, group_keys, metrics, sweep_dir)
     if any(r["curve"] for r in runs):
         out += ["", "![loss curves](loss_curves.png)"]
+    elif any((sweep_dir / r["dir"] / "wandb").is_dir() for r in runs):
+        out += ["", "No loss curves here: these runs logged the loss to wandb only (their curves are in its UI, grouped by "
+                "sweep); sweep with logger=wandb_csv to get loss_curves.png too."]
     if scales and metrics:
         out += ["", "![quality against guidance scale](quality_vs_guidance.png)"]
     return "\n".join(out) + "\n"
@@ -175,11 +178,15 @@ def findings(rows: list[dict], group_keys: list[str], metrics: list[str], scales
                 continue  # several other keys vary too: see the tables
             ranked = sorted(by_value.items(), key=lambda kv: kv[1][0][0], reverse=name not in LOWER_IS_BETTER)
             (best, [(mb, sb, nb)]), (second, [(ms, ss, ns)]) = ranked[0], ranked[1]
-            se = math.sqrt(sb**2 / max(nb, 1) + ss**2 / max(ns, 1))
-            verdict = "a clear difference" if abs(mb - ms) > 2 * se and nb > 1 and ns > 1 else "within seed noise: no clear difference"
             where = f" at w={w:g}" if w is not None and name != "final_loss" else ""
             caveat = (" (losses under different schedules weight the noise levels differently: not comparable)"
                       if name == "final_loss" and key.startswith("schedule") else "")
+            if nb < 2 or ns < 2:  # one run a side has no spread to compare a gap with
+                lines.append(f"- {name}{where}: {key}={json.loads(best)} {_fmt(mb)} vs {key}={json.loads(second)} {_fmt(ms)}: "
+                             f"{min(nb, ns)} seed: no statistics (sweep seed=0,1,2 to compare){caveat}.")
+                continue
+            se = math.sqrt(sb**2 / nb + ss**2 / ns)
+            verdict = "a clear difference" if abs(mb - ms) > 2 * se else "within seed noise: no clear difference"
             lines.append(f"- {name}{where}: {key}={json.loads(best)} is best ({_fmt(mb, sb, nb)}) vs {key}={json.loads(second)} "
                          f"({_fmt(ms, ss, ns)}), {verdict} (gap {abs(mb - ms):.4g}, 2 standard errors {2 * se:.4g}){caveat}.")
     if len(scales) > 1:

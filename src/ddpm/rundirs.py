@@ -78,6 +78,21 @@ class FreshRunDirs(Callback):
         return path
 
 
+def discard_if_unused(run_dir: Path) -> bool:
+    """Remove a single run's directory that a command refused to start in: one holding nothing but Hydra's
+    ``.hydra/*.yaml``, log files and empty folders. Anything else in it (a checkpoint, a grid, a file of yours) keeps
+    it. Returns whether it was removed."""
+    import shutil
+
+    if not run_dir.is_dir():
+        return False
+    files = [p for p in run_dir.rglob("*") if not p.is_dir()]
+    if any(not (p.suffix == ".log" or (p.parent == run_dir / ".hydra" and p.suffix == ".yaml")) for p in files):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
+
+
 def _quote(value: str) -> str:
     """A Hydra override value, quoted so that any path survives its grammar."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"

@@ -4,6 +4,7 @@ images from a checkpoint, as a PNG grid and as raw uint8 arrays (samples.npz).""
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -13,9 +14,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torchvision.utils import save_image
+from tqdm.auto import tqdm
 
 from ddpm.callbacks import class_rows, even_labels, to_grid
-from ddpm.config import config_dir, run_cli
+from ddpm.config import check_flags, config_dir, run_cli
 from ddpm.guidance import check_guidance
 from ddpm.module import DiffusionModule
 from ddpm.validation import ConfigError, validate
@@ -48,14 +50,20 @@ def draw(module: DiffusionModule, cfg: DictConfig, trajectory_steps: int = 10) -
         return counted
 
     start, chunks = time.perf_counter(), []
-    for first in range(0, n, cfg.batch_size):
+    batches = range(0, n, cfg.batch_size)
+    # One bar over all images when there are several batches (10,000 images are 20 batches, not 20 bars); the
+    # sampler's own bar over its steps when there is one.
+    overall = tqdm(total=n, desc="sampling", unit="img", disable=len(batches) == 1, leave=False)
+    for first in batches:
         batch_labels = labels[first:first + cfg.batch_size] if labels is not None else None
         size = len(batch_labels) if batch_labels is not None else min(cfg.batch_size, n - first)
         keep = cfg.trajectory if first == 0 else 0
         callback = (lambda i, x, x0: frames.append(x[:keep].clone())) if keep else None  # noqa: E731
         chunks.append(module.sample(batch_labels, num_samples=size, guidance_scale=cfg.guidance.scale,
                                     generator=generator, use_ema=cfg.use_ema, sampler=_wrap(sampler, count),
-                                    progress=True, callback=callback))
+                                    progress=len(batches) == 1, callback=callback))
+        overall.update(size)
+    overall.close()
     seconds = time.perf_counter() - start
     trajectory = None
     if frames:
@@ -117,5 +125,11 @@ def main(cfg: DictConfig) -> None:
     run_cli(sample, cfg)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line: ``python -m ddpm.sample`` and the ``ddpm-sample`` script."""
+    check_flags(sys.argv[1:])
     main()
+
+
+if __name__ == "__main__":
+    cli()

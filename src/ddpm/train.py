@@ -5,8 +5,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 import signal
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,14 +17,15 @@ import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.callbacks import LastCheckpoint
-from ddpm.checkpoint import config_differences, load_checkpoint
-from ddpm.config import config_dir, resolve_precision, run_cli
+from ddpm.callbacks import LastCheckpoint, duration
+from ddpm.checkpoint import CheckpointWriteError, config_differences, load_checkpoint
+from ddpm.config import check_flags, config_dir, resolve_precision, run_cli
 from ddpm.loggers import instantiate_loggers
-from ddpm.module import DiffusionModule
+from ddpm.module import DiffusionModule, NonFiniteLossError
 from ddpm.validation import ConfigError, validate
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Diffus
 
     datamodule = instantiate(cfg.data)
     datamodule.check()
+    if rank_zero_only.rank == 0:  # a download that fails does so now, before a logger run or a model exists
+        datamodule.prepare_data()
+        datamodule.setup()
+        datamodule.check_batches(world_size(cfg.trainer))
     module = DiffusionModule.from_config(cfg)
     logger = instantiate_loggers(cfg.get("logger"))
     callbacks = [instantiate(node) for name, node in (cfg.get("callbacks") or {}).items()
@@ -56,19 +64,58 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Diffus
     n_params = sum(p.numel() for p in module.net.parameters())
     log.info("network: %s with %.2fM parameters; writing to %s", cfg.model._target_, n_params / 1e6, cfg.paths.output_dir)
 
-    signal_name = None
+    signal_name, start = None, time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
         signal_name = "SIGTERM"
+    except (NonFiniteLossError, CheckpointWriteError) as error:  # their advice ends "run the same command again"
+        raise type(error)(f"{error} ({rerun(cfg)})") from None
     finally:
         _finish_wandb()
     signal_name = signal_name or next((c.received for c in callbacks if isinstance(c, LastCheckpoint) and c.received), None)
     if signal_name is not None:
-        log.warning("stopped by %s at step %d; resume with the same command (resume=auto) or ckpt_path=%s",
-                    signal_name, trainer.global_step, Path(cfg.paths.checkpoint_dir) / "last.ckpt")
+        log.warning("stopped by %s at step %d; to resume: %s (or ckpt_path=%s)", signal_name, trainer.global_step,
+                    rerun(cfg), Path(cfg.paths.checkpoint_dir) / "last.ckpt")
         raise SystemExit(128 + getattr(signal, signal_name))
+    summarize(cfg, trainer.global_step, time.perf_counter() - start)
     return module
+
+
+def world_size(trainer_cfg: DictConfig) -> int:
+    """Processes the configured trainer will run (devices x nodes; 1 where devices is auto or a list)."""
+    devices = trainer_cfg.get("devices", 1)
+    return (devices if isinstance(devices, int) and devices > 0 else 1) * int(trainer_cfg.get("num_nodes", 1) or 1)
+
+
+def rerun(cfg: DictConfig) -> str:
+    """How to run this very run again, so that it resumes: its directory must be named (a new command would get a
+    fresh clock-named one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN":
+        return f"the same command with hydra.sweep.dir={Path(cfg.paths.output_dir).parent}"
+    return f"the same command with hydra.run.dir={cfg.paths.output_dir}"
+
+
+def summarize(cfg: DictConfig, steps: int, seconds: float) -> None:
+    """The end of a run in a few lines: where everything is, the final metrics, and the commands that come next."""
+    out, last = Path(cfg.paths.output_dir), Path(cfg.paths.checkpoint_dir) / "last.ckpt"
+    lines = [f"finished {steps} steps in {duration(seconds)}; everything is in {out}"]
+    if (Path(cfg.paths.sample_dir) / "final.png").is_file():
+        lines.append(f"  samples:  {Path(cfg.paths.sample_dir) / 'final.png'}")
+    metrics_file = out / "metrics.json"
+    if metrics_file.is_file():
+        record = json.loads(metrics_file.read_text())
+        n = record["protocol"]["num_samples"]
+        for entry in record["evaluations"]:
+            if entry["metrics"]:
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in entry["metrics"].items())
+                lines.append(f"  metrics.json, w={entry['guidance_scale']:g} ({n} samples): {shown}")
+    lines += [f"  sample:   python -m ddpm.sample ckpt_path={last}",
+              f"  evaluate: python -m ddpm.evaluate ckpt_path={last}",
+              f"  train on: python -m ddpm.train ckpt_path={last} trainer.max_steps={2 * steps}"]
+    log.info("\n".join(lines))
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:
@@ -126,5 +173,11 @@ def main(cfg: DictConfig) -> None:
     run_cli(train, cfg)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line: ``python -m ddpm.train`` and the ``ddpm-train`` script."""
+    check_flags(sys.argv[1:])
     main()
+
+
+if __name__ == "__main__":
+    cli()
