@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ddpm.callbacks import LastCheckpoint, duration
 from ddpm.checkpoint import CheckpointWriteError, config_differences, load_checkpoint
@@ -66,7 +67,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Diffus
 
     signal_name, start = None, time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        with logging_redirect_tqdm():  # log lines go above the progress bar instead of into it
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
         signal_name = "SIGTERM"
     except (NonFiniteLossError, CheckpointWriteError) as error:  # their advice ends "run the same command again"
