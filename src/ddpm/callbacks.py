@@ -221,11 +221,16 @@ class ProgressBar(TQDMProgressBar):
     ``refresh_rate`` steps). Logging the loss with ``prog_bar=True`` instead makes Lightning convert it to a Python
     number after every step: a host-device synchronisation per step on a GPU."""
 
+    @property
+    def train_description(self) -> str:
+        return "step"
+
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         self.train_progress_bar = self.init_train_tqdm()
-        self.train_progress_bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
-        self.train_progress_bar.initial = self.train_progress_bar.n = trainer.global_step  # a resumed run's rate and ETA
-        self.train_progress_bar.set_description("step")
+        bar = self.train_progress_bar
+        bar.total = trainer.max_steps if trainer.max_steps > 0 else None
+        bar.initial = bar.n = trainer.global_step  # a resumed run counts (and times) from where it resumed
+        bar.refresh()
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
         pass  # epochs of a small dataset are a few steps each: the bar spans the run
