@@ -538,3 +538,25 @@ def test_ctrl_c_stops_within_seconds_without_grid_or_evaluation(tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) == ["last.ckpt"]
     assert "no final grid" in output and "no final evaluation" in output and f"hydra.run.dir={run}" in output
     assert seconds < 60, seconds  # a hang guard (the evaluation it skips takes minutes), not a speed claim
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    """The first Ctrl+C waits for the step in progress; when that step is slow (here a 1000-step grid of 500 images
+    after the first step, tens of seconds), a second Ctrl+C interrupts it instead (KeyboardInterrupt: exit 1, where
+    the first alone would end with 130 once the grid is done)."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ddpm.train", *TINY, "trainer.max_steps=1000", "schedule.timesteps=1000",
+           "callbacks.sample_grid.every_n_steps=1", "callbacks.sample_grid.steps=1000", "callbacks.sample_grid.per_class=50",
+           f"hydra.run.dir={run}"]
+    process = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = []
+    for line in process.stdout:  # until the grid of step 1 is being drawn
+        seen.append(line)
+        if "drawing step_0000001.png" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    output = "".join(seen) + process.communicate(timeout=300)[0]
+    assert process.returncode == 1 and "drawing step_0000001.png (500 images, 1000 sampler steps): done" not in output, output[-3000:]
