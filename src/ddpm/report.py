@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from ddpm.stats import compare
+
 QUALITY = ("fd_digits", "fid", "guided_accuracy", "diversity", "inception_score")
 LOWER_IS_BETTER = {"fd_digits", "fid", "final_loss"}
 
@@ -137,12 +139,14 @@ def build_report(sweep_dir: Path) -> str:
         labels = [json.loads(v) for v in gkey]
         loss = _mean_std([m["final_loss"] for m in members])
         for w in sorted({w for r in members for w, _ in r["evaluations"]}) or [None]:
-            stats = {}
+            stats, raw = {}, {"final_loss": _by_seed(members, lambda r: r["final_loss"])}
             for name in metrics:
-                stats[name] = _mean_std([dict(r["evaluations"]).get(w, {}).get(name) if dict(r["evaluations"]).get(w) else None for r in members])
+                value = lambda r, name=name: (dict(r["evaluations"]).get(w) or {}).get(name)  # noqa: E731
+                stats[name] = _mean_std([value(r) for r in members])
+                raw[name] = _by_seed(members, value)
             n = sum(1 for r in members if w is None or w in dict(r["evaluations"]))
             summary_rows.append([*labels, f"{w:g}" if w is not None else "", n, _fmt(*loss), *(_fmt(*stats[name]) for name in metrics)])
-            long_rows.append({"group": labels, "w": w, "n": n, "final_loss": loss, **stats})
+            long_rows.append({"group": labels, "w": w, "n": n, "final_loss": loss, **stats, "raw": raw})
     out += ["", "## Mean ± std over seeds", "",
             _table([*group_keys, "w", "seeds", "final loss", *metrics], summary_rows)]
     with open(sweep_dir / "guidance.csv", "w", newline="") as f:
@@ -163,9 +167,16 @@ def build_report(sweep_dir: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+def _by_seed(members: list[dict], value) -> dict:
+    """``{seed: value}`` over a group's runs (a run without a seed override is keyed by its directory)."""
+    out = {r["overrides"].get("seed", f"run {r['dir']}"): value(r) for r in members}
+    return {seed: v for seed, v in out.items() if v is not None and math.isfinite(v)}
+
+
 def findings(rows: list[dict], group_keys: list[str], metrics: list[str], scales: list) -> list[str]:
-    """Plain sentences: which setting is better on each metric, and whether the gap exceeds twice its standard
-    error over seeds (otherwise: no clear difference at this number of seeds)."""
+    """Plain sentences: which setting is better on each metric, and whether seeds can tell them apart (a paired
+    t-test when both settings ran the same seeds, Welch's otherwise; ``ddpm.stats``), with the interval and p-value
+    behind it."""
     lines = []
     for i, key in enumerate(group_keys):
         comparisons = [("final_loss", scales[0] if scales else None)] + [(m, w) for m in metrics[:1] for w in (scales or [None])]
@@ -173,22 +184,26 @@ def findings(rows: list[dict], group_keys: list[str], metrics: list[str], scales
             by_value = defaultdict(list)
             for row in rows:
                 if row["w"] == w and row[name][2] > 0:
-                    by_value[json.dumps(row["group"][i])].append(row[name])
+                    by_value[json.dumps(row["group"][i])].append(row)
             if len(by_value) < 2 or any(len(v) != 1 for v in by_value.values()):
                 continue  # several other keys vary too: see the tables
-            ranked = sorted(by_value.items(), key=lambda kv: kv[1][0][0], reverse=name not in LOWER_IS_BETTER)
-            (best, [(mb, sb, nb)]), (second, [(ms, ss, ns)]) = ranked[0], ranked[1]
+            ranked = sorted(by_value.items(), key=lambda kv: kv[1][0][name][0], reverse=name not in LOWER_IS_BETTER)
+            (best, [best_row]), (second, [second_row]) = ranked[0], ranked[1]
+            (mb, sb, nb), (ms, ss, ns) = best_row[name], second_row[name]
             where = f" at w={w:g}" if w is not None and name != "final_loss" else ""
             caveat = (" (losses under different schedules weight the noise levels differently: not comparable)"
                       if name == "final_loss" and key.startswith("schedule") else "")
-            if nb < 2 or ns < 2:  # one run a side has no spread to compare a gap with
-                lines.append(f"- {name}{where}: {key}={json.loads(best)} {_fmt(mb)} vs {key}={json.loads(second)} {_fmt(ms)}: "
+            comparison = compare(best_row["raw"][name], second_row["raw"][name])
+            head = f"- {name}{where}: {key}={json.loads(best)}"
+            if comparison is None:  # one run a side has no spread to compare a gap with
+                lines.append(f"{head} {_fmt(mb)} vs {key}={json.loads(second)} {_fmt(ms)}: "
                              f"{min(nb, ns)} seed: no statistics (sweep seed=0,1,2 to compare){caveat}.")
-                continue
-            se = math.sqrt(sb**2 / nb + ss**2 / ns)
-            verdict = "a clear difference" if abs(mb - ms) > 2 * se else "within seed noise: no clear difference"
-            lines.append(f"- {name}{where}: {key}={json.loads(best)} is best ({_fmt(mb, sb, nb)}) vs {key}={json.loads(second)} "
-                         f"({_fmt(ms, ss, ns)}), {verdict} (gap {abs(mb - ms):.4g}, 2 standard errors {2 * se:.4g}){caveat}.")
+            elif comparison.clear:
+                lines.append(f"{head} is better ({_fmt(mb, sb, nb)}) than {key}={json.loads(second)} ({_fmt(ms, ss, ns)}): "
+                             f"a difference at 95% ({comparison.describe()}){caveat}.")
+            else:
+                lines.append(f"{head} ({_fmt(mb, sb, nb)}) and {key}={json.loads(second)} ({_fmt(ms, ss, ns)}): cannot tell "
+                             f"apart at n = {min(nb, ns)} ({comparison.describe()}){caveat}.")
     if len(scales) > 1:
         for row_group in sorted({json.dumps(r["group"]) for r in rows}):
             series = sorted((r["w"], r) for r in rows if json.dumps(r["group"]) == row_group and r["w"] is not None)
