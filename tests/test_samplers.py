@@ -215,6 +215,25 @@ def test_logsnr_spacing():
     assert gaps.max() < 1.5 * gaps.mean()  # evenly spread in lambda, unlike time-uniform steps
 
 
+def test_logsnr_spacing_of_the_cosine_schedule_is_not_eaten_by_its_clipped_last_step():
+    """Cosine's beta_T is clipped at 0.999: lambda falls from -6.5 to -9.9 in the last step. Spaced down to -9.9, 20
+    steps gave 17 distinct timesteps, 5 of them at t >= 990. With the floor at -5.1: 20 distinct, evenly spread in lambda."""
+    from ddpm.diffusion import logsnr_spaced_timesteps
+    from ddpm.schedules import cosine_betas
+
+    alphas_cumprod = GaussianDiffusion(cosine_betas(1000)).alphas_cumprod
+    lam = 0.5 * torch.log(alphas_cumprod / (1 - alphas_cumprod))
+    unfloored = logsnr_spaced_timesteps(alphas_cumprod, 20)
+    assert len(unfloored) == 17 and (unfloored >= 990).sum() == 5  # the defect, as measured
+    ts = logsnr_spaced_timesteps(alphas_cumprod, 20, lambda_min=-5.1)
+    assert len(ts) == 20 and (ts >= 990).sum() <= 2 and ts[0] == 0  # even in lambda, which cosine drops fast near T
+    assert lam[ts[-1]] >= -5.1 > lam[ts[-1] + 1]  # it starts at the last timestep above the floor
+    gaps = lam[ts][:-1] - lam[ts][1:]
+    assert gaps.max() < 1.5 * gaps.mean()
+    linear = GaussianDiffusion(linear_betas(1000)).alphas_cumprod  # lambda_T = -5.06: the floor changes nothing
+    assert torch.equal(logsnr_spaced_timesteps(linear, 20, lambda_min=-5.1), logsnr_spaced_timesteps(linear, 20))
+
+
 @pytest.mark.parametrize("steps", [10, 20])
 def test_dpmpp_2m_is_accurate_in_few_steps(steps):
     diffusion = GaussianDiffusion(linear_betas(1000))

@@ -85,16 +85,23 @@ def spaced_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:
     return torch.round(torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64)).long().unique()
 
 
-def logsnr_spaced_timesteps(alphas_cumprod: torch.Tensor, steps: int) -> torch.Tensor:
-    """About ``steps`` indices whose log-SNR lambda_t = log(alpha_t / sigma_t) is evenly spread from t = T to t = 1
-    (Lu et al. 2022 recommend it for low-resolution pixel-space models); each is the index nearest its target.
-    Near-duplicates collapse, so the result can be a little shorter than ``steps``."""
+def logsnr_spaced_timesteps(alphas_cumprod: torch.Tensor, steps: int, lambda_min: float | None = None) -> torch.Tensor:
+    """About ``steps`` indices whose log-SNR lambda_t = log(alpha_t / sigma_t) is evenly spread from t = 1 down to the
+    last t whose lambda is at least ``lambda_min`` (None: down to t = T); Lu et al. 2022 recommend log-SNR spacing for
+    low-resolution pixel-space models. Each index is the one nearest its target; near-duplicates collapse, so the
+    result can be a little shorter than ``steps``.
+
+    Why a floor: the cosine schedule's betas are clipped at 0.999, so its log-SNR falls from -6.5 to -9.9 in the
+    last step alone; spaced down to -9.9, a quarter of 20 steps land on t >= 990 and several collapse (17 distinct,
+    5 of them there). DPM-Solver implementations clip lambda_min for this (diffusers' ``lambda_min_clipped``, -5.1
+    for cosine schedules); the linear schedule's lambda_T = -5.06 is above that floor and keeps t = T."""
     num_timesteps = len(alphas_cumprod)
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"sampler.steps={steps}: must be between 1 and schedule.timesteps={num_timesteps}")
     lam = 0.5 * torch.log(alphas_cumprod / (1 - alphas_cumprod)).cpu()
-    targets = torch.linspace(lam[0].item(), lam[-1].item(), steps, dtype=torch.float64)
-    return (lam[None, :] - targets[:, None]).abs().argmin(dim=1).unique()
+    last = num_timesteps - 1 if lambda_min is None else max(int((lam >= lambda_min).sum()) - 1, 0)  # lam decreases
+    targets = torch.linspace(lam[0].item(), lam[last].item(), steps, dtype=torch.float64)
+    return (lam[None, : last + 1] - targets[:, None]).abs().argmin(dim=1).unique()
 
 
 def respace(diffusion: GaussianDiffusion, timesteps: torch.Tensor) -> GaussianDiffusion:

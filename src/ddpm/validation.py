@@ -107,6 +107,7 @@ SAMPLER_RULES = [
     Rule("sampler.variance", one_of("beta", "posterior"), "one of ['beta', 'posterior']"),
     Rule("sampler.x0_clip", one_of("clip", "dynamic", "none"), "one of ['clip', 'dynamic', 'none']"),
     Rule("sampler.spacing", one_of("logsnr", "time"), "one of ['logsnr', 'time']"),
+    Rule("sampler.lambda_min", optional(lambda v, _: _is_num(v)), "a number (a log-SNR, e.g. -5.1) or null"),
     Rule("sampler.percentile", lambda v, _: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
 ]
 

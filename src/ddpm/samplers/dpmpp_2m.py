@@ -34,6 +34,7 @@ def dpmpp_2m_step(
 
 def sample_dpmpp_2m(
     model_fn: ModelFn, diffusion: GaussianDiffusion, noise: torch.Tensor, *, steps: int = 20, spacing: str = "logsnr",
+    lambda_min: float | None = -5.1,
     x0_clip: str = "clip", percentile: float = 0.995, generator: torch.Generator | None = None,
     callback: Callable | None = None, progress: bool = False,
 ) -> torch.Tensor:
@@ -43,9 +44,11 @@ def sample_dpmpp_2m(
 
     Why log-SNR by default: with the linear schedule and time-uniform steps the last step jumps from lambda ~ 1.6
     to 4.6 and the second-order extrapolation overshoots (a Gaussian's std comes out 25% too large at 20
-    steps); log-SNR spacing keeps it within 2% from 10 steps on (tests/test_samplers.py)."""
+    steps); log-SNR spacing keeps it within 2% from 10 steps on (tests/test_samplers.py). ``lambda_min``: the log-SNR
+    floor of that spacing (``logsnr_spaced_timesteps``: it keeps the cosine schedule's clipped last step from taking a
+    quarter of the steps)."""
     if spacing == "logsnr":
-        timesteps = logsnr_spaced_timesteps(diffusion.alphas_cumprod, steps).flip(0)
+        timesteps = logsnr_spaced_timesteps(diffusion.alphas_cumprod, steps, lambda_min).flip(0)
     elif spacing == "time":
         timesteps = spaced_timesteps(diffusion.num_timesteps, steps).flip(0)  # T-1 ... 0
     else:
