@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import signal
 import time
@@ -150,12 +151,23 @@ def newest_checkpoint(directory: Path) -> tuple[Path, int] | None:
     for stray in directory.glob(".*.ckpt.tmp"):
         log.warning("removing %s, a checkpoint write that a kill or a full disk interrupted", stray)
         stray.unlink(missing_ok=True)
-    found = []
-    for path in directory.glob("*.ckpt"):
+    def step_of(path: Path) -> int | None:
         try:
-            found.append((load_checkpoint(path, mmap=True)["global_step"], path.name == "last.ckpt", path))
+            return load_checkpoint(path, mmap=True)["global_step"]
         except ConfigError as error:
             log.warning("skipping %s: %s", path, error)
+            return None
+
+    found = []
+    if (directory / "last.ckpt").is_file() and (step := step_of(directory / "last.ckpt")) is not None:
+        found.append((step, True, directory / "last.ckpt"))
+    # Of the periodic checkpoints only the newest readable one matters: read them newest first, by the step in the
+    # name, and stop at the first that loads (a run of 800 checkpoints is not read 800 times at every resume).
+    named = sorted(directory.glob("*.ckpt"), key=lambda p: [int(s) for s in re.findall(r"\d+", p.stem)] or [-1], reverse=True)
+    for path in (p for p in named if p.name != "last.ckpt"):
+        if (step := step_of(path)) is not None:
+            found.append((step, False, path))
+            break
     if not found:
         return None
     step, _, path = max(found)
