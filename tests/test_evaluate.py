@@ -146,13 +146,16 @@ def test_sample_quality_callback_logs_a_curve(cache_dir, tmp_path):
 
 @classifier_group
 def test_guidance_sweep_is_one_multirun(checkpoint, cache_dir, tmp_path):
-    result = run_cli("ddpm.evaluate", "--multirun", f"ckpt_path={checkpoint}", "guidance.scale=0,2", "sampler=ddim",
+    result = run_cli("ddpm.evaluate", "--multirun", f"ckpt_path={checkpoint}", "guidance.scale=0,0.5,1,2", "sampler=ddim",
                      "sampler.steps=3", "num_samples=20", f"paths.cache_dir={cache_dir}",
                      f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads((tmp_path / "sweep" / str(i) / "metrics.json").read_text()) for i in range(2)]
-    assert [r["protocol"]["guidance_scale"] for r in records] == [0.0, 2.0]
+    records = [json.loads((tmp_path / "sweep" / str(i) / "metrics.json").read_text()) for i in range(4)]
+    assert [r["protocol"]["guidance_scale"] for r in records] == [0.0, 0.5, 1.0, 2.0]
     assert all("fd_digits" in r["metrics"] and "guided_accuracy" in r["metrics"] for r in records)
+    # One process, four evaluations: the extractor and the reference statistics were built once.
+    assert [r["process"] for r in records] == [{"extractor_and_reference_uses": i + 1, "extractor_and_reference_built": 1}
+                                              for i in range(4)]
 
 
 def test_one_extractor_per_process_for_the_same_data(cache_dir):

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpm.config import check_flags, config_dir, run_cli
 from ddpm.loggers import instantiate_loggers
-from ddpm.metrics import inception_score, metric_name, prepare, sample_metrics
+from ddpm.metrics import PREPARATIONS, inception_score, metric_name, prepare, sample_metrics
 from ddpm.module import DiffusionModule
 from ddpm.sample import draw, load_for_sampling
 from ddpm.validation import ConfigError
@@ -79,7 +79,11 @@ def evaluate(cfg: DictConfig) -> dict:
     # One evaluation is one network call on a batch; a guided one carries the conditional and the
     # unconditional halves together. nfe counts them per image (the sampler's steps).
     metrics.update(nfe=out["nfe"] / batches, sampling_seconds=out["seconds"], images_per_second=len(images) / out["seconds"])
-    record = {"metrics": metrics, "protocol": protocol(cfg, module, reference.info, extractor_info, len(images))}
+    record = {"metrics": metrics, "protocol": protocol(cfg, module, reference.info, extractor_info, len(images)),
+              # not part of the protocol: how this process shared the extractor and reference statistics (a multirun
+              # of N evaluations in one process: uses N, built 1)
+              "process": {"extractor_and_reference_uses": PREPARATIONS["uses"],
+                          "extractor_and_reference_built": PREPARATIONS["built"]}}
 
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -206,7 +206,10 @@ def prepare(feature_extractor: str, datamodule, split: str, cache_dir: str | Pat
     if datamodule.name == "image_folder":
         key["root"] = str(datamodule.root.resolve())
     memo_key = json.dumps([feature_extractor, key, str(cache_dir), limit, str(device)], sort_keys=True)
+    PREPARATIONS["uses"] += 1
     if memo_key not in _PREPARED:
+        PREPARATIONS["built"] += 1
+        log.info("feature extractor and reference statistics for %s/%s: built, and kept for this process", datamodule.name, split)
         extractor, extractor_info = build_extractor(feature_extractor, datamodule.name, cache_dir)
         extractor = extractor.to(device)
         reference = reference_statistics(extractor, datamodule.reference_set(split),
@@ -216,6 +219,9 @@ def prepare(feature_extractor: str, datamodule, split: str, cache_dir: str | Pat
 
 
 _PREPARED: dict[str, tuple[nn.Module, dict, Reference]] = {}
+# How often this process asked for an extractor and reference statistics, and how often it had to build them: a
+# multirun of evaluations in one process builds them once (ddpm.evaluate records both in metrics.json).
+PREPARATIONS = {"uses": 0, "built": 0}
 
 
 class _Precomputed(nn.Module):
