@@ -5,6 +5,7 @@ Each payload below is a checkpoint a stranger could send: a valid ddpm checkpoin
 and the target, before anything is built, and nothing the payload would do happens."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,7 +65,7 @@ def _untouched(tmp):
         and not (tmp / "hubconf.py").exists()
 
 
-@pytest.mark.parametrize("index", range(9), ids=[p[0] for p in payloads(__import__("pathlib").Path("."))])
+@pytest.mark.parametrize("index", range(9), ids=[p[0] for p in payloads(Path("."))])
 def test_every_entry_point_refuses_the_payload_before_building_anything(genuine, tmp_path, index):
     from ddpm.evaluate import evaluate
     from ddpm.sample import sample

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import TINY, run_cli
@@ -383,7 +384,7 @@ def test_disk_full_names_the_disk_and_keeps_earlier_checkpoints(tmp_path, monkey
 
 
 # --- the NaN advice, the learning rate on resume, logger=none ----------------------------------------------------
-class DivergeAboveLr(__import__("lightning").Callback):
+class DivergeAboveLr(L.Callback):
     """Stand-in for a learning rate too high for the model: the weights go NaN at step 7 if lr > 1e-3."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
