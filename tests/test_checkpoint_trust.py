@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import TINY, run_cli
 
-from ddpm.checkpoint import check_trusted, load_checkpoint, shipped_targets
+from ddpm.training.checkpoint import check_trusted, load_checkpoint, shipped_targets
 from ddpm.config import compose
-from ddpm.module import DiffusionModule
+from ddpm.training.module import DiffusionModule
 from ddpm.train import train
 from ddpm.validation import ConfigError
 
@@ -41,7 +41,7 @@ def payloads(tmp):
         ("hidden-in-callbacks", "callbacks.x", {"_target_": "os.system", "command": f"touch {made}"}, "callbacks.x._target_", "os.system"),
         ("data-exec", "data", {"_target_": "builtins.exec", "source": f"open({str(made)!r}, 'w')"}, "data._target_", "builtins.exec"),
         ("optimizer-eval", "optim.optimizer", {"_target_": "builtins.eval", "_partial_": True}, "optim.optimizer._target_", "builtins.eval"),
-        ("our-target-wrong-group", "model", {"_target_": "ddpm.data.DigitsDataModule"}, "model._target_", "ddpm.data.DigitsDataModule"),
+        ("our-target-wrong-group", "model", {"_target_": "ddpm.training.data.DigitsDataModule"}, "model._target_", "ddpm.training.data.DigitsDataModule"),
         ("interpolation", "data.root", "${oc.decode:'{_target_: os.system, command: touch x}'}", "data.root", "interpolation"),
     ]
 
@@ -106,9 +106,9 @@ def test_the_cli_refuses_with_one_line_and_exit_2(genuine, tmp_path):
 def test_genuine_checkpoints_and_every_shipped_option_pass(genuine):
     check_trusted(genuine["config"], "genuine")
     allowed = shipped_targets()
-    assert "ddpm.unet.UNet" in allowed["model"] and "ddpm.schedules.cosine_betas" in allowed["schedule"]
-    assert allowed["sampler"] >= {"ddpm.samplers.ddpm.sample_ddpm", "ddpm.samplers.ddim.sample_ddim",
-                                  "ddpm.samplers.dpmpp_2m.sample_dpmpp_2m"}
+    assert "ddpm.core.unet.UNet" in allowed["model"] and "ddpm.core.schedules.cosine_betas" in allowed["schedule"]
+    assert allowed["sampler"] >= {"ddpm.core.samplers.ddpm.sample_ddpm", "ddpm.core.samplers.ddim.sample_ddim",
+                                  "ddpm.core.samplers.dpmpp_2m.sample_dpmpp_2m"}
     assert allowed["optim.optimizer"] == {"torch.optim.AdamW"}
     assert "builtins.open" not in allowed["*"]
     # Every composable option of every rebuilt group is loadable: composing with each and checking its config.

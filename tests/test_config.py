@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from ddpm.config import compose, config_dir, experiments_root, resolve_precision
-from ddpm.module import DiffusionModule
+from ddpm.training.module import DiffusionModule
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ["data", "model", "schedule", "guidance", "sampler", "optim", "trainer", "callbacks", "logger"]
@@ -57,7 +57,7 @@ def test_data_options(option, tiny_cfg, image_folder):
 @pytest.mark.parametrize("option", options("model"))
 def test_model_options(option, tiny_cfg):
     cfg = tiny_cfg(f"model={option}", "data.image_size=32", "model.norm_groups=8")
-    from ddpm.module import build_net
+    from ddpm.training.module import build_net
 
     net = build_net(cfg.model)
     x = torch.randn(2, cfg.data.channels, 32, 32)
@@ -114,7 +114,7 @@ def test_logger_options(option, tiny_cfg, offline_env):
     if option == "none":
         assert not cfg.logger
         return
-    from ddpm.loggers import instantiate_loggers
+    from ddpm.training.loggers import instantiate_loggers
 
     loggers = instantiate_loggers(cfg.logger)
     assert loggers and all(isinstance(logger, L.pytorch.loggers.Logger) for logger in loggers)
@@ -128,7 +128,7 @@ def test_logger_options(option, tiny_cfg, offline_env):
 
 
 def test_wandb_mode_follows_credentials(offline_env, monkeypatch, tmp_path):
-    from ddpm.loggers import resolve_wandb_mode
+    from ddpm.training.loggers import resolve_wandb_mode
 
     assert resolve_wandb_mode("auto") == "offline"
     (tmp_path / "home").mkdir(exist_ok=True)
@@ -176,7 +176,7 @@ def test_cfg_with_multirun_is_one_line(tmp_path):
 def test_cli_prints_the_composed_config(tmp_path):
     result = run_cli("ddpm.train", "--cfg", "job", "schedule=cosine", "guidance.p_uncond=0.1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "_target_: ddpm.schedules.cosine_betas" in result.stdout
+    assert "_target_: ddpm.core.schedules.cosine_betas" in result.stdout
     assert "p_uncond: 0.1" in result.stdout
     assert not (tmp_path / "outputs").exists()  # --cfg prints and trains nothing
 

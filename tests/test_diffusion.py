@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from ddpm.diffusion import GaussianDiffusion, respace, spaced_timesteps
-from ddpm.schedules import cosine_betas, linear_betas
+from ddpm.core.diffusion import GaussianDiffusion, respace, spaced_timesteps
+from ddpm.core.schedules import cosine_betas, linear_betas
 
 T = 1000
 

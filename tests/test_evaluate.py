@@ -12,11 +12,11 @@ from conftest import TINY, run_cli
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ddpm.callbacks import SampleQuality
+from ddpm.training.callbacks import SampleQuality
 from ddpm.config import compose
-from ddpm.data import DigitsDataModule
+from ddpm.training.data import DigitsDataModule
 from ddpm.evaluate import evaluate
-from ddpm.metrics import load_digits_classifier, metric_name, reference_statistics, sample_metrics
+from ddpm.evaluation.metrics import load_digits_classifier, metric_name, reference_statistics, sample_metrics
 from ddpm.train import train
 
 # The digits classifier trains once per test session (seeded); its tests share one xdist worker.
@@ -96,7 +96,7 @@ def test_classifier_is_loaded_from_its_cache(cache_dir, tmp_path, monkeypatch):
     (Retraining would not show: it is seeded and gives the same weights.)"""
     import shutil
 
-    import ddpm.metrics
+    import ddpm.evaluation.metrics
 
     _, info = load_digits_classifier(cache_dir)
     copy = tmp_path / "cache"
@@ -105,7 +105,7 @@ def test_classifier_is_loaded_from_its_cache(cache_dir, tmp_path, monkeypatch):
     saved = torch.load(copy / "digits_classifier_seed0.pt", weights_only=True)
     saved["state_dict"]["head.bias"] = torch.arange(10.0)
     torch.save(saved, copy / "digits_classifier_seed0.pt")
-    monkeypatch.setattr(ddpm.metrics, "train_digits_classifier", lambda *a, **k: pytest.fail("retrained despite the cache"))
+    monkeypatch.setattr(ddpm.evaluation.metrics, "train_digits_classifier", lambda *a, **k: pytest.fail("retrained despite the cache"))
     loaded, loaded_info = load_digits_classifier(copy)
     assert torch.equal(loaded.head.bias, torch.arange(10.0)) and loaded_info == info
 
@@ -160,7 +160,7 @@ def test_guidance_sweep_is_one_multirun(checkpoint, cache_dir, tmp_path):
 
 def test_one_extractor_per_process_for_the_same_data(cache_dir):
     """sample_quality and evaluate_at_end (and the runs of a multirun) share the extractor and reference statistics."""
-    from ddpm.metrics import prepare
+    from ddpm.evaluation.metrics import prepare
 
     digits = DigitsDataModule(root=".", batch_size=32, num_workers=0, image_size=8, channels=1, num_classes=10)
     first = prepare("auto", digits, "train", cache_dir)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from ddpm.guidance import check_guidance, drop_labels, guided_model_fn
-from ddpm.unet import UNet
+from ddpm.core.guidance import check_guidance, drop_labels, guided_model_fn
+from ddpm.core.unet import UNet
 
 
 @pytest.mark.parametrize("p_uncond", [0.1, 0.2, 0.5])

@@ -15,7 +15,7 @@ import torch
 from conftest import TINY, run_cli
 
 from ddpm.config import compose
-from ddpm.module import DiffusionModule, NonFiniteLossError
+from ddpm.training.module import DiffusionModule, NonFiniteLossError
 from ddpm.sample import sample
 from ddpm.train import train
 from ddpm.validation import ConfigError
@@ -335,7 +335,7 @@ def test_two_runs_started_at_once_get_their_own_directories(tmp_path):
 def test_claiming_a_directory_is_atomic(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from ddpm.rundirs import claim
+    from ddpm.training.rundirs import claim
 
     with ThreadPoolExecutor(16) as pool:
         claimed = list(pool.map(lambda _: claim(tmp_path / "outputs" / "12-00-00"), range(32)))
@@ -354,7 +354,7 @@ def test_disk_full_names_the_disk_and_keeps_earlier_checkpoints(tmp_path, monkey
     """The third checkpoint write goes to /dev/full (ENOSPC from the kernel, as on a full disk)."""
     import builtins
 
-    import ddpm.checkpoint
+    import ddpm.training.checkpoint
     from ddpm.config import run_cli as run_entry
 
     writes, real_open = [], builtins.open
@@ -366,7 +366,7 @@ def test_disk_full_names_the_disk_and_keeps_earlier_checkpoints(tmp_path, monkey
                 return real_open("/dev/full", mode, *args, **kwargs)
         return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(ddpm.checkpoint, "open", open_full_on_third, raising=False)
+    monkeypatch.setattr(ddpm.training.checkpoint, "open", open_full_on_third, raising=False)
     cfg = compose([*TINY, "trainer.max_steps=20", "~callbacks.sample_grid", "callbacks.model_checkpoint.every_n_train_steps=5"],
                   output_dir=tmp_path / "run")
     with pytest.raises(SystemExit) as exit_info:
@@ -410,7 +410,7 @@ def test_the_nan_advice_works_as_printed(tmp_path):
 
 def test_resume_keeps_the_warmup_position_with_a_new_rate(tmp_path):
     """Halfway through a 20-step warm-up at lr 1e-3, resumed at lr 2e-3: the rate is 2e-3 x (its warm-up factor)."""
-    from ddpm.module import apply_optimizer_settings
+    from ddpm.training.module import apply_optimizer_settings
 
     checkpoint = {"optimizer_states": [{"param_groups": [{"lr": 5e-4, "initial_lr": 1e-3, "betas": (0.9, 0.999)}]}],
                   "lr_schedulers": [{"base_lrs": [1e-3], "_last_lr": [5e-4]}]}
@@ -487,7 +487,7 @@ def test_wandb_without_a_network_goes_offline_at_once(tmp_path, monkeypatch, off
 
     import wandb
 
-    from ddpm.loggers import wandb_logger
+    from ddpm.training.loggers import wandb_logger
 
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -510,7 +510,7 @@ def test_wandb_without_a_network_goes_offline_at_once(tmp_path, monkeypatch, off
 def test_wandb_that_cannot_start_is_one_line(tmp_path, monkeypatch, offline_env):
     import wandb
 
-    from ddpm.loggers import wandb_logger
+    from ddpm.training.loggers import wandb_logger
 
     def broken(*args, **kwargs):
         raise wandb.errors.UsageError("wandb service could not start")

@@ -5,7 +5,7 @@ import pytest
 from conftest import TINY, run_cli
 
 from ddpm.config import compose
-from ddpm.callbacks import even_labels
+from ddpm.training.callbacks import even_labels
 from ddpm.sample import sample
 from ddpm.train import train
 

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from ddpm.diffusion import GaussianDiffusion, respace, spaced_timesteps
-from ddpm.samplers.ddpm import ddpm_step, sample_ddpm
-from ddpm.schedules import cosine_betas, linear_betas
+from ddpm.core.diffusion import GaussianDiffusion, respace, spaced_timesteps
+from ddpm.core.samplers.ddpm import ddpm_step, sample_ddpm
+from ddpm.core.schedules import cosine_betas, linear_betas
 
 
 @pytest.fixture(params=["linear", "cosine"])
@@ -109,8 +109,8 @@ def test_respaced_step_uses_respaced_betas(diffusion):
 
 # --- DDIM and DPM-Solver++(2M) -------------------------------------------------------------------------
 
-from ddpm.samplers.ddim import ddim_step, sample_ddim  # noqa: E402
-from ddpm.samplers.dpmpp_2m import dpmpp_2m_step, sample_dpmpp_2m  # noqa: E402
+from ddpm.core.samplers.ddim import ddim_step, sample_ddim  # noqa: E402
+from ddpm.core.samplers.dpmpp_2m import dpmpp_2m_step, sample_dpmpp_2m  # noqa: E402
 
 
 def test_ddim_step_eta_0_is_eq_12(diffusion):
@@ -193,7 +193,7 @@ def test_ddim_eta_0_is_deterministic_given_the_noise():
 
 
 def test_dynamic_thresholding():
-    from ddpm.samplers import clip_x0
+    from ddpm.core.samplers import clip_x0
 
     x0 = torch.tensor([[0.5, -0.2], [3.0, -1.5]], dtype=torch.float64).view(2, 1, 1, 2)
     out = clip_x0(x0, "dynamic", percentile=1.0)
@@ -205,7 +205,7 @@ def test_dynamic_thresholding():
 
 
 def test_logsnr_spacing():
-    from ddpm.diffusion import logsnr_spaced_timesteps
+    from ddpm.core.diffusion import logsnr_spaced_timesteps
 
     diffusion = GaussianDiffusion(linear_betas(1000))
     ts = logsnr_spaced_timesteps(diffusion.alphas_cumprod, 20)
@@ -218,8 +218,8 @@ def test_logsnr_spacing():
 def test_logsnr_spacing_of_the_cosine_schedule_is_not_eaten_by_its_clipped_last_step():
     """Cosine's beta_T is clipped at 0.999: lambda falls from -6.5 to -9.9 in the last step. Spaced down to -9.9, 20
     steps gave 17 distinct timesteps, 5 of them at t >= 990. With the floor at -5.1: 20 distinct, evenly spread in lambda."""
-    from ddpm.diffusion import logsnr_spaced_timesteps
-    from ddpm.schedules import cosine_betas
+    from ddpm.core.diffusion import logsnr_spaced_timesteps
+    from ddpm.core.schedules import cosine_betas
 
     alphas_cumprod = GaussianDiffusion(cosine_betas(1000)).alphas_cumprod
     lam = 0.5 * torch.log(alphas_cumprod / (1 - alphas_cumprod))

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from ddpm.diffusion import GaussianDiffusion
-from ddpm.schedules import cosine_betas, linear_betas
+from ddpm.core.diffusion import GaussianDiffusion
+from ddpm.core.schedules import cosine_betas, linear_betas
 
 
 def test_linear_betas_closed_form():

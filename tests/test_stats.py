@@ -1,11 +1,11 @@
-"""The report's statistics (ddpm.stats) against scipy's own tests, on made-up numbers."""
+"""The report's statistics (ddpm.evaluation.stats) against scipy's own tests, on made-up numbers."""
 
 import math
 
 import pytest
 from scipy import stats as scipy_stats
 
-from ddpm.stats import compare, paired, welch
+from ddpm.evaluation.stats import compare, paired, welch
 
 A = [30.2, 34.9, 25.1]
 B = [38.4, 41.0, 35.8]

@@ -101,7 +101,7 @@ def test_wandb_group_and_name_come_from_the_sweep(tmp_path):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from ddpm.loggers import sweep_identity
+    from ddpm.training.loggers import sweep_identity
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = hydra_compose("train", ["schedule=cosine", "seed=1"], return_hydra_config=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY, run_cli
 
-from ddpm.module import DiffusionModule
+from ddpm.training.module import DiffusionModule
 from ddpm.train import train
 
 
@@ -126,7 +126,7 @@ def test_multirun_writes_one_directory_per_job(tmp_path):
         assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
         assert (sweep / job / "samples" / "final.png").is_file()
         config = (sweep / job / "checkpoints" / "config.yaml").read_text()
-        assert f"ddpm.schedules.{schedule}_betas" in config
+        assert f"ddpm.core.schedules.{schedule}_betas" in config
 
 
 @pytest.mark.slow  # compiling takes a minute on 2 CPU cores
@@ -171,7 +171,7 @@ def test_ema_step_is_the_exponential_moving_average():
     """With the network held at p and the average started at e0, k steps give p + decay^k (e0 - p) (float64)."""
     from torch.optim.swa_utils import AveragedModel
 
-    from ddpm.module import ema_step
+    from ddpm.training.module import ema_step
 
     net = torch.nn.Linear(3, 2).double()
     ema = AveragedModel(net, use_buffers=True)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ddpm.unet import AttentionBlock, GroupNorm32, UNet
+from ddpm.core.unet import AttentionBlock, GroupNorm32, UNet
 
 
 def count(net):

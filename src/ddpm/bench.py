@@ -30,12 +30,12 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from ddpm.diffusion import GaussianDiffusion
-from ddpm.guidance import drop_labels, guided_model_fn
-from ddpm.module import ema_step
-from ddpm.samplers.ddim import sample_ddim
-from ddpm.schedules import linear_betas
-from ddpm.unet import UNet
+from ddpm.core.diffusion import GaussianDiffusion
+from ddpm.core.guidance import drop_labels, guided_model_fn
+from ddpm.training.module import ema_step
+from ddpm.core.samplers.ddim import sample_ddim
+from ddpm.core.schedules import linear_betas
+from ddpm.core.unet import UNet
 
 NETWORKS = {
     # name: (image size, channels, ddpm UNet kwargs, diffusers UNet2DModel kwargs) -- the same layout
@@ -316,7 +316,7 @@ def bench_network(network: str, args, roofs: dict) -> list[Row]:
 def bench_data(device: str, batches: int = 200, batch: int = 128) -> list[dict]:
     """Batches per second of the digits training data reaching ``device``: through the DataLoader (collating 128
     dataset items, then a host-to-device copy) against ``data.on_device`` (one index gather on the device)."""
-    from ddpm.data import DigitsDataModule
+    from ddpm.training.data import DigitsDataModule
 
     rows = []
     for on_device in (False, True):

@@ -124,8 +124,8 @@ def run_cli(task, cfg: DictConfig):
     ends it with one line per problem on stderr and exit status 2, instead of a traceback."""
     import sys
 
-    from ddpm.checkpoint import CheckpointWriteError
-    from ddpm.module import NonFiniteLossError
+    from ddpm.training.checkpoint import CheckpointWriteError
+    from ddpm.training.module import NonFiniteLossError
     from ddpm.validation import ConfigError
 
     try:
@@ -142,7 +142,7 @@ def _discard_refused_run(cfg: DictConfig) -> None:
     """A single run refused on bad input leaves no empty run directory behind (a multirun keeps its job folders)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from ddpm.rundirs import discard_if_unused
+    from ddpm.training.rundirs import discard_if_unused
 
     if HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.RUN" and cfg.get("paths"):
         discard_if_unused(Path(cfg.paths.output_dir))

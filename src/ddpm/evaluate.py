@@ -17,9 +17,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.config import check_flags, config_dir, run_cli
-from ddpm.loggers import instantiate_loggers
-from ddpm.metrics import PREPARATIONS, inception_score, metric_name, prepare, sample_metrics
-from ddpm.module import DiffusionModule
+from ddpm.training.loggers import instantiate_loggers
+from ddpm.evaluation.metrics import PREPARATIONS, inception_score, metric_name, prepare, sample_metrics
+from ddpm.training.module import DiffusionModule
 from ddpm.sample import draw, load_for_sampling
 from ddpm.validation import ConfigError
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from ddpm.stats import compare
+from ddpm.evaluation.stats import compare
 
 QUALITY = ("fd_digits", "fid", "guided_accuracy", "diversity", "inception_score")
 LOWER_IS_BETTER = {"fd_digits", "fid", "final_loss"}
@@ -175,7 +175,7 @@ def _by_seed(members: list[dict], value) -> dict:
 
 def findings(rows: list[dict], group_keys: list[str], metrics: list[str], scales: list) -> list[str]:
     """Plain sentences: which setting is better on each metric, and whether seeds can tell them apart (a paired
-    t-test when both settings ran the same seeds, Welch's otherwise; ``ddpm.stats``), with the interval and p-value
+    t-test when both settings ran the same seeds, Welch's otherwise; ``ddpm.evaluation.stats``), with the interval and p-value
     behind it."""
     lines = []
     for i, key in enumerate(group_keys):

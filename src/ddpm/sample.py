@@ -16,10 +16,10 @@ from omegaconf import DictConfig
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from ddpm.callbacks import class_rows, even_labels, to_grid
+from ddpm.training.callbacks import class_rows, even_labels, to_grid
 from ddpm.config import check_flags, config_dir, run_cli
-from ddpm.guidance import check_guidance
-from ddpm.module import DiffusionModule
+from ddpm.core.guidance import check_guidance
+from ddpm.training.module import DiffusionModule
 from ddpm.validation import ConfigError, validate
 
 log = logging.getLogger(__name__)

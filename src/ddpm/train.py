@@ -23,11 +23,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ddpm.callbacks import LastCheckpoint, duration
-from ddpm.checkpoint import CheckpointWriteError, config_differences, load_checkpoint
+from ddpm.training.callbacks import LastCheckpoint, duration
+from ddpm.training.checkpoint import CheckpointWriteError, config_differences, load_checkpoint
 from ddpm.config import check_flags, config_dir, resolve_precision, run_cli
-from ddpm.loggers import instantiate_loggers
-from ddpm.module import DiffusionModule, NonFiniteLossError
+from ddpm.training.loggers import instantiate_loggers
+from ddpm.training.module import DiffusionModule, NonFiniteLossError
 from ddpm.validation import ConfigError, validate
 
 log = logging.getLogger(__name__)

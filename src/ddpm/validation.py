@@ -15,9 +15,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """Bad user input (config values, data paths, checkpoints): the CLI prints the message alone and exits 2."""
+from ddpm.core.errors import ConfigError  # noqa: F401  (re-exported: the core owns it, the entry points catch it)
 
 
 @dataclass(frozen=True)

@@ -143,13 +143,13 @@ class SampleQuality(L.Callback):
                 logger.log_metrics({f"quality/{key}": value for key, value in sized(metrics, self.num_samples).items()}, step=step)
 
     def _prepare(self, trainer: L.Trainer, pl_module) -> None:
-        from ddpm.metrics import prepare
+        from ddpm.evaluation.metrics import prepare
 
         self._extractor, _, self._reference = prepare(self.feature_extractor, trainer.datamodule, self.reference_split,
                                                       self.cache_dir, device=pl_module.device)
 
     def measure(self, trainer: L.Trainer, pl_module, guidance_scale: float | None = None) -> dict:
-        from ddpm.metrics import sample_metrics
+        from ddpm.evaluation.metrics import sample_metrics
 
         if self._extractor is None:
             self._prepare(trainer, pl_module)

@@ -9,9 +9,9 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ddpm.diffusion import GaussianDiffusion, logsnr_spaced_timesteps, spaced_timesteps
-from ddpm.guidance import ModelFn
-from ddpm.samplers import clip_x0
+from ddpm.core.diffusion import GaussianDiffusion, logsnr_spaced_timesteps, spaced_timesteps
+from ddpm.core.guidance import ModelFn
+from ddpm.core.samplers import clip_x0
 
 
 def dpmpp_2m_step(

@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ddpm.core.errors import ConfigError
+
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -49,8 +51,6 @@ def guided_model_fn(net: nn.Module, labels: torch.Tensor | None, guidance_scale:
 
 def check_guidance(p_uncond: float, guidance_scale: float, conditional: bool = True) -> None:
     """Refuse guided sampling from a model that never saw the null label: its eps_uncond is untrained."""
-    from ddpm.validation import ConfigError
-
     if guidance_scale < 0:
         raise ConfigError(f"guidance.scale={guidance_scale}: must be >= 0 (0 = purely conditional)")
     if conditional and guidance_scale > 0 and p_uncond <= 0:

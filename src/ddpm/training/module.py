@@ -21,10 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from ddpm.checkpoint import load_checkpoint
-from ddpm.diffusion import GaussianDiffusion
-from ddpm.guidance import check_guidance, drop_labels, guided_model_fn
-from ddpm.samplers import randn_like
+from ddpm.training.checkpoint import load_checkpoint
+from ddpm.core.diffusion import GaussianDiffusion
+from ddpm.core.guidance import check_guidance, drop_labels, guided_model_fn
+from ddpm.core.samplers import randn_like
 
 log = logging.getLogger(__name__)
 

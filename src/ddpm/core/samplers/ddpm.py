@@ -7,9 +7,9 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ddpm.diffusion import GaussianDiffusion, extract, respace, spaced_timesteps
-from ddpm.guidance import ModelFn
-from ddpm.samplers import clip_x0, randn_like
+from ddpm.core.diffusion import GaussianDiffusion, extract, respace, spaced_timesteps
+from ddpm.core.guidance import ModelFn
+from ddpm.core.samplers import clip_x0, randn_like
 
 VARIANCES = ("beta", "posterior")
 

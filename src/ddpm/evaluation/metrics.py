@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ddpm.data import stack_dataset
+from ddpm.training.data import stack_dataset
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class InceptionFeatures(nn.Module):
 def train_digits_classifier(seed: int = 0, epochs: int = 40, batch_size: int = 64, lr: float = 2e-3) -> tuple[DigitsClassifier, float]:
     """Train the classifier on the digits train split (the diffusion models' own, split_seed 0) with small random
     shifts; returns it and its accuracy on the held-out test split. Deterministic given ``seed`` on a CPU."""
-    from ddpm.data import DigitsDataModule
+    from ddpm.training.data import DigitsDataModule
 
     data = DigitsDataModule(root=".", batch_size=batch_size, num_workers=0, image_size=8, channels=1, num_classes=10)
     data.setup()

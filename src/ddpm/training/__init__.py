@@ -1,0 +1,1 @@
+"""Lightning glue: the LightningModule, data modules, callbacks, checkpoint I/O, loggers and run directories."""
