@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import TINY, run_cli
 
+from ddpm.build import load_module
 from ddpm.training.checkpoint import check_trusted, load_checkpoint, shipped_targets
 from ddpm.config import compose
-from ddpm.training.module import DiffusionModule
 from ddpm.train import train
 from ddpm.validation import ConfigError
 
@@ -76,7 +76,7 @@ def test_every_entry_point_refuses_the_payload_before_building_anything(genuine,
     path = _write(genuine, tmp_path, key, node)
 
     attempts = [
-        lambda: DiffusionModule.from_checkpoint(path),
+        lambda: load_module(path),
         lambda: sample(compose([f"ckpt_path={path}", "num_samples=2"], config_name="sample", output_dir=tmp_path / "s")),
         lambda: evaluate(compose([f"ckpt_path={path}", "num_samples=2"], config_name="evaluate", output_dir=tmp_path / "e")),
         lambda: train(compose([*TINY, f"ckpt_path={path}", "trainer.max_steps=3"], output_dir=tmp_path / "t")),

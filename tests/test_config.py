@@ -11,8 +11,8 @@ from conftest import TINY, run_cli
 from hydra.utils import instantiate
 from PIL import Image
 
+from ddpm.build import build_module
 from ddpm.config import compose, config_dir, experiments_root, resolve_precision
-from ddpm.training.module import DiffusionModule
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ["data", "model", "schedule", "guidance", "sampler", "optim", "trainer", "callbacks", "logger"]
@@ -57,7 +57,7 @@ def test_data_options(option, tiny_cfg, image_folder):
 @pytest.mark.parametrize("option", options("model"))
 def test_model_options(option, tiny_cfg):
     cfg = tiny_cfg(f"model={option}", "data.image_size=32", "model.norm_groups=8")
-    from ddpm.training.module import build_net
+    from ddpm.build import build_net
 
     net = build_net(cfg.model)
     x = torch.randn(2, cfg.data.channels, 32, 32)
@@ -67,13 +67,26 @@ def test_model_options(option, tiny_cfg):
 
 @pytest.mark.parametrize("option", options("schedule"))
 def test_schedule_options(option, tiny_cfg):
-    betas = instantiate(tiny_cfg(f"schedule={option}").schedule)
-    assert betas.dtype == torch.float64 and len(betas) == 100 and ((betas > 0) & (betas < 1)).all()
+    from ddpm.build import build_diffusion
+
+    cfg = tiny_cfg(f"schedule={option}", *(["diffusion.prediction=v"] if "zero_terminal_snr" in option else []))
+    betas = build_diffusion(cfg).betas
+    assert betas.dtype == torch.float64 and len(betas) == 100 and ((betas > 0) & (betas < 1))[:-1].all()
+    assert (betas[-1] == 1) == cfg.schedule.zero_terminal_snr and 0 < betas[-1] <= 1
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("loss_weight", ["uniform", "min_snr"])
+def test_diffusion_options(prediction, loss_weight, tiny_cfg):
+    module = build_module(tiny_cfg(f"diffusion.prediction={prediction}", f"diffusion.loss_weight={loss_weight}"))
+    assert (module.denoiser.prediction, module.denoiser.loss_weight) == (prediction, loss_weight)
+    loss = module.denoiser.loss(torch.randn(4, 1, 8, 8), labels=torch.arange(4))
+    assert torch.isfinite(loss) and loss > 0
 
 
 @pytest.mark.parametrize("option", options("guidance"))
 def test_guidance_options(option, tiny_cfg):
-    module = DiffusionModule.from_config(tiny_cfg(f"guidance={option}"))
+    module = build_module(tiny_cfg(f"guidance={option}"))
     assert module.conditional == (option != "none")
     labels = torch.arange(10) if module.conditional else None
     images = module.sample(labels, num_samples=3, generator=torch.Generator().manual_seed(0), sampler=None)
@@ -82,14 +95,14 @@ def test_guidance_options(option, tiny_cfg):
 
 @pytest.mark.parametrize("option", options("sampler"))
 def test_sampler_options(option, tiny_cfg):
-    module = DiffusionModule.from_config(tiny_cfg(f"sampler={option}", "sampler.steps=5"))
+    module = build_module(tiny_cfg(f"sampler={option}", "sampler.steps=5"))
     images = module.sample(torch.arange(4), generator=torch.Generator().manual_seed(0))
     assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()
 
 
 @pytest.mark.parametrize("option", options("optim"))
 def test_optim_options(option, tiny_cfg):
-    module = DiffusionModule.from_config(tiny_cfg(f"optim={option}"))
+    module = build_module(tiny_cfg(f"optim={option}"))
     assert isinstance(module.configure_optimizers()["optimizer"], torch.optim.Optimizer)
 
 
@@ -114,7 +127,7 @@ def test_logger_options(option, tiny_cfg, offline_env):
     if option == "none":
         assert not cfg.logger
         return
-    from ddpm.training.loggers import instantiate_loggers
+    from ddpm.build import instantiate_loggers
 
     loggers = instantiate_loggers(cfg.logger)
     assert loggers and all(isinstance(logger, L.pytorch.loggers.Logger) for logger in loggers)

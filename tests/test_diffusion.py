@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from ddpm.core.diffusion import GaussianDiffusion, respace, spaced_timesteps
+from ddpm.core.diffusion import GaussianDiffusion, respace
+from ddpm.core.samplers import sampling_timesteps
 from ddpm.core.schedules import cosine_betas, linear_betas
 
 T = 1000
@@ -91,6 +92,11 @@ def test_training_loss_is_zero_for_the_true_noise_and_draws_t_over_1_to_T():
     assert set(t.tolist()) == {0, 1, 2, 3, 4}  # uniform over all of 1..T (indices 0..T-1)
     wrong = lambda xt, t: torch.zeros_like(xt)  # noqa: E731
     assert diffusion.training_loss(wrong, x0).item() == pytest.approx(1.0, abs=0.05)  # E||eps||^2 / d = 1
+
+
+def spaced_timesteps(num_timesteps, steps):
+    """Time spacing depends only on T."""
+    return sampling_timesteps(torch.linspace(0.99, 0.01, num_timesteps, dtype=torch.float64), steps)
 
 
 def test_spaced_timesteps():

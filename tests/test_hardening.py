@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import TINY, run_cli
 
+from ddpm.build import load_module
 from ddpm.config import compose
 from ddpm.training.module import DiffusionModule, NonFiniteLossError
 from ddpm.sample import sample
@@ -44,7 +45,7 @@ BAD_INPUTS = [
     ("train", ["sampler=ddim", "sampler.steps=0"], "sampler.steps"),
     ("train", ["sampler=ddim", "sampler.steps=5000"], "sampler.steps"),
     ("train", ["sampler.variance=wide"], "sampler.variance"),
-    ("train", ["sampler=dpmpp_2m", "sampler.spacing=karras"], "sampler.spacing"),
+    ("train", ["sampler=dpmpp_2m", "sampler.spacing=quadratic"], "sampler.spacing"),
     ("train", ["data.image_size=9"], "data.image_size"),
     ("train", ["model.attention_resolutions=[3]"], "model.attention_resolutions"),
     ("train", ["data.batch_size=0"], "data.batch_size"),
@@ -165,11 +166,11 @@ def test_truncated_and_foreign_checkpoints_are_named(checkpoint, tmp_path):
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
     with pytest.raises(ConfigError, match=r"ckpt_path=.*truncated.ckpt.*not a readable checkpoint"):
-        DiffusionModule.from_checkpoint(truncated)
+        load_module(truncated)
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"weights": torch.zeros(3)}, foreign)
     with pytest.raises(ConfigError, match=r"ckpt_path=.*foreign.ckpt.*not a ddpm checkpoint"):
-        DiffusionModule.from_checkpoint(foreign)
+        load_module(foreign)
     text = tmp_path / "notes.ckpt"
     text.write_text("hello")
     result = run_cli("ddpm.sample", f"ckpt_path={text}", f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path, timeout=60)

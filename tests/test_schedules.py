@@ -50,4 +50,7 @@ def test_timesteps_sets_length():
 
 def test_diffusion_rejects_betas_outside_unit_interval():
     with pytest.raises(ValueError, match="betas"):
-        GaussianDiffusion(torch.tensor([0.1, 1.0]))
+        GaussianDiffusion(torch.tensor([1.0, 0.1]))  # beta = 1 only as beta_T (zero terminal SNR), never before it
+    with pytest.raises(ValueError, match="betas"):
+        GaussianDiffusion(torch.tensor([0.1, 1.5]))
+    assert GaussianDiffusion(torch.tensor([0.1, 1.0])).alphas_cumprod[-1] == 0

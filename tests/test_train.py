@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY, run_cli
 
-from ddpm.training.module import DiffusionModule
+from ddpm.build import load_module, build_module
 from ddpm.train import train
 
 
@@ -30,7 +30,7 @@ def test_train_writes_grid_checkpoints_and_config(tiny_cfg, tmp_path):
     assert checkpoint["config"]["schedule"]["timesteps"] == 100  # the resolved config travels inside
 
     # The checkpoint alone rebuilds the model, EMA included, and it samples.
-    module = DiffusionModule.from_checkpoint(run / "checkpoints" / "last.ckpt")
+    module = load_module(run / "checkpoints" / "last.ckpt")
     for name, value in checkpoint["state_dict"].items():
         assert torch.equal(module.state_dict()[name], value), name
     images = module.sample(torch.arange(10), generator=torch.Generator().manual_seed(0))
@@ -134,7 +134,7 @@ def test_compiled_training_keeps_plain_checkpoint_keys(tiny_cfg, tmp_path):
     train(tiny_cfg("model.compile=true", "trainer.max_steps=3", "~callbacks.sample_grid"))
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert state and not any("_orig_mod" in key for key in state)
-    DiffusionModule.from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")  # loads into an uncompiled net
+    load_module(tmp_path / "run" / "checkpoints" / "last.ckpt")  # loads into an uncompiled net
 
 
 def test_on_device_data_gives_the_same_batches(tiny_cfg, tmp_path):
@@ -156,7 +156,7 @@ def test_on_device_data_gives_the_same_batches(tiny_cfg, tmp_path):
 def test_gradients_are_clipped_under_bf16_with_the_fused_optimizer(tiny_cfg):
     """Lightning's mixed-precision plugin refuses to clip for fused optimizers; the module clips itself when no loss
     scaler is involved (bf16), so trainer.gradient_clip_val still holds with the default fused AdamW."""
-    module = DiffusionModule.from_config(tiny_cfg())
+    module = build_module(tiny_cfg())
     module.trainer = L.Trainer(precision="bf16-mixed", accelerator="cpu", logger=False, enable_checkpointing=False)
     optimizer = module.configure_optimizers()["optimizer"]
     assert optimizer.defaults["fused"]

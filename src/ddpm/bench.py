@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from ddpm.core.diffusion import GaussianDiffusion
-from ddpm.core.guidance import drop_labels, guided_model_fn
+from ddpm.core.denoiser import Denoiser
+from ddpm.core.guidance import drop_labels, guided
 from ddpm.training.module import ema_step
 from ddpm.core.samplers.ddim import sample_ddim
 from ddpm.core.schedules import linear_betas
@@ -144,6 +145,7 @@ def ddpm_impl(network: str, batch: int, device: str, options: Options = Options(
     net = UNet(size, channels, num_classes=NUM_CLASSES, channels_last=options.channels_last, sdpa=options.sdpa, **kwargs).to(device)
     ema = torch.optim.swa_utils.AveragedModel(net, use_buffers=True)
     diffusion = GaussianDiffusion(linear_betas(T)).to(device)
+    denoiser = Denoiser(net, diffusion)
     optimizer = torch.optim.AdamW(net.parameters(), lr=2e-4, fused=options.fused)
     run = torch.compile(net) if options.compile_net else net
     x0 = torch.randn(batch, channels, size, size, device=device)
@@ -151,19 +153,21 @@ def ddpm_impl(network: str, batch: int, device: str, options: Options = Options(
 
     def train_step():
         with _autocast(device, options.bf16):
-            loss = diffusion.training_loss(run, x0, labels=drop_labels(labels, P_UNCOND, net.null_label))
+            loss = denoiser.loss(x0, labels=drop_labels(labels, P_UNCOND, net.null_label), net=run)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         ema_step(ema, net, decay=0.9999)
 
-    def two_passes(x, t, y):  # guidance without batching: the conditional and unconditional eps one after the other
-        eps_cond, eps_uncond = run(x, t, y), run(x, t, torch.full_like(y, net.null_label))
-        return (1 + W) * eps_cond - W * eps_uncond
+    sampling = denoiser.with_net(run)
+
+    def two_passes(x, t, y):  # guidance without batching: the conditional and unconditional halves one after the other
+        (x0_c, eps_c), (x0_u, eps_u) = sampling(x, t, y), sampling(x, t, torch.full_like(y, net.null_label))
+        return (1 + W) * x0_c - W * x0_u, (1 + W) * eps_c - W * eps_u
 
     def sample(n: int, steps: int = 50):
         noise = torch.randn(n, channels, size, size, device=device)
-        model_fn = guided_model_fn(run, labels[:n], W) if options.batched_guidance else partial(two_passes, y=labels[:n])
+        model_fn = guided(sampling, labels[:n], W) if options.batched_guidance else partial(two_passes, y=labels[:n])
         with torch.no_grad():  # float32, as ddpm.sample and ddpm.evaluate sample
             sample_ddim(model_fn, diffusion, noise, steps=steps)
 

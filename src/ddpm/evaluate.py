@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.config import check_flags, config_dir, run_cli
-from ddpm.training.loggers import instantiate_loggers
+from ddpm.build import instantiate_loggers
 from ddpm.evaluation.metrics import PREPARATIONS, inception_score, metric_name, prepare, sample_metrics
 from ddpm.training.module import DiffusionModule
 from ddpm.sample import draw, load_for_sampling
@@ -40,6 +40,9 @@ def protocol(cfg: DictConfig, module: DiffusionModule, reference_info: dict, ext
         "num_samples": num_images,
         "sampler": {"name": sampler_name, **sampler},
         "guidance_scale": module.guidance_scale if cfg.guidance.scale is None else float(cfg.guidance.scale),
+        "guidance_rescale": float(cfg.guidance.rescale),
+        "guidance_interval": None if cfg.guidance.interval is None else [float(v) for v in cfg.guidance.interval],
+        "prediction": module.denoiser.prediction,
         "weights": "ema" if cfg.use_ema else "raw",
         "seed": cfg.seed,
         "checkpoint": {"path": str(Path(cfg.ckpt_path).resolve()), "global_step": getattr(module, "checkpoint_step", None)},

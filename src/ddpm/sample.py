@@ -16,9 +16,11 @@ from omegaconf import DictConfig
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
+from ddpm.build import guidance_interval, load_module
 from ddpm.training.callbacks import class_rows, even_labels, to_grid
 from ddpm.config import check_flags, config_dir, run_cli
 from ddpm.core.guidance import check_guidance
+from ddpm.core.samplers import check_steps
 from ddpm.training.module import DiffusionModule
 from ddpm.validation import ConfigError, validate
 
@@ -60,6 +62,7 @@ def draw(module: DiffusionModule, cfg: DictConfig, trajectory_steps: int = 10) -
         keep = cfg.trajectory if first == 0 else 0
         callback = (lambda i, x, x0: frames.append(x[:keep].clone())) if keep else None  # noqa: E731
         chunks.append(module.sample(batch_labels, num_samples=size, guidance_scale=cfg.guidance.scale,
+                                    rescale=cfg.guidance.rescale, interval=guidance_interval(cfg.guidance.interval),
                                     generator=generator, use_ema=cfg.use_ema, sampler=_wrap(sampler, count),
                                     progress=len(batches) == 1, callback=callback))
         overall.update(size)
@@ -91,16 +94,15 @@ def load_for_sampling(cfg: DictConfig, entry: str, outputs: tuple[str, ...]) -> 
     if earlier:
         raise ConfigError(f"hydra.run.dir={str(run_dir)!r} already holds {earlier} from an earlier run: pick a new hydra.run.dir")
     device = resolve_device(cfg.device)
-    module = DiffusionModule.from_checkpoint(cfg.ckpt_path, map_location=device).to(device).eval()
+    module = load_module(cfg.ckpt_path, map_location=device).to(device).eval()
     num_classes, timesteps = module.net.num_classes, module.diffusion.num_timesteps
     if cfg.labels and (num_classes is None or max(cfg.labels) >= num_classes):
         allowed = f"class ids below {num_classes}" if num_classes else "null (the checkpoint is unconditional)"
         raise ConfigError(f"labels={list(cfg.labels)}: must be {allowed}")
-    steps = cfg.sampler.get("steps")
-    if steps is not None and steps > timesteps:
-        raise ConfigError(f"sampler.steps={steps}: must be between 1 and the checkpoint's schedule.timesteps={timesteps}")
+    if cfg.sampler.get("steps") is not None:
+        check_steps(cfg.sampler.steps, timesteps)
     check_guidance(module.p_uncond, module.guidance_scale if cfg.guidance.scale is None else cfg.guidance.scale,
-                   module.conditional)
+                   module.conditional, cfg.guidance.rescale, guidance_interval(cfg.guidance.interval))
     return module
 
 

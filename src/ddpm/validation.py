@@ -16,6 +16,10 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.core.errors import ConfigError  # noqa: F401  (re-exported: the core owns it, the entry points catch it)
+from ddpm.core.guidance import guidance_usable
+from ddpm.core.prediction import LOSS_WEIGHTS, PREDICTIONS, ZERO_TERMINAL_SNR_PREDICTIONS
+from ddpm.core.samplers import SPACINGS, X0_CLIPS
+from ddpm.core.samplers.ddpm import VARIANCES
 
 
 @dataclass(frozen=True)
@@ -99,12 +103,19 @@ def _existing_file(v, _=None) -> bool:
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine")
 
 # --- the tables -------------------------------------------------------------------------------------------
+GUIDANCE_VARIANT_RULES = [
+    Rule("guidance.rescale", lambda v, _: _is_num(v) and 0 <= v <= 1, "a number in [0, 1] (0: off; Lin et al. use 0.7)"),
+    Rule("guidance.interval", optional(lambda v, _: isinstance(v, list) and len(v) == 2 and all(_is_num(x) for x in v) and 0 <= v[0] < v[1]),
+         "null or [sigma_lo, sigma_hi] with 0 <= sigma_lo < sigma_hi (EDM noise levels, e.g. [0.28, 5.42])"),
+]
+
 SAMPLER_RULES = [
     Rule("sampler.steps", _steps_ok, "an integer between 1 and schedule.timesteps (null: all T for ddpm)"),
     Rule("sampler.eta", nonneg, "a number >= 0 (0: deterministic DDIM, 1: DDPM posterior variance)"),
-    Rule("sampler.variance", one_of("beta", "posterior"), "one of ['beta', 'posterior']"),
-    Rule("sampler.x0_clip", one_of("clip", "dynamic", "none"), "one of ['clip', 'dynamic', 'none']"),
-    Rule("sampler.spacing", one_of("logsnr", "time"), "one of ['logsnr', 'time']"),
+    Rule("sampler.variance", one_of(*VARIANCES), f"one of {list(VARIANCES)}"),
+    Rule("sampler.x0_clip", one_of(*X0_CLIPS), f"one of {list(X0_CLIPS)}"),
+    Rule("sampler.spacing", one_of(*SPACINGS), f"one of {list(SPACINGS)}"),
+    Rule("sampler.rho", positive, "a number > 0 (EDM: 7)"),
     Rule("sampler.lambda_min", optional(lambda v, _: _is_num(v)), "a number (a log-SNR, e.g. -5.1) or null"),
     Rule("sampler.percentile", lambda v, _: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
 ]
@@ -142,8 +153,19 @@ TRAIN_RULES = [
     Rule("guidance.conditional", lambda v, _: isinstance(v, bool), "true or false"),
     Rule("guidance.p_uncond", probability, "a probability in [0, 1)"),
     Rule("guidance.scale", nonneg, "a number >= 0 (w; 0 = purely conditional)"),
-    Rule("guidance.scale", lambda v, cfg: not (nonneg(v) and v > 0 and cfg.guidance.conditional and cfg.guidance.p_uncond == 0),
+    Rule("guidance.scale", lambda v, cfg: not (nonneg(v) and probability(cfg.guidance.p_uncond)) or guidance_usable(cfg.guidance.p_uncond, v, cfg.guidance.conditional),
          "0 when guidance.p_uncond=0 (the model never sees the null label); or train with guidance.p_uncond > 0"),
+    *GUIDANCE_VARIANT_RULES,
+    Rule("diffusion.prediction", one_of(*PREDICTIONS), f"one of {list(PREDICTIONS)}"),
+    Rule("diffusion.prediction", lambda v, cfg: OmegaConf.select(cfg, 'schedule.zero_terminal_snr') is not True or v in ZERO_TERMINAL_SNR_PREDICTIONS,
+         f"one of {list(ZERO_TERMINAL_SNR_PREDICTIONS)} with schedule.zero_terminal_snr=true: at alpha_T = 0 an eps model's "
+         "x_0 = (x_T - eps) / alpha_T is undefined (Lin et al. 2024 train v: diffusion.prediction=v)"),
+    Rule("diffusion.loss_weight", one_of(*LOSS_WEIGHTS), f"one of {list(LOSS_WEIGHTS)}"),
+    Rule("diffusion.min_snr_gamma", positive, "a number > 0 (Hang et al.: 5)"),
+    Rule("schedule.zero_terminal_snr", lambda v, _: isinstance(v, bool), "true or false"),
+    Rule("schedule.start", lambda v, _: _is_num(v), "a number"),
+    Rule("schedule.end", lambda v, cfg: _is_num(v) and v > cfg.schedule.start, "a number > schedule.start"),
+    Rule("schedule.tau", positive, "a number > 0"),
     Rule("optim.optimizer.lr", positive, "a number > 0"),
     Rule("optim.warmup_steps", nonneg_int, "an integer >= 0"),
     Rule("ema.decay", lambda v, _: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
@@ -175,6 +197,7 @@ SAMPLE_RULES = [
     Rule("batch_size", positive_int, "an integer > 0"),
     Rule("seed", lambda v, _: _is_int(v), "an integer"),
     Rule("guidance.scale", optional(nonneg), "null (the checkpoint's) or a number >= 0"),
+    *GUIDANCE_VARIANT_RULES,
     Rule("labels", lambda v, _: v is None or (isinstance(v, list) and len(v) > 0 and all(nonneg_int(x) for x in v)),
          "null or a list of class ids >= 0, e.g. labels=[3] or labels=[3,3,7]"),
     Rule("use_ema", lambda v, _: isinstance(v, bool), "true or false"),

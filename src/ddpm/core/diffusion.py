@@ -1,5 +1,6 @@
 """The DDPM forward process q(x_t | x_0), its posterior q(x_{t-1} | x_t, x_0) and the training loss
-(Ho et al. 2020). Pure PyTorch: no Lightning, no network, no schedule choice.
+(Ho et al. 2020). Pure PyTorch: no Lightning, no network, no schedule choice. The prediction target and the loss
+weighting are ``ddpm/core/prediction.py``'s; ``ddpm/core/denoiser.py`` puts them together with a network.
 
 Index convention: tensors are indexed by ``i = t - 1``, so ``i = 0`` is the paper's t = 1 and
 ``i = T - 1`` is t = T. The network receives ``i`` as its timestep.
@@ -12,7 +13,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-EpsModel = Callable[..., torch.Tensor]
+from ddpm.core.prediction import network_target
+
+Network = Callable[..., torch.Tensor]
 
 
 def extract(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -27,8 +30,12 @@ class GaussianDiffusion(nn.Module):
     def __init__(self, betas: torch.Tensor):
         super().__init__()
         betas = torch.as_tensor(betas, dtype=torch.float64)
-        if betas.ndim != 1 or len(betas) == 0 or not ((betas > 0) & (betas < 1)).all():
-            raise ValueError("schedule: betas must be a non-empty 1-D tensor with values in (0, 1)")
+        # beta_T = 1 is a zero-terminal-SNR schedule (alpha_bar_T = 0, Lin et al. 2024); every other beta is in (0, 1).
+        in_unit_interval = (betas > 0) & (betas < 1)
+        if betas.ndim == 1 and len(betas) > 0 and betas[-1] == 1:
+            in_unit_interval[-1] = True
+        if betas.ndim != 1 or len(betas) == 0 or not in_unit_interval.all():
+            raise ValueError("schedule: betas must be a non-empty 1-D tensor with values in (0, 1) (beta_T = 1 allowed)")
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, dim=0)
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
@@ -68,40 +75,24 @@ class GaussianDiffusion(nn.Module):
         """Invert eq. 4: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
         return (xt - extract(self.sqrt_one_minus_alphas_cumprod, t, xt) * eps) / extract(self.sqrt_alphas_cumprod, t, xt)
 
-    def training_loss(self, eps_model: EpsModel, x0: torch.Tensor, **model_kwargs) -> torch.Tensor:
-        """L_simple of Ho et al. eq. 14 (Algorithm 1): ||eps - eps_theta(x_t, t)||^2 with t ~ U{1..T}."""
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """alpha_bar_t / (1 - alpha_bar_t), the signal-to-noise ratio at t (float64)."""
+        alphas_cumprod = self.alphas_cumprod[t]
+        return alphas_cumprod / (1 - alphas_cumprod)
+
+    def training_loss(self, net: Network, x0: torch.Tensor, prediction: str = "eps",
+                      weight: Callable[[torch.Tensor], torch.Tensor] | None = None, **model_kwargs) -> torch.Tensor:
+        """Ho et al. Algorithm 1 with t ~ U{1..T}: the mean of weight(SNR_t) ||target - net(x_t, t)||^2 / d, where the
+        target is eps (eq. 14, L_simple with weight 1), x0 or v (``ddpm/core/prediction.py``)."""
         t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
-        eps = eps_model(self.q_sample(x0, t, noise), t, **model_kwargs)
-        return torch.nn.functional.mse_loss(eps.float(), noise.float())
-
-
-def spaced_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:
-    """``steps`` indices evenly spread over 0..T-1, both ends included (Nichol & Dhariwal 2021, sec. 4)."""
-    if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"sampler.steps={steps}: must be between 1 and schedule.timesteps={num_timesteps}")
-    if steps == 1:
-        return torch.tensor([num_timesteps - 1])
-    return torch.round(torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64)).long().unique()
-
-
-def logsnr_spaced_timesteps(alphas_cumprod: torch.Tensor, steps: int, lambda_min: float | None = None) -> torch.Tensor:
-    """About ``steps`` indices whose log-SNR lambda_t = log(alpha_t / sigma_t) is evenly spread from t = 1 down to the
-    last t whose lambda is at least ``lambda_min`` (None: down to t = T); Lu et al. 2022 recommend log-SNR spacing for
-    low-resolution pixel-space models. Each index is the one nearest its target; near-duplicates collapse, so the
-    result can be a little shorter than ``steps``.
-
-    Why a floor: the cosine schedule's betas are clipped at 0.999, so its log-SNR falls from -6.5 to -9.9 in the
-    last step alone; spaced down to -9.9, a quarter of 20 steps land on t >= 990 and several collapse (17 distinct,
-    5 of them there). DPM-Solver implementations clip lambda_min for this (diffusers' ``lambda_min_clipped``, -5.1
-    for cosine schedules); the linear schedule's lambda_T = -5.06 is above that floor and keeps t = T."""
-    num_timesteps = len(alphas_cumprod)
-    if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"sampler.steps={steps}: must be between 1 and schedule.timesteps={num_timesteps}")
-    lam = 0.5 * torch.log(alphas_cumprod / (1 - alphas_cumprod)).cpu()
-    last = num_timesteps - 1 if lambda_min is None else max(int((lam >= lambda_min).sum()) - 1, 0)  # lam decreases
-    targets = torch.linspace(lam[0].item(), lam[last].item(), steps, dtype=torch.float64)
-    return (lam[None, : last + 1] - targets[:, None]).abs().argmin(dim=1).unique()
+        output = net(self.q_sample(x0, t, noise), t, **model_kwargs)
+        target = network_target(prediction, x0, noise, extract(self.sqrt_alphas_cumprod, t, x0),
+                                extract(self.sqrt_one_minus_alphas_cumprod, t, x0))
+        error = (output.float() - target.float()).square().flatten(1).mean(1)
+        if weight is None:
+            return error.mean()
+        return (weight(self.snr(t)).to(error) * error).mean()
 
 
 def respace(diffusion: GaussianDiffusion, timesteps: torch.Tensor) -> GaussianDiffusion:

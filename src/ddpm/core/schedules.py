@@ -24,3 +24,26 @@ def cosine_betas(timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.99
     alphas_cumprod = f / f[0]
     betas = 1 - alphas_cumprod[1:] / alphas_cumprod[:-1]
     return betas.clamp(max=max_beta)
+
+
+def sigmoid_betas(timesteps: int = 1000, start: float = -3.0, end: float = 3.0, tau: float = 1.0,
+                  max_beta: float = 0.999) -> torch.Tensor:
+    """Sigmoid schedule of Chen 2023 (Algorithm 1) and Jabri et al. 2023: alpha_bar(t) = (s(end/tau) -
+    s((t (end - start) + start)/tau)) / (s(end/tau) - s(start/tau)) for t in [0, 1], s the logistic sigmoid, normalised
+    so alpha_bar(0) = 1; betas from its ratios, clipped at max_beta. A smaller tau moves the noise towards the middle."""
+    t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    v_start, v_end = torch.sigmoid(torch.tensor(start / tau, dtype=torch.float64)), torch.sigmoid(torch.tensor(end / tau, dtype=torch.float64))
+    alphas_cumprod = (v_end - torch.sigmoid((t * (end - start) + start) / tau)) / (v_end - v_start)
+    betas = 1 - alphas_cumprod[1:] / alphas_cumprod[:-1]
+    return betas.clamp(max=max_beta)
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2024, Algorithm 1: shift and scale sqrt(alpha_bar_t) so it is 0 at t = T (zero terminal SNR: x_T is
+    pure noise, as at sampling time) and unchanged at t = 1; returns the betas of that alpha_bar (beta_T = 1)."""
+    sqrt_alphas_cumprod = torch.cumprod(1 - torch.as_tensor(betas, dtype=torch.float64), 0).sqrt()
+    first, last = sqrt_alphas_cumprod[0].clone(), sqrt_alphas_cumprod[-1].clone()
+    sqrt_alphas_cumprod = (sqrt_alphas_cumprod - last) * first / (first - last)
+    alphas_cumprod = sqrt_alphas_cumprod**2
+    alphas = torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return 1 - alphas

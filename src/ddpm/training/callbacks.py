@@ -17,6 +17,8 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import OmegaConf
 from torchvision.utils import make_grid, save_image
 
+from ddpm.core.guidance import guidance_usable
+
 log = logging.getLogger(__name__)
 
 
@@ -191,7 +193,7 @@ class EvaluateAtEnd(SampleQuality):
 
         results = []
         for w in self.guidance_scales if pl_module.conditional else [0.0]:
-            usable = not pl_module.conditional or w == 0 or pl_module.p_uncond > 0
+            usable = guidance_usable(pl_module.p_uncond, w, pl_module.conditional)
             with timed(f"final evaluation at w={w:g} on {self.num_samples} samples"):
                 metrics = self.measure(trainer, pl_module, guidance_scale=w) if usable else None
             results.append({"guidance_scale": w, "metrics": metrics})

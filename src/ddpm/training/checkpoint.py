@@ -29,7 +29,7 @@ from ddpm.validation import ConfigError
 
 # Config keys that fix the network and the data it models: resuming or sampling across a change in any of
 # them would load weights into a different model.
-MODEL_KEYS = ("model", "schedule", "guidance.conditional", "data.image_size", "data.channels", "data.num_classes")
+MODEL_KEYS = ("model", "schedule", "diffusion.prediction", "guidance.conditional", "data.image_size", "data.channels", "data.num_classes")
 # How the network computes, not what it computes: a resumed run may switch these.
 SPEED_KEYS = ("model.channels_last", "model.sdpa", "model.compile")
 
@@ -89,8 +89,48 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "config" not in checkpoint:
         raise ConfigError(f"ckpt_path={str(path)!r}: not a ddpm checkpoint (no state_dict and config inside; "
                           "was it written by python -m ddpm.train?)")
+    checkpoint["config"] = upgrade_config(checkpoint["config"])
     check_trusted(checkpoint["config"], f"ckpt_path={str(path)!r}")
     return checkpoint
+
+
+# Modules that moved (ddpm/core, ddpm/training, ddpm/evaluation); a checkpoint written before names the old paths.
+MOVED_MODULES = {
+    **{f"ddpm.{m}": f"ddpm.core.{m}" for m in ("schedules", "diffusion", "guidance", "unet", "samplers")},
+    **{f"ddpm.{m}": f"ddpm.training.{m}" for m in ("module", "data", "callbacks", "checkpoint", "loggers", "rundirs")},
+}
+
+
+# What a config without a ``diffusion`` node means (every checkpoint written before the node existed): eps, L_simple.
+DIFFUSION_DEFAULTS = {"prediction": "eps", "loss_weight": "uniform", "min_snr_gamma": 5.0}
+
+
+def upgrade_config(config: Any) -> Any:
+    """A checkpoint's config in today's terms: moved targets renamed (``upgrade_targets``) and, when it predates the
+    ``diffusion`` node, that node with the settings it was trained with (``DIFFUSION_DEFAULTS``); a schedule from before
+    ``schedule.zero_terminal_snr`` was not rescaled."""
+    config = upgrade_targets(config)
+    if isinstance(config, dict) and "diffusion" not in config:
+        config["diffusion"] = dict(DIFFUSION_DEFAULTS)
+    if isinstance(config, dict) and isinstance(config.get("schedule"), dict):
+        config["schedule"].setdefault("zero_terminal_snr", False)
+    return config
+
+
+def upgrade_targets(config: Any) -> Any:
+    """``config`` with each ``_target_`` under a moved module renamed to where it lives now (``ddpm.unet.UNet`` ->
+    ``ddpm.core.unet.UNet``). Only renames: ``check_trusted`` still decides what may be built from the result."""
+    if isinstance(config, list):
+        return [upgrade_targets(v) for v in config]
+    if not isinstance(config, dict):
+        return config
+    out = {k: upgrade_targets(v) for k, v in config.items()}
+    target = out.get("_target_")
+    if isinstance(target, str):
+        old = next((m for m in MOVED_MODULES if target.startswith(m + ".")), None)
+        if old is not None:
+            out["_target_"] = MOVED_MODULES[old] + target[len(old):]
+    return out
 
 
 def _load_failure(error: Exception) -> str:

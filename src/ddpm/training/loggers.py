@@ -108,14 +108,3 @@ def wandb_logger(project: str, save_dir: str, mode: str = "auto", group: str | N
     if overrides:
         logger.log_hyperparams({"sweep": {"overrides": overrides, **{k.lstrip("+"): v for k, v in overrides.items()}}})
     return logger
-
-
-def instantiate_loggers(node) -> list | bool:
-    """One logger (a node with ``_target_``), several (a node of such nodes, e.g. logger=wandb_csv), or none."""
-    if not node:
-        return False
-    from hydra.utils import instantiate
-
-    if "_target_" in node:
-        return [instantiate(node)]
-    return [instantiate(each) for each in node.values() if each]

@@ -1,7 +1,8 @@
-"""The LightningModule: glue between the network, the diffusion process, guidance and a sampler.
+"""The LightningModule: glue between the denoiser (network + process + prediction target), guidance and a sampler.
 
-It owns no math. The composed Hydra config travels inside every checkpoint (``checkpoint["config"]``),
-so ``DiffusionModule.from_checkpoint`` rebuilds the model from the file alone.
+It owns no math and builds nothing: ``ddpm.build`` makes every part from the config and hands them over (the
+lightning-hydra-template habit). The composed config travels inside every checkpoint (``checkpoint["config"]``),
+so ``ddpm.build.load_module`` rebuilds the model from the file alone.
 """
 
 from __future__ import annotations
@@ -10,20 +11,16 @@ import contextlib
 import logging
 import random
 from functools import partial
-from pathlib import Path
 from typing import Callable
 
 import lightning as L
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from ddpm.training.checkpoint import load_checkpoint
-from ddpm.core.diffusion import GaussianDiffusion
-from ddpm.core.guidance import check_guidance, drop_labels, guided_model_fn
+from ddpm.core.denoiser import Denoiser
+from ddpm.core.guidance import check_guidance, drop_labels, guided
 from ddpm.core.samplers import randn_like
 
 log = logging.getLogger(__name__)
@@ -32,19 +29,22 @@ log = logging.getLogger(__name__)
 class DiffusionModule(L.LightningModule):
     def __init__(
         self,
-        net: nn.Module,
-        diffusion: GaussianDiffusion,
+        denoiser: Denoiser,
         sampler: Callable,
         optimizer: Callable[..., torch.optim.Optimizer],
         warmup_steps: int = 0,
         ema_decay: float = 0.9999,
         p_uncond: float = 0.1,
         guidance_scale: float = 0.0,
+        guidance_rescale: float = 0.0,
+        guidance_interval: tuple[float, float] | None = None,
         config: dict | None = None,
         compile_net: bool = False,
     ):
         super().__init__()
-        self.net, self.diffusion, self.sampler = net, diffusion, sampler
+        net = denoiser.net
+        self.denoiser, self.net, self.diffusion, self.sampler = denoiser, net, denoiser.diffusion, sampler
+        self.guidance_rescale, self.guidance_interval = guidance_rescale, guidance_interval
         self.optimizer_factory, self.warmup_steps = optimizer, warmup_steps
         self.p_uncond, self.guidance_scale = p_uncond, guidance_scale
         self.config = config
@@ -60,38 +60,11 @@ class DiffusionModule(L.LightningModule):
     def conditional(self) -> bool:
         return getattr(self.net, "num_classes", None) is not None
 
-    @classmethod
-    def from_config(cls, cfg: DictConfig) -> "DiffusionModule":
-        """Build network, schedule and sampler from the composed config (the groups model, schedule, guidance,
-        sampler, optim, ema)."""
-        num_classes = cfg.data.num_classes if cfg.guidance.conditional else None
-        return cls(
-            net=build_net(cfg.model, num_classes=num_classes),
-            diffusion=GaussianDiffusion(instantiate(cfg.schedule)),
-            sampler=instantiate(cfg.sampler),
-            optimizer=instantiate(cfg.optim.optimizer),
-            warmup_steps=cfg.optim.warmup_steps,
-            ema_decay=cfg.ema.decay,
-            p_uncond=cfg.guidance.p_uncond if cfg.guidance.conditional else 0.0,
-            guidance_scale=cfg.guidance.scale,
-            config=OmegaConf.to_container(cfg, resolve=True),
-            compile_net=bool(cfg.model.get("compile", False)),
-        )
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "DiffusionModule":
-        """Rebuild the module from a checkpoint written by ``python -m ddpm.train``, weights and EMA included."""
-        checkpoint = load_checkpoint(path, map_location)
-        module = cls.from_config(OmegaConf.create(checkpoint["config"]))
-        module.load_state_dict(checkpoint["state_dict"])
-        module.checkpoint_step = checkpoint.get("global_step")  # recorded in evaluation protocols
-        return module
-
     # --- training -------------------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x0, labels = batch
         labels = drop_labels(labels, self.p_uncond, self.net.null_label) if self.conditional else None
-        loss = self.diffusion.training_loss(self._train_net, x0, labels=labels)
+        loss = self.denoiser.loss(x0, labels=labels, net=self._train_net)
         first_bad = ~torch.isfinite(loss.detach()) & (self._nonfinite[0] < 0)
         candidate = torch.stack([loss.new_full((), float(self.global_step)).float(), loss.detach().float()])
         self._nonfinite.copy_(torch.where(first_bad, candidate, self._nonfinite))
@@ -172,25 +145,24 @@ class DiffusionModule(L.LightningModule):
     def sample(
         self, labels: torch.Tensor | None, num_samples: int | None = None, guidance_scale: float | None = None,
         generator: torch.Generator | None = None, use_ema: bool = True, sampler: Callable | None = None,
-        progress: bool = False, callback: Callable | None = None,
+        progress: bool = False, callback: Callable | None = None, rescale: float | None = None,
+        interval: tuple[float, float] | None = None,
     ) -> torch.Tensor:
         """Images in [-1, 1] for ``labels`` (or ``num_samples`` unconditional ones), with classifier-free
-        guidance at ``guidance_scale`` (the paper's w; default: the configured ``guidance.scale``)."""
+        guidance at ``guidance_scale`` (the paper's w), its ``rescale`` phi and its sigma ``interval`` (each None:
+        the configured ``guidance.*``)."""
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        check_guidance(self.p_uncond, scale, self.conditional)
+        rescale = self.guidance_rescale if rescale is None else rescale
+        interval = self.guidance_interval if interval is None else interval
+        check_guidance(self.p_uncond, scale, self.conditional, rescale, interval)
         net = self.ema.module if use_ema else self.net
         n = len(labels) if labels is not None else num_samples
         shape = (n, net.in_channels, net.image_size, net.image_size)
         noise = randn_like(torch.empty(shape, device=self.device), generator)
         labels = labels.to(self.device) if labels is not None else None
         with evaluating(net):
-            model_fn = guided_model_fn(net, labels if self.conditional else None, scale)
+            model_fn = guided(self.denoiser.with_net(net), labels if self.conditional else None, scale, rescale, interval)
             return (sampler or self.sampler)(model_fn, self.diffusion, noise, generator=generator, progress=progress, callback=callback)
-
-
-def build_net(model_cfg: DictConfig, **overrides) -> nn.Module:
-    """The network of the ``model`` group; ``model.compile`` is a training option, not a network argument."""
-    return instantiate({k: v for k, v in model_cfg.items() if k != "compile"}, **overrides)
 
 
 @torch.no_grad()

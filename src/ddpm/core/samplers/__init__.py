@@ -2,7 +2,8 @@
 
     sample(model_fn, diffusion, noise, *, generator=None, callback=None, progress=False, **options) -> x_0
 
-``model_fn(x_t, t) -> eps`` is the (possibly guided) network, ``t`` the timestep index 0..T-1;
+``model_fn(x_t, t) -> (x_0, eps)`` is the (possibly guided) denoiser (``ddpm/core/denoiser.py``), ``t`` the
+timestep index 0..T-1, so no sampler knows the network's prediction target;
 ``noise`` is x_T; ``generator`` draws any further noise, so a seeded generator makes the output
 reproducible; ``callback(i, x_t, x0_pred)`` sees every step. Hydra builds them as partials
 (``conf/sampler/*.yaml``), so the options live in config and the call site stays the same.
@@ -10,7 +11,15 @@ reproducible; ``callback(i, x_t, x0_pred)`` sees every step. Hydra builds them a
 
 from __future__ import annotations
 
+import math
+
+from typing import Callable
+
 import torch
+
+from ddpm.core.errors import ConfigError
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (x_t, t) -> (x_0, eps)
 
 
 def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -35,4 +44,56 @@ def clip_x0(x0: torch.Tensor, mode: str = "clip", percentile: float = 0.995) -> 
         return x0.clamp(-s, s) / s
     if mode == "none":
         return x0
-    raise ValueError(f"sampler.x0_clip={mode!r}: must be one of {list(X0_CLIPS)}")
+    raise ConfigError(f"sampler.x0_clip={mode!r}: must be one of {list(X0_CLIPS)}")
+
+
+SPACINGS = ("time", "logsnr", "karras")
+
+
+def check_steps(steps: int, num_timesteps: int) -> None:
+    """The one range check of ``sampler.steps`` against the schedule's T."""
+    if not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
+        raise ConfigError(f"sampler.steps={steps}: must be between 1 and schedule.timesteps={num_timesteps}")
+
+
+def sampling_timesteps(alphas_cumprod: torch.Tensor, steps: int, spacing: str = "time", lambda_min: float | None = None,
+                       rho: float = 7.0) -> torch.Tensor:
+    """The timestep indices a sampler visits, ascending (the samplers walk them from the end); every sampler uses this.
+
+    time:   ``steps`` indices evenly spread over 0..T-1, both ends included (Nichol & Dhariwal 2021, sec. 4).
+    logsnr: about ``steps`` indices evenly spread in lambda_t = log(alpha_t / sigma_t) (Lu et al. 2022 recommend it
+            for low-resolution pixel models).
+    karras: EDM's spacing of sigma = sigma_t / alpha_t (Karras et al. 2022, eq. 5 with rho): dense at low noise.
+    For logsnr and karras each target level is rounded to the nearest timestep and duplicates collapse, so the result
+    can be a little shorter than ``steps``. They start at the last t whose lambda is >= ``lambda_min`` (None: t = T).
+
+    Why a floor: the cosine schedule's betas are clipped at 0.999, so its log-SNR falls from -6.5 to -9.9 in the
+    last step alone; spaced down to -9.9, a quarter of 20 steps land on t >= 990 and several collapse (17 distinct,
+    5 of them there). DPM-Solver implementations clip lambda_min for this (diffusers' ``lambda_min_clipped``, -5.1
+    for cosine schedules); the linear schedule's lambda_T = -5.06 is above that floor and keeps t = T. A zero-terminal-
+    SNR schedule (lambda_T = -inf) spaces over the finite levels and then adds t = T itself."""
+    num_timesteps = len(alphas_cumprod)
+    check_steps(steps, num_timesteps)
+    if spacing == "time":
+        if steps == 1:
+            return torch.tensor([num_timesteps - 1])
+        return torch.round(torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64)).long().unique()
+    if spacing not in SPACINGS:
+        raise ConfigError(f"sampler.spacing={spacing!r}: must be one of {list(SPACINGS)}")
+    lam = 0.5 * torch.log(alphas_cumprod / (1 - alphas_cumprod)).cpu()  # decreasing in t
+    last = num_timesteps - 1 if lambda_min is None else max(int((lam >= lambda_min).sum()) - 1, 0)
+    infinite_end = not math.isfinite(lam[last].item())  # zero terminal SNR: no target can be placed at -inf
+    finite_last, n = (last - 1, steps - 1) if infinite_end else (last, steps)
+    if n < 1:
+        return torch.tensor([last])
+    if spacing == "logsnr":
+        targets = torch.linspace(lam[0].item(), lam[finite_last].item(), n, dtype=torch.float64)
+    else:  # karras: sigma_i^(1/rho) evenly spaced between sigma_min^(1/rho) and sigma_max^(1/rho); lambda = -log sigma
+        ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+        sigma_min, sigma_max = math.exp(-lam[0].item()), math.exp(-lam[finite_last].item())
+        sigmas = (sigma_min ** (1 / rho) + ramp * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
+        targets = -sigmas.log()
+    chosen = (lam[None, : finite_last + 1] - targets[:, None]).abs().argmin(dim=1)
+    if infinite_end:
+        chosen = torch.cat([chosen, torch.tensor([last])])
+    return chosen.unique()

@@ -7,20 +7,20 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ddpm.core.diffusion import GaussianDiffusion, extract, spaced_timesteps
-from ddpm.core.guidance import ModelFn
-from ddpm.core.samplers import clip_x0, randn_like
+from ddpm.core.diffusion import GaussianDiffusion, extract
+from ddpm.core.errors import ConfigError
+from ddpm.core.samplers import ModelFn, clip_x0, randn_like, sampling_timesteps
 
 
 def ddim_step(
-    alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor, x: torch.Tensor, eps: torch.Tensor,
+    alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor, x: torch.Tensor, x0: torch.Tensor,
     noise: torch.Tensor | None, eta: float = 0.0, x0_clip: str = "none", percentile: float = 0.995,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x_{t_prev} = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z, with
-    sigma = eta sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev). Returns (x_prev, x0_pred).
-    ``alpha_bar`` and ``alpha_bar_prev`` broadcast against ``x``."""
-    x0 = clip_x0((x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt(), x0_clip, percentile)
-    eps = (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()  # consistent with a clipped x0
+    sigma = eta sqrt((1 - abar_prev)/(1 - abar_t)) sqrt(1 - abar_t/abar_prev) and eps the noise consistent with the
+    (clipped) predicted x0 at x_t. Returns (x_prev, x0_pred). ``alpha_bar`` and ``alpha_bar_prev`` broadcast against ``x``."""
+    x0 = clip_x0(x0, x0_clip, percentile)
+    eps = (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
     sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
     x_prev = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * eps
     if noise is not None and eta > 0:
@@ -35,8 +35,8 @@ def sample_ddim(
 ) -> torch.Tensor:
     """DDIM over ``steps`` evenly spaced timesteps; one model evaluation per step."""
     if eta < 0:
-        raise ValueError(f"sampler.eta={eta}: must be >= 0 (0 = deterministic, 1 = DDPM)")
-    timesteps = spaced_timesteps(diffusion.num_timesteps, steps).to(noise.device)
+        raise ConfigError(f"sampler.eta={eta}: must be >= 0 (0 = deterministic, 1 = DDPM)")
+    timesteps = sampling_timesteps(diffusion.alphas_cumprod, steps).to(noise.device)
     ones = torch.ones(1, dtype=torch.float64, device=diffusion.alphas_cumprod.device)
     alphas_cumprod = torch.cat([ones, diffusion.alphas_cumprod[timesteps.to(ones.device)]])  # [1, abar_t0, ...]
     x = noise
@@ -45,7 +45,8 @@ def sample_ddim(
         index = torch.full((x.shape[0],), i + 1, device=x.device)
         alpha_bar, alpha_bar_prev = extract(alphas_cumprod, index, x), extract(alphas_cumprod, index - 1, x)
         z = randn_like(x, generator) if eta > 0 and i > 0 else None
-        x, x0 = ddim_step(alpha_bar, alpha_bar_prev, x, model_fn(x, t), z, eta, x0_clip, percentile)
+        x0, _ = model_fn(x, t)
+        x, x0 = ddim_step(alpha_bar, alpha_bar_prev, x, x0, z, eta, x0_clip, percentile)
         if callback is not None:
             callback(i, x, x0)
     return x

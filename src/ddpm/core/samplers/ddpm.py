@@ -7,25 +7,25 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ddpm.core.diffusion import GaussianDiffusion, extract, respace, spaced_timesteps
-from ddpm.core.guidance import ModelFn
-from ddpm.core.samplers import clip_x0, randn_like
+from ddpm.core.diffusion import GaussianDiffusion, extract, respace
+from ddpm.core.errors import ConfigError
+from ddpm.core.samplers import ModelFn, clip_x0, randn_like, sampling_timesteps
 
 VARIANCES = ("beta", "posterior")
 
 
 def ddpm_step(
-    spaced: GaussianDiffusion, i: int, x: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None,
+    spaced: GaussianDiffusion, i: int, x: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor | None,
     variance: str = "beta", x0_clip: str = "clip", percentile: float = 0.995,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step x_t -> x_{t-1} of the (respaced) process ``spaced`` at its index ``i``; returns (x_{t-1}, x0_pred).
 
-    The mean is the posterior mean (eq. 7) at x0_pred = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar);
-    without clipping it equals Algorithm 2's 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps).
+    The mean is the posterior mean (eq. 7) at the predicted x_0; for an eps model, where x_0 = (x_t - sqrt(1 -
+    alpha_bar) eps) / sqrt(alpha_bar), it equals Algorithm 2's 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps).
     sigma_t^2 is beta_t or the posterior beta-tilde_t (the paper's two choices, sec. 3.2).
     """
     t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-    x0 = clip_x0(spaced.predict_x0_from_eps(x, t, eps), x0_clip, percentile)
+    x0 = clip_x0(x0, x0_clip, percentile)
     mean, posterior_variance = spaced.q_posterior(x0, x, t)
     if i == 0 or noise is None:
         return mean, x0
@@ -40,15 +40,14 @@ def sample_ddpm(
 ) -> torch.Tensor:
     """Algorithm 2 over ``steps`` evenly spaced timesteps (all T when None); one model evaluation per step."""
     if variance not in VARIANCES:
-        raise ValueError(f"sampler.variance={variance!r}: must be one of {list(VARIANCES)}")
-    timesteps = spaced_timesteps(diffusion.num_timesteps, steps or diffusion.num_timesteps).to(noise.device)
+        raise ConfigError(f"sampler.variance={variance!r}: must be one of {list(VARIANCES)}")
+    timesteps = sampling_timesteps(diffusion.alphas_cumprod, steps or diffusion.num_timesteps).to(noise.device)
     spaced = respace(diffusion, timesteps)
     x = noise
     for i in tqdm(reversed(range(len(timesteps))), total=len(timesteps), disable=not progress, desc="ddpm", leave=False):
-        t = timesteps[i].expand(x.shape[0])
-        eps = model_fn(x, t)
+        x0, _ = model_fn(x, timesteps[i].expand(x.shape[0]))
         z = randn_like(x, generator) if i > 0 else None
-        x, x0 = ddpm_step(spaced, i, x, eps, z, variance, x0_clip, percentile)
+        x, x0 = ddpm_step(spaced, i, x, x0, z, variance, x0_clip, percentile)
         if callback is not None:
             callback(i, x, x0)
     return x

@@ -9,9 +9,13 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ddpm.core.diffusion import GaussianDiffusion, logsnr_spaced_timesteps, spaced_timesteps
-from ddpm.core.guidance import ModelFn
-from ddpm.core.samplers import clip_x0
+from ddpm.core.diffusion import GaussianDiffusion
+from ddpm.core.samplers import ModelFn, clip_x0, sampling_timesteps
+
+
+def log_snr(alpha_bar: float) -> float:
+    """lambda = log(alpha / sigma) from alpha_bar; -inf at alpha_bar = 0 (zero terminal SNR)."""
+    return 0.5 * math.log(alpha_bar / (1 - alpha_bar)) if alpha_bar > 0 else -math.inf
 
 
 def dpmpp_2m_step(
@@ -22,12 +26,12 @@ def dpmpp_2m_step(
     lambda = log(alpha/sigma) and h = lambda_next - lambda:
         x_next = (sigma_next / sigma) x - alpha_next (e^{-h} - 1) D,
     D = x0 (first order, = DDIM) or, with the previous step's x0_last at t_last and r = h_last / h,
-    D = (1 + 1/(2r)) x0 - 1/(2r) x0_last."""
-    lam = lambda a: 0.5 * math.log(a / (1 - a))  # noqa: E731  log(alpha/sigma) from alpha_bar
-    h = lam(alpha_bar_next) - lam(alpha_bar)
+    D = (1 + 1/(2r)) x0 - 1/(2r) x0_last.
+    From lambda = -inf (zero terminal SNR) h is infinite and the step is DDIM's, x_next = sigma_next x + alpha_next x0."""
+    h = log_snr(alpha_bar_next) - log_snr(alpha_bar)
     d = x0
-    if x0_last is not None:
-        r = (lam(alpha_bar) - lam(alpha_bar_last)) / h
+    if x0_last is not None and math.isfinite(log_snr(alpha_bar_last)):
+        r = (log_snr(alpha_bar) - log_snr(alpha_bar_last)) / h
         d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_last
     return math.sqrt((1 - alpha_bar_next) / (1 - alpha_bar)) * x - math.sqrt(alpha_bar_next) * math.expm1(-h) * d
 
@@ -39,7 +43,7 @@ def sample_dpmpp_2m(
     callback: Callable | None = None, progress: bool = False,
 ) -> torch.Tensor:
     """``steps`` model evaluations from t = T to t = 1, spaced evenly in log-SNR (``spacing=logsnr``) or in t
-    (``time``); the output is the x_0 predicted at the last one (t = 1). Deterministic: ``generator`` is unused,
+    (``time``) or ``karras``; the output is the x_0 predicted at the last one (t = 1). Deterministic: ``generator`` is unused,
     the randomness is all in ``noise``.
 
     Why log-SNR by default: with the linear schedule and time-uniform steps the last step jumps from lambda ~ 1.6
@@ -47,23 +51,17 @@ def sample_dpmpp_2m(
     steps); log-SNR spacing keeps it within 2% from 10 steps on (tests/test_samplers.py). ``lambda_min``: the log-SNR
     floor of that spacing (``logsnr_spaced_timesteps``: it keeps the cosine schedule's clipped last step from taking a
     quarter of the steps)."""
-    if spacing == "logsnr":
-        timesteps = logsnr_spaced_timesteps(diffusion.alphas_cumprod, steps, lambda_min).flip(0)
-    elif spacing == "time":
-        timesteps = spaced_timesteps(diffusion.num_timesteps, steps).flip(0)  # T-1 ... 0
-    else:
-        raise ValueError(f"sampler.spacing={spacing!r}: must be one of ['logsnr', 'time']")
+    timesteps = sampling_timesteps(diffusion.alphas_cumprod, steps, spacing, lambda_min).flip(0)  # from T down
     alphas_cumprod = diffusion.alphas_cumprod[timesteps.to(diffusion.alphas_cumprod.device)].tolist()
     timesteps = timesteps.to(noise.device)
     x, x0_last = noise, None
     for i in tqdm(range(len(timesteps)), disable=not progress, desc="dpmpp_2m", leave=False):
-        a = alphas_cumprod[i]
-        eps = model_fn(x, timesteps[i].expand(x.shape[0]))
-        x0 = clip_x0((x - math.sqrt(1 - a) * eps) / math.sqrt(a), x0_clip, percentile)
+        x0, _ = model_fn(x, timesteps[i].expand(x.shape[0]))
+        x0 = clip_x0(x0, x0_clip, percentile)
         if i == len(timesteps) - 1:
             x = x0
         else:
-            x = dpmpp_2m_step(x, x0, x0_last, a, alphas_cumprod[i + 1], alphas_cumprod[i - 1] if i > 0 else None)
+            x = dpmpp_2m_step(x, x0, x0_last, alphas_cumprod[i], alphas_cumprod[i + 1], alphas_cumprod[i - 1] if i > 0 else None)
         x0_last = x0
         if callback is not None:
             callback(len(timesteps) - 1 - i, x, x0)
