@@ -36,10 +36,12 @@ def load_run(job_dir: Path) -> dict | None:
     overrides_file = job_dir / ".hydra" / "overrides.yaml"
     if not overrides_file.is_file():
         return None
-    overrides = {}
+    overrides, checkpoint = {}, None
     for item in yaml.safe_load(overrides_file.read_text()) or []:
         key, _, value = item.partition("=")
-        if not key.startswith(("hydra.", "~")) and key.lstrip("+") not in ("ckpt_path", "paths.cache_dir"):
+        if key.lstrip("+") == "ckpt_path":
+            checkpoint = value  # the model measured: the replicate of an evaluation sweep, not a setting
+        elif not key.startswith(("hydra.", "~")) and key.lstrip("+") != "paths.cache_dir":
             overrides[key.lstrip("+")] = _parse_value(value)
     curve: dict[int, float] = {}
     for metrics_csv in sorted(job_dir.glob("csv/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
@@ -48,7 +50,7 @@ def load_run(job_dir: Path) -> dict | None:
                 curve[int(row["step"])] = float(row["train/loss"])  # a resumed run's later version wins
     steps = sorted(curve)
     tail = [curve[s] for s in steps[-max(1, len(steps) // 10):]]
-    run = {"dir": job_dir.name, "overrides": overrides, "curve": [(s, curve[s]) for s in steps],
+    run = {"dir": job_dir.name, "overrides": overrides, "checkpoint": checkpoint, "curve": [(s, curve[s]) for s in steps],
            "final_loss": statistics.fmean(tail) if tail else None, "evaluations": []}
     metrics_file = job_dir / "metrics.json"
     if metrics_file.is_file():
@@ -167,9 +169,17 @@ def build_report(sweep_dir: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+def replicate(run: dict):
+    """What a run repeats across settings, so two settings can be paired on it: its seed (training sweeps: the same
+    initialisation and batches) and the checkpoint it measured (evaluation sweeps over ``ckpt_path=A,B,C``: the same
+    model). A run with neither is its own replicate, keyed by its directory."""
+    seed, checkpoint = run["overrides"].get("seed"), run.get("checkpoint")
+    return f"run {run['dir']}" if seed is None and checkpoint is None else json.dumps([seed, checkpoint])
+
+
 def _by_seed(members: list[dict], value) -> dict:
-    """``{seed: value}`` over a group's runs (a run without a seed override is keyed by its directory)."""
-    out = {r["overrides"].get("seed", f"run {r['dir']}"): value(r) for r in members}
+    """``{replicate: value}`` over a group's runs (``replicate``)."""
+    out = {replicate(r): value(r) for r in members}
     return {seed: v for seed, v in out.items() if v is not None and math.isfinite(v)}
 
 
@@ -181,29 +191,14 @@ def findings(rows: list[dict], group_keys: list[str], metrics: list[str], scales
     for i, key in enumerate(group_keys):
         comparisons = [("final_loss", scales[0] if scales else None)] + [(m, w) for m in metrics[:1] for w in (scales or [None])]
         for name, w in comparisons:
-            by_value = defaultdict(list)
+            # Compare the values of `key` with every other swept key held fixed: one finding per slice.
+            slices: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
             for row in rows:
                 if row["w"] == w and row[name][2] > 0:
-                    by_value[json.dumps(row["group"][i])].append(row)
-            if len(by_value) < 2 or any(len(v) != 1 for v in by_value.values()):
-                continue  # several other keys vary too: see the tables
-            ranked = sorted(by_value.items(), key=lambda kv: kv[1][0][name][0], reverse=name not in LOWER_IS_BETTER)
-            (best, [best_row]), (second, [second_row]) = ranked[0], ranked[1]
-            (mb, sb, nb), (ms, ss, ns) = best_row[name], second_row[name]
-            where = f" at w={w:g}" if w is not None and name != "final_loss" else ""
-            caveat = (" (losses under different schedules weight the noise levels differently: not comparable)"
-                      if name == "final_loss" and key.startswith("schedule") else "")
-            comparison = compare(best_row["raw"][name], second_row["raw"][name])
-            head = f"- {name}{where}: {key}={json.loads(best)}"
-            if comparison is None:  # one run a side has no spread to compare a gap with
-                lines.append(f"{head} {_fmt(mb)} vs {key}={json.loads(second)} {_fmt(ms)}: "
-                             f"{min(nb, ns)} seed: no statistics (sweep seed=0,1,2 to compare){caveat}.")
-            elif comparison.clear:
-                lines.append(f"{head} is better ({_fmt(mb, sb, nb)}) than {key}={json.loads(second)} ({_fmt(ms, ss, ns)}): "
-                             f"a difference at 95% ({comparison.describe()}){caveat}.")
-            else:
-                lines.append(f"{head} ({_fmt(mb, sb, nb)}) and {key}={json.loads(second)} ({_fmt(ms, ss, ns)}): cannot tell "
-                             f"apart at n = {min(nb, ns)} ({comparison.describe()}){caveat}.")
+                    others = ", ".join(f"{k}={v}" for j, (k, v) in enumerate(zip(group_keys, row["group"])) if j != i)
+                    slices[others][json.dumps(row["group"][i])].append(row)
+            for others, by_value in slices.items():
+                lines += _finding(key, name, w, others, by_value)
     if len(scales) > 1:
         for row_group in sorted({json.dumps(r["group"]) for r in rows}):
             series = sorted((r["w"], r) for r in rows if json.dumps(r["group"]) == row_group and r["w"] is not None)
@@ -214,6 +209,28 @@ def findings(rows: list[dict], group_keys: list[str], metrics: list[str], scales
                     trend = " -> ".join(f"{v:.3g} (w={w:g})" for w, v in points)
                     lines.append(f"- {label}: {name} {trend}.")
     return lines or ["- (nothing to compare)"]
+
+
+def _finding(key: str, name: str, w, others: str, by_value: dict[str, list]) -> list[str]:
+    """One sentence comparing the best two values of ``key`` on ``name`` (at ``w``, the ``others`` held fixed)."""
+    if len(by_value) < 2 or any(len(v) != 1 for v in by_value.values()):
+        return []
+    ranked = sorted(by_value.items(), key=lambda kv: kv[1][0][name][0], reverse=name not in LOWER_IS_BETTER)
+    (best, [best_row]), (second, [second_row]) = ranked[0], ranked[1]
+    (mb, sb, nb), (ms, ss, ns) = best_row[name], second_row[name]
+    where = (f" at w={w:g}" if w is not None and name != "final_loss" else "") + (f" ({others})" if others else "")
+    caveat = (" (losses under different schedules or targets weight the noise levels differently: not comparable)"
+              if name == "final_loss" and key.startswith(("schedule", "diffusion")) else "")
+    comparison = compare(best_row["raw"][name], second_row["raw"][name])
+    head = f"- {name}{where}: {key}={json.loads(best)}"
+    if comparison is None:  # one run a side has no spread to compare a gap with
+        return [f"{head} {_fmt(mb)} vs {key}={json.loads(second)} {_fmt(ms)}: "
+                f"{min(nb, ns)} seed: no statistics (sweep seed=0,1,2 to compare){caveat}."]
+    if comparison.clear:
+        return [f"{head} is better ({_fmt(mb, sb, nb)}) than {key}={json.loads(second)} ({_fmt(ms, ss, ns)}): "
+                f"a difference at 95% ({comparison.describe()}){caveat}."]
+    return [f"{head} ({_fmt(mb, sb, nb)}) and {key}={json.loads(second)} ({_fmt(ms, ss, ns)}): cannot tell "
+            f"apart at n = {min(nb, ns)} ({comparison.describe()}){caveat}."]
 
 
 def plot(runs: list[dict], rows: list[dict], group_keys: list[str], metrics: list[str], out_dir: Path) -> None:

@@ -261,7 +261,7 @@ def appended_keys(cfg: DictConfig, overrides: list[str]) -> list[str]:
     Hydra accepts because of the +). ``+group=option`` (a config group, e.g. ``+data=cifar10``) is fine."""
     from ddpm.config import config_dir
 
-    groups = {p.name for p in config_dir().iterdir() if p.is_dir()} | {"experiments"}
+    groups = {p.name for p in config_dir().iterdir() if p.is_dir()} | {"experiments", "evaluations"}
     lines = []
     for item in overrides:
         key = item.split("=", 1)[0]

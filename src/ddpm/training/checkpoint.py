@@ -171,7 +171,8 @@ def shipped_targets() -> dict[str, frozenset[str]]:
     Read from the YAML files themselves, so adding an option is all it takes to make it loadable."""
     from ddpm.config import config_dir, experiments_root
 
-    files = [*config_dir().rglob("*.yaml"), *(experiments_root() / "experiments").glob("*.yaml")]
+    files = [*config_dir().rglob("*.yaml"), *(experiments_root() / "experiments").glob("*.yaml"),
+             *(experiments_root() / "evaluations").glob("*.yaml")]
     everywhere = {target for f in files for _, target in _targets(yaml.safe_load(f.read_text()) or {})}
     out = {"*": frozenset(everywhere)}
     for key, group in REBUILT.items():
