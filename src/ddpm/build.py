@@ -56,6 +56,8 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
         optimizer=instantiate(cfg.optim.optimizer),
         warmup_steps=cfg.optim.warmup_steps,
         ema_decay=cfg.ema.decay,
+        ema_warmup=cfg.ema.get("warmup", False),
+        power_ema_sigma_rels=tuple(cfg.ema.get("sigma_rels") or ()),
         p_uncond=cfg.guidance.p_uncond if cfg.guidance.conditional else 0.0,
         guidance_scale=cfg.guidance.scale,
         guidance_rescale=cfg.guidance.get("rescale", 0.0),

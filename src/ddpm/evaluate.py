@@ -43,7 +43,7 @@ def protocol(cfg: DictConfig, module: DiffusionModule, reference_info: dict, ext
         "guidance_rescale": float(cfg.guidance.rescale),
         "guidance_interval": None if cfg.guidance.interval is None else [float(v) for v in cfg.guidance.interval],
         "prediction": module.denoiser.prediction,
-        "weights": "ema" if cfg.use_ema else "raw",
+        "weights": ("ema" if cfg.ema.sigma_rel is None else {"power_ema": getattr(module, "ema_weights", None)}) if cfg.use_ema else "raw",
         "seed": cfg.seed,
         "checkpoint": {"path": str(Path(cfg.ckpt_path).resolve()), "global_step": getattr(module, "checkpoint_step", None)},
     }

@@ -21,6 +21,7 @@ from ddpm.training.callbacks import class_rows, even_labels, to_grid
 from ddpm.config import check_flags, config_dir, run_cli
 from ddpm.core.guidance import check_guidance
 from ddpm.core.samplers import check_steps
+from ddpm.training.snapshots import posthoc_state_dict, snapshot_dir
 from ddpm.training.module import DiffusionModule
 from ddpm.validation import ConfigError, validate
 
@@ -101,9 +102,31 @@ def load_for_sampling(cfg: DictConfig, entry: str, outputs: tuple[str, ...]) -> 
         raise ConfigError(f"labels={list(cfg.labels)}: must be {allowed}")
     if cfg.sampler.get("steps") is not None:
         check_steps(cfg.sampler.steps, timesteps)
+    if cfg.use_ema and cfg.ema.sigma_rel is not None:
+        module.ema_weights = use_power_ema(module, cfg)
     check_guidance(module.p_uncond, module.guidance_scale if cfg.guidance.scale is None else cfg.guidance.scale,
                    module.conditional, cfg.guidance.rescale, guidance_interval(cfg.guidance.interval))
     return module
+
+
+def use_power_ema(module: DiffusionModule, cfg: DictConfig) -> dict:
+    """Load the power EMA of ``ema.sigma_rel`` into the module's EMA weights: the one tracked during training when
+    it is there, else rebuilt from the run's snapshots. Returns what the protocol records about it."""
+    sigma_rel = float(cfg.ema.sigma_rel)
+    tracked = module.power_ema.find(sigma_rel) if module.power_ema is not None else None
+    if cfg.ema.source == "tracked" and tracked is None:
+        widths = module.power_ema.sigma_rels if module.power_ema is not None else []
+        raise ConfigError(f"ema.sigma_rel={sigma_rel}: the checkpoint tracks no power EMA of that width (it has {widths}); "
+                          "use ema.source=auto or posthoc to rebuild it from the snapshots")
+    if tracked is not None and cfg.ema.source != "posthoc":
+        module.ema.module.load_state_dict(tracked.state_dict())
+        return {"sigma_rel": sigma_rel, "source": "tracked"}
+    directory = Path(cfg.ema.snapshots).expanduser() if cfg.ema.snapshots else snapshot_dir(cfg.ckpt_path)
+    sources = None if cfg.ema.sources is None else [float(s) for s in cfg.ema.sources]
+    state, info = posthoc_state_dict(directory, sigma_rel, sources=sources)
+    module.ema.module.load_state_dict({k: v.to(module.device) for k, v in state.items()})
+    log.info("power EMA sigma_rel=%g rebuilt from %d snapshots in %s", sigma_rel, info["snapshots"], directory)
+    return {"source": "posthoc", **info}
 
 
 def sample(cfg: DictConfig) -> dict:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.core.errors import ConfigError  # noqa: F401  (re-exported: the core owns it, the entry points catch it)
+from ddpm.core.ema import MAX_SIGMA_REL
 from ddpm.core.guidance import guidance_usable
 from ddpm.core.prediction import LOSS_WEIGHTS, PREDICTIONS, ZERO_TERMINAL_SNR_PREDICTIONS
 from ddpm.core.samplers import SPACINGS, X0_CLIPS
@@ -99,6 +100,10 @@ def _existing_file(v, _=None) -> bool:
     return isinstance(v, str) and Path(v).expanduser().is_file()
 
 
+def _sigma_rel_ok(v) -> bool:
+    return _is_num(v) and 0 < v < MAX_SIGMA_REL
+
+
 # trainer.precision: auto (ddpm.config.resolve_precision) or one of Lightning's names for the precisions it supports
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine")
 
@@ -169,6 +174,10 @@ TRAIN_RULES = [
     Rule("optim.optimizer.lr", positive, "a number > 0"),
     Rule("optim.warmup_steps", nonneg_int, "an integer >= 0"),
     Rule("ema.decay", lambda v, _: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    Rule("ema.warmup", lambda v, _: isinstance(v, bool), "true or false"),
+    Rule("ema.sigma_rels", lambda v, _: isinstance(v, list) and all(_sigma_rel_ok(s) for s in v),
+         f"a list of relative EMA widths in (0, {MAX_SIGMA_REL:.4f}), e.g. [0.05, 0.10] (Karras et al. 2024), or []"),
+    Rule("ema.snapshot_every", nonneg_int, "an integer >= 0 (0: no snapshots)"),
     Rule("trainer.max_steps", lambda v, cfg: positive_int(v) or (v == -1 and positive_int(OmegaConf.select(cfg, "trainer.max_epochs"))),
          "an integer > 0, or -1 together with trainer.max_epochs > 0 (else training never ends)"),
     Rule("trainer.devices", lambda v, _: positive_int(v) or v in ("auto", -1) or isinstance(v, (list, str)), "an integer > 0, a list of ids, or auto"),
@@ -201,6 +210,11 @@ SAMPLE_RULES = [
     Rule("labels", lambda v, _: v is None or (isinstance(v, list) and len(v) > 0 and all(nonneg_int(x) for x in v)),
          "null or a list of class ids >= 0, e.g. labels=[3] or labels=[3,3,7]"),
     Rule("use_ema", lambda v, _: isinstance(v, bool), "true or false"),
+    Rule("ema.sigma_rel", optional(lambda v, _: _sigma_rel_ok(v)),
+         f"null (the classic EMA) or a relative EMA width in (0, {MAX_SIGMA_REL:.4f}), e.g. 0.05 or 0.10"),
+    Rule("ema.source", one_of("auto", "tracked", "posthoc"), "one of ['auto', 'tracked', 'posthoc']"),
+    Rule("ema.sources", optional(lambda v, _: isinstance(v, list) and len(v) > 0 and all(_sigma_rel_ok(s) for s in v)),
+         "null (every snapshot) or a non-empty list of the tracked widths to rebuild from, e.g. [0.05, 0.1]"),
     Rule("trajectory", nonneg_int, "an integer >= 0"),
     Rule("device", lambda v, _: v in ("auto", "cpu", "cuda") or str(v).startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
     Rule("device", lambda v, _: not str(v).startswith("cuda") or _cuda_index(v) < _cuda_count(),

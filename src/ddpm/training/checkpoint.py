@@ -112,6 +112,9 @@ def upgrade_config(config: Any) -> Any:
     config = upgrade_targets(config)
     if isinstance(config, dict) and "diffusion" not in config:
         config["diffusion"] = dict(DIFFUSION_DEFAULTS)
+    if isinstance(config, dict) and isinstance(config.get("ema"), dict):  # before post-hoc EMA: the classic one only
+        config["ema"].setdefault("warmup", False)
+        config["ema"].setdefault("sigma_rels", [])
     if isinstance(config, dict) and isinstance(config.get("schedule"), dict):
         config["schedule"].setdefault("zero_terminal_snr", False)
     return config

@@ -20,6 +20,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from ddpm.core.denoiser import Denoiser
+from ddpm.core.ema import PowerEMA, ema_warmup_decay
 from ddpm.core.guidance import check_guidance, drop_labels, guided
 from ddpm.core.samplers import randn_like
 
@@ -34,6 +35,8 @@ class DiffusionModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         warmup_steps: int = 0,
         ema_decay: float = 0.9999,
+        ema_warmup: bool = False,
+        power_ema_sigma_rels: tuple[float, ...] = (),
         p_uncond: float = 0.1,
         guidance_scale: float = 0.0,
         guidance_rescale: float = 0.0,
@@ -51,8 +54,10 @@ class DiffusionModule(L.LightningModule):
         # torch.compile'd forward for the training step; kept off the module tree so checkpoints keep plain keys.
         object.__setattr__(self, "_train_net", torch.compile(net) if compile_net else net)
         # EMA of the weights (Ho et al. sample with decay 0.9999): torch's AveragedModel holds the frozen copy.
-        self.ema, self.ema_decay = AveragedModel(net, use_buffers=True), ema_decay
+        self.ema, self.ema_decay, self.ema_warmup = AveragedModel(net, use_buffers=True), ema_decay, ema_warmup
         self.ema.requires_grad_(False)
+        # Power-function EMAs (Karras et al. 2024) whose snapshots let ddpm.sample pick the EMA length after training.
+        self.power_ema = PowerEMA(net, list(power_ema_sigma_rels)) if power_ema_sigma_rels else None
         # The first non-finite loss (step, value), kept on the device: checking it costs no host sync per step.
         self.register_buffer("_nonfinite", torch.tensor([-1.0, 0.0]), persistent=False)
 
@@ -88,7 +93,10 @@ class DiffusionModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         # Right after the weights move (not in on_train_batch_end, which runs after callbacks such as
         # ModelCheckpoint): a checkpoint at step N then holds the EMA of step N, and a resume matches.
-        ema_step(self.ema, self.net, self.ema_decay)
+        update = self.global_step + 1  # t = 1, 2, ... (global_step counts this step only after the hook); no device read
+        ema_step(self.ema, self.net, ema_warmup_decay(self.ema_decay, update) if self.ema_warmup else self.ema_decay)
+        if self.power_ema is not None:
+            self.power_ema.update(self.net, update)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning's mixed-precision plugin refuses to clip for a fused optimizer even under bf16, where there is no

@@ -1,0 +1,106 @@
+"""Exponential moving averages of the weights: the classic constant-decay EMA and the power-function EMA of
+Karras et al. 2024 (EDM2, sec. 3 and appendix C), whose length can be chosen after training.
+
+A power-function EMA with exponent gamma averages the weights of steps tau <= t with a profile proportional to
+tau^gamma; its width relative to the run, ``sigma_rel`` (the std of that profile over t), is the knob:
+    sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)).
+It is updated as theta_ema <- beta_t theta_ema + (1 - beta_t) theta with beta_t = (1 - 1/t)^(gamma + 1), t = 1, 2, ...
+Storing snapshots of two such EMAs every N steps lets ``posthoc_coefficients`` rebuild any other sigma_rel by least
+squares: the EMA's profile at time t is a linear combination of the snapshots' profiles.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def ema_warmup_decay(decay: float, step: int) -> float:
+    """The classic EMA's decay at update ``step`` (1, 2, ...) with the usual warm-up, min(decay, (1 + t)/(10 + t))
+    (diffusers' EMAModel, after TensorFlow's ExponentialMovingAverage num_updates): early averages forget their
+    random initial weights fast, so a short run with decay 0.999 does not sample mostly from them."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+MAX_SIGMA_REL = 12 ** -0.5  # the width of gamma = 0 (a uniform average over the run): a power EMA is narrower
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """The exponent gamma of a power-function EMA of relative width ``sigma_rel`` (EDM2 eq. 3 solved for gamma: the
+    largest real root of gamma^3 + 7 gamma^2 + (16 - s^-2) gamma + (12 - s^-2) = 0)."""
+    if not 0 < sigma_rel < MAX_SIGMA_REL:
+        raise ValueError(f"ema.sigma_rel={sigma_rel}: must be in (0, {MAX_SIGMA_REL:.4f})")
+    t = sigma_rel ** -2
+    roots = torch.linalg.eigvals(torch.tensor([[-7.0, -(16 - t), -(12 - t)], [1, 0, 0], [0, 1, 0]], dtype=torch.float64))
+    return max(r.real.item() for r in roots if abs(r.imag.item()) < 1e-9)
+
+
+def gamma_to_sigma_rel(gamma: float) -> float:
+    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+
+def power_ema_beta(step: int, gamma: float) -> float:
+    """beta_t = (1 - 1/t)^(gamma + 1) for update t = 1, 2, ... (beta_1 = 0: the first average is the weights)."""
+    return (1 - 1 / step) ** (gamma + 1)
+
+
+def profile_inner_product(t_a, gamma_a, t_b, gamma_b) -> torch.Tensor:
+    """<p_a, p_b> for the normalised power profiles p(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) on [0, t]:
+    (gamma_a + 1)(gamma_b + 1) min(t_a, t_b)^(gamma_a + gamma_b + 1) / ((gamma_a + gamma_b + 1) t_a^(gamma_a + 1) t_b^(gamma_b + 1)),
+    written with the ratio of the times so it stays finite for large t. Broadcasts."""
+    t_a, gamma_a, t_b, gamma_b = (torch.as_tensor(v, dtype=torch.float64) for v in (t_a, gamma_a, t_b, gamma_b))
+    low, high = torch.minimum(t_a, t_b), torch.maximum(t_a, t_b)
+    exponent = torch.where(t_a < t_b, gamma_b, gamma_a)  # the later profile's gamma
+    return (gamma_a + 1) * (gamma_b + 1) * (low / high) ** exponent / ((gamma_a + gamma_b + 1) * high)
+
+
+def posthoc_coefficients(snapshot_steps, snapshot_gammas, step: int, gamma: float) -> torch.Tensor:
+    """Least-squares weights x (one per snapshot) with sum_i x_i p_i closest in L2 to the profile of a gamma-EMA at
+    ``step`` (EDM2 appendix C.3): solve <p_i, p_j> x = <p_i, p_target>."""
+    steps = torch.as_tensor(snapshot_steps, dtype=torch.float64)
+    gammas = torch.as_tensor(snapshot_gammas, dtype=torch.float64)
+    gram = profile_inner_product(steps[:, None], gammas[:, None], steps[None, :], gammas[None, :])
+    target = profile_inner_product(steps, gammas, torch.tensor(float(step)), torch.tensor(float(gamma)))
+    return torch.linalg.lstsq(gram, target[:, None]).solution[:, 0]
+
+
+def combine(state_dicts: list[dict[str, torch.Tensor]], coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
+    """sum_i x_i state_i for the floating-point entries (in float64, then back); others from the last state."""
+    out = {}
+    for key, last in state_dicts[-1].items():
+        if last.is_floating_point():
+            total = sum(float(x) * sd[key].double() for x, sd in zip(coefficients, state_dicts))
+            out[key] = total.to(last.dtype)
+        else:
+            out[key] = last.clone()
+    return out
+
+
+class PowerEMA(nn.Module):
+    """Power-function EMAs of ``net``'s weights, one copy per ``sigma_rel``; ``update(net, step)`` after each optimizer
+    step t = 1, 2, .... Buffers (e.g. normalisation statistics) are averaged too. Saved with the module's state."""
+
+    def __init__(self, net: nn.Module, sigma_rels: list[float]):
+        super().__init__()
+        import copy
+
+        self.sigma_rels = [float(s) for s in sigma_rels]
+        self.gammas = [sigma_rel_to_gamma(s) for s in self.sigma_rels]
+        self.averages = nn.ModuleList(copy.deepcopy(net).requires_grad_(False) for _ in self.sigma_rels)
+
+    @torch.no_grad()
+    def update(self, net: nn.Module, step: int) -> None:
+        current = [*net.parameters(), *net.buffers()]
+        for average, gamma in zip(self.averages, self.gammas):
+            averaged = [*average.parameters(), *average.buffers()]
+            floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1 - power_ema_beta(step, gamma))
+            for a, c in zip(averaged, current):
+                if not a.is_floating_point():
+                    a.copy_(c)
+
+    def find(self, sigma_rel: float) -> nn.Module | None:
+        """The average tracked at ``sigma_rel`` (to 1e-9), if any."""
+        return next((a for s, a in zip(self.sigma_rels, self.averages) if abs(s - sigma_rel) < 1e-9), None)

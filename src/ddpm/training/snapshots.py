@@ -1,0 +1,88 @@
+"""Snapshots of the power-function EMAs, and the post-hoc EMA rebuilt from them (Karras et al. 2024, sec. 3).
+
+During training ``EMASnapshots`` writes ``ema_snapshots/ema_<step>.pt`` every N steps (and at the end): the weights of
+each tracked power EMA (``ema.sigma_rels``). After training, ``posthoc_state_dict`` turns the snapshots of a run into
+the weights of an EMA of any length ``sigma_rel``, by least squares over the snapshots' averaging profiles.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from ddpm.core.ema import combine, posthoc_coefficients, sigma_rel_to_gamma
+from ddpm.core.errors import ConfigError
+from ddpm.training.checkpoint import temporary_path
+
+log = logging.getLogger(__name__)
+
+
+class EMASnapshots(L.Callback):
+    """Every ``every_n_steps`` optimizer steps (and after the last one), write the power EMAs' weights to
+    ``dirpath/ema_<step>.pt``, atomically (a kill leaves the previous snapshots whole). A resumed run writes the
+    steps it has not written yet; nothing is rewritten."""
+
+    def __init__(self, dirpath: str, every_n_steps: int = 100):
+        self.dirpath, self.every_n_steps = Path(dirpath), every_n_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0:
+            self.write(trainer, pl_module, step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        self.write(trainer, pl_module, trainer.global_step)
+
+    def write(self, trainer: L.Trainer, pl_module, step: int) -> None:
+        power_ema = getattr(pl_module, "power_ema", None)
+        if power_ema is None or not trainer.is_global_zero or step == 0:
+            return
+        path = self.dirpath / f"ema_{step:07d}.pt"
+        if path.exists():
+            return
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_path(path)
+        with open(tmp, "wb") as f:
+            torch.save({"step": step, "sigma_rels": power_ema.sigma_rels, "gammas": power_ema.gammas,
+                        "state_dicts": [{k: v.detach().cpu() for k, v in a.state_dict().items()} for a in power_ema.averages]}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def snapshot_dir(ckpt_path: str | Path) -> Path:
+    """Where a run's snapshots live: ``<run>/ema_snapshots`` for a checkpoint ``<run>/checkpoints/last.ckpt``."""
+    return Path(ckpt_path).expanduser().resolve().parent.parent / "ema_snapshots"
+
+
+def posthoc_state_dict(directory: str | Path, sigma_rel: float, step: int | None = None,
+                       sources: list[float] | None = None) -> tuple[dict, dict]:
+    """The weights of a power EMA of relative width ``sigma_rel`` at ``step`` (default: the last snapshot), as a
+    least-squares combination of the snapshots in ``directory`` (of the EMAs of width in ``sources``; default all);
+    and a description for the protocol."""
+    files = sorted(Path(directory).glob("ema_*.pt"))
+    if not files:
+        raise ConfigError(f"ema.sigma_rel={sigma_rel}: no EMA snapshots in {directory} (train with ema.sigma_rels set and "
+                          "ema.snapshot_every > 0, or point ema.snapshots at them)")
+    try:
+        gamma = sigma_rel_to_gamma(sigma_rel)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    snapshots = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    step = step or max(s["step"] for s in snapshots)
+    steps, gammas, states = [], [], []
+    for s in snapshots:
+        if s["step"] > step:
+            continue
+        for width, g, state in zip(s["sigma_rels"], s["gammas"], s["state_dicts"]):
+            if sources is not None and not any(abs(width - w) < 1e-9 for w in sources):
+                continue
+            steps.append(s["step"]), gammas.append(g), states.append(state)
+    coefficients = posthoc_coefficients(steps, gammas, step, gamma)
+    info = {"sigma_rel": sigma_rel, "gamma": gamma, "step": step, "snapshots": len(files), "profiles": len(states),
+            "snapshot_sigma_rels": sorted({s for snap in snapshots for s in snap["sigma_rels"]} if sources is None else sources)}
+    return combine(states, coefficients), info
