@@ -1,6 +1,7 @@
 """`python -m ddpm.sample`: a checkpoint in, a grid and samples.npz out, reproducibly."""
 
 import numpy as np
+import torch
 import pytest
 from conftest import TINY, run_cli
 
@@ -44,3 +45,30 @@ def test_sample_cli(checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     data = np.load(tmp_path / "out" / "samples.npz")
     assert data["images"].shape == (10, 8, 8, 1) and data["labels"].tolist() == list(range(10))
+
+
+def test_sampling_precision_bf16_runs_the_network_in_bf16(tiny_cfg):
+    from ddpm.build import build_module
+
+    module = build_module(tiny_cfg())
+    torch.manual_seed(0)
+    for p in module.ema.module.parameters():  # the zero-initialised output layer would make both outputs 0
+        torch.nn.init.normal_(p, std=0.05)
+    seen = []
+    module.ema.module.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    images = {p: module.sample(torch.arange(4), generator=torch.Generator().manual_seed(0), precision=p)
+              for p in ("float32", "bf16")}
+    assert seen[0] == torch.float32 and seen[-1] == torch.bfloat16
+    assert images["bf16"].dtype == torch.float32 and torch.isfinite(images["bf16"]).all()
+    assert not torch.equal(images["bf16"], images["float32"])
+
+
+@pytest.mark.slow
+def test_sampling_with_a_compiled_network_matches_eager(tiny_cfg):
+    from ddpm.build import build_module
+
+    module = build_module(tiny_cfg())
+    eager = module.sample(torch.arange(4), generator=torch.Generator().manual_seed(0))
+    compiled = module.sample(torch.arange(4), generator=torch.Generator().manual_seed(0), compile_net=True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    assert not any(k.startswith("_compiled") for k in module.state_dict())

@@ -156,3 +156,36 @@ def test_report_says_where_loss_curves_are_when_only_wandb_has_them(tmp_path):
     (sweep / "0" / "wandb").mkdir()
     text = build_report(sweep)
     assert "logged the loss to wandb only" in text and not (sweep / "loss_curves.png").exists()
+
+
+def _evaluation_grid(root, fd):
+    """An evaluation sweep over 3 checkpoints x sampler x sampler.steps, as ddpm.evaluate --multirun writes it."""
+    import json
+
+    import yaml
+
+    job = 0
+    for checkpoint in ("a", "b", "c"):
+        for sampler in ("dpmpp_2m", "heun"):
+            for steps in (10, 20):
+                (root / str(job) / ".hydra").mkdir(parents=True)
+                (root / str(job) / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(
+                    [f"ckpt_path=/runs/{checkpoint}/last.ckpt", f"sampler={sampler}", f"sampler.steps={steps}"]))
+                (root / str(job) / "metrics.json").write_text(json.dumps(
+                    {"protocol": {"guidance_scale": 1.0}, "metrics": {"fd_digits": fd(checkpoint, sampler, steps)}}))
+                job += 1
+
+
+def test_report_draws_an_evaluation_grid_and_pairs_on_the_checkpoint(tmp_path):
+    """dpmpp_2m at 20 steps is best by 1.0 on every checkpoint, which differ from each other by 5: paired on the
+    checkpoint the gap is clear; unpaired (Welch) it would be lost in the spread between checkpoints."""
+    offsets = {"a": 0.0, "b": 5.0, "c": 10.0}
+    noise = {("a", "heun", 20): 0.1, ("b", "heun", 20): -0.1, ("c", "heun", 20): 0.05}
+    _evaluation_grid(tmp_path, lambda c, s, n: 30 + offsets[c] + (0 if (s, n) == ("dpmpp_2m", 20) else 1 + 3 * (n == 10))
+                     + noise.get((c, s, n), 0.0))
+    result = run_cli("ddpm.report", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "grid.png").is_file()
+    best = next(line for line in result.stdout.splitlines() if line.startswith("Best cell"))
+    assert best.startswith("Best cell: sampler=dpmpp_2m, sampler.steps=20: fd_digits 35.00 ± 5.00")
+    assert "runner-up, sampler=heun, sampler.steps=20" in best and "a difference at 95% (paired t-test, n = 3" in best

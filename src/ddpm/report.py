@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from ddpm.evaluation.stats import compare
+from ddpm.evaluation.stats import LEVEL, compare, mean_interval
 
 QUALITY = ("fd_digits", "fid", "guided_accuracy", "diversity", "inception_score")
 LOWER_IS_BETTER = {"fd_digits", "fid", "final_loss"}
@@ -159,6 +159,7 @@ def build_report(sweep_dir: Path) -> str:
 
     out += ["", "## Findings", "", *findings(long_rows, group_keys, metrics, scales)]
     plot(runs, long_rows, group_keys, metrics, sweep_dir)
+    out += grid(long_rows, group_keys, metrics, scales, sweep_dir)
     if any(r["curve"] for r in runs):
         out += ["", "![loss curves](loss_curves.png)"]
     elif any((sweep_dir / r["dir"] / "wandb").is_dir() for r in runs):
@@ -231,6 +232,68 @@ def _finding(key: str, name: str, w, others: str, by_value: dict[str, list]) -> 
                 f"a difference at 95% ({comparison.describe()}){caveat}."]
     return [f"{head} ({_fmt(mb, sb, nb)}) and {key}={json.loads(second)} ({_fmt(ms, ss, ns)}): cannot tell "
             f"apart at n = {min(nb, ns)} ({comparison.describe()}){caveat}."]
+
+
+def grid(rows: list[dict], group_keys: list[str], metrics: list[str], scales: list, out_dir: Path) -> list[str]:
+    """An evaluation grid (two or more swept settings, e.g. ema.sigma_rel x w, or sampler x sampler.steps): a heatmap
+    of the first metric's mean over seeds/checkpoints (rows: the first setting, columns: the second, one panel per
+    value of the rest), its best cell outlined, and a line with that cell's t interval and its comparison with the
+    runner-up. Writes grid.png; returns the report's lines."""
+    axes = [*group_keys, *(["w"] if len(scales) > 1 else [])]
+    if len(axes) < 2 or not metrics:
+        return []
+    name = metrics[0]
+    value_of = lambda row, key: row["w"] if key == "w" else row["group"][group_keys.index(key)]  # noqa: E731
+    cells = [r for r in rows if r[name][2] > 0 and (r["w"] is not None or "w" not in axes)]
+    if not cells:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = lambda values: sorted(values, key=lambda v: (not isinstance(v, (int, float)), v if isinstance(v, (int, float)) else json.dumps(v)))  # noqa: E731
+    row_key, col_key, rest = axes[0], axes[1], axes[2:]
+    distinct = lambda keys: list({json.dumps([value_of(r, k) for k in keys]): [value_of(r, k) for k in keys] for r in cells}.values())  # noqa: E731
+    row_values, col_values = order([v for [v] in distinct([row_key])]), order([v for [v] in distinct([col_key])])
+    panels = distinct(rest)
+    lower = name in LOWER_IS_BETTER
+    best = min(cells, key=lambda r: r[name][0] if lower else -r[name][0])
+    fig, axs = plt.subplots(1, len(panels), figsize=(1.2 + 1.3 * len(col_values) * len(panels), 1.0 + 0.55 * len(row_values)), squeeze=False)
+    for ax, panel in zip(axs[0], panels):
+        grid_values = [[math.nan] * len(col_values) for _ in row_values]
+        here = [r for r in cells if [value_of(r, k) for k in rest] == panel]
+        for r in here:
+            grid_values[row_values.index(value_of(r, row_key))][col_values.index(value_of(r, col_key))] = r[name][0]
+        image = ax.imshow(grid_values, cmap="viridis_r" if lower else "viridis", aspect="auto")
+        for r in here:
+            i, j = row_values.index(value_of(r, row_key)), col_values.index(value_of(r, col_key))
+            dark = image.norm(r[name][0]) > 0.5 if lower else image.norm(r[name][0]) < 0.5
+            ax.text(j, i, f"{r[name][0]:.3g}\n±{r[name][1]:.2g}", ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black")
+            if r is best:
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
+        ax.set_xticks(range(len(col_values)), [str(v) for v in col_values], fontsize=8)
+        ax.set_yticks(range(len(row_values)), [str(v) for v in row_values], fontsize=8)
+        ax.set(xlabel=col_key, ylabel=row_key, title=", ".join(f"{k}={v}" for k, v in zip(rest, panel)) or name)
+    fig.suptitle(f"{name} ({'lower' if lower else 'higher'} is better): mean ± std over seeds or checkpoints; best outlined", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_dir / "grid.png", dpi=120)
+    plt.close(fig)
+    where = ", ".join(f"{k}={value_of(best, k)}" for k in axes)
+    lines = ["", "## Grid", "", f"![{name} over {' x '.join(axes)}](grid.png)", ""]
+    interval = mean_interval(list(best["raw"][name].values()))
+    text = f"Best cell: {where}: {name} {_fmt(*best[name])}"
+    if interval:
+        text += f", {LEVEL:.0%} CI of the mean [{interval[1]:.4g}, {interval[2]:.4g}]"
+    runner_up = sorted((r for r in cells if r is not best), key=lambda r: r[name][0] if lower else -r[name][0])[:1]
+    if runner_up:
+        comparison = compare(best["raw"][name], runner_up[0]["raw"][name])
+        other = ", ".join(f"{k}={value_of(runner_up[0], k)}" for k in axes)
+        text += (f"; the runner-up, {other}, {_fmt(*runner_up[0][name])}: "
+                 + ("no statistics at n = 1" if comparison is None else
+                    ("a difference at 95%" if comparison.clear else "cannot tell apart") + f" ({comparison.describe()})"))
+    return [*lines, text + "."]
 
 
 def plot(runs: list[dict], rows: list[dict], group_keys: list[str], metrics: list[str], out_dir: Path) -> None:

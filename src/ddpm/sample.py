@@ -36,7 +36,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def draw(module: DiffusionModule, cfg: DictConfig, trajectory_steps: int = 10) -> dict:
     """Sample ``cfg.num_samples`` images in batches from one seeded generator. Returns images in [-1, 1],
     labels, the trajectory (or None), the number of model evaluations and the wall time."""
-    sampler = instantiate(cfg.sampler)
+    sampler = instantiate({k: v for k, v in cfg.sampler.items() if k not in ("precision", "compile")})
     num_classes = module.net.num_classes
     labels = None
     if num_classes is not None:
@@ -65,6 +65,7 @@ def draw(module: DiffusionModule, cfg: DictConfig, trajectory_steps: int = 10) -
         chunks.append(module.sample(batch_labels, num_samples=size, guidance_scale=cfg.guidance.scale,
                                     rescale=cfg.guidance.rescale, interval=guidance_interval(cfg.guidance.interval),
                                     generator=generator, use_ema=cfg.use_ema, sampler=_wrap(sampler, count),
+                                    precision=cfg.sampler.precision, compile_net=cfg.sampler.compile,
                                     progress=len(batches) == 1, callback=callback))
         overall.update(size)
     overall.close()

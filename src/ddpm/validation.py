@@ -104,6 +104,8 @@ def _sigma_rel_ok(v) -> bool:
     return _is_num(v) and 0 < v < MAX_SIGMA_REL
 
 
+SAMPLING_PRECISIONS = ("float32", "bf16")  # ddpm.sample / ddpm.evaluate: sampler.precision
+
 # trainer.precision: auto (ddpm.config.resolve_precision) or one of Lightning's names for the precisions it supports
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine")
 
@@ -122,6 +124,8 @@ SAMPLER_RULES = [
     Rule("sampler.spacing", one_of(*SPACINGS), f"one of {list(SPACINGS)}"),
     Rule("sampler.rho", positive, "a number > 0 (EDM: 7)"),
     Rule("sampler.lambda_min", optional(lambda v, _: _is_num(v)), "a number (a log-SNR, e.g. -5.1) or null"),
+    Rule("sampler.precision", one_of(*SAMPLING_PRECISIONS), f"one of {list(SAMPLING_PRECISIONS)}"),
+    Rule("sampler.compile", lambda v, _: isinstance(v, bool), "true or false"),
     Rule("sampler.percentile", lambda v, _: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
 ]
 

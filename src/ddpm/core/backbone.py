@@ -29,6 +29,7 @@ class Backbone(Protocol):
 
 def check_backbone(net: object, source: str = "model") -> None:
     """ConfigError naming what ``net`` lacks, if it does not meet the ``Backbone`` contract."""
+    net = getattr(net, "_orig_mod", net)  # a torch.compile'd network: check the network it wraps
     missing = [name for name in ATTRIBUTES if not hasattr(net, name)]
     forward = getattr(net, "forward", None)
     if forward is None or len(inspect.signature(forward).parameters) < 3:

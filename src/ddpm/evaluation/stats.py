@@ -75,3 +75,12 @@ def _comparison(test: str, n: tuple[int, int], difference: float, se: float, df:
     half = student_t.ppf(0.5 + LEVEL / 2, df) * se
     p = 2 * student_t.sf(abs(difference) / se, df)
     return Comparison(test, n, difference, difference - half, difference + half, float(p), df)
+
+
+def mean_interval(values: list[float]) -> tuple[float, float, float] | None:
+    """(mean, low, high): the t interval of a mean at ``LEVEL`` (n >= 2; None otherwise)."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if len(values) < 2:
+        return None
+    mean, half = statistics.fmean(values), student_t.ppf(0.5 + LEVEL / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half

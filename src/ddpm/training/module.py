@@ -154,11 +154,12 @@ class DiffusionModule(L.LightningModule):
         self, labels: torch.Tensor | None, num_samples: int | None = None, guidance_scale: float | None = None,
         generator: torch.Generator | None = None, use_ema: bool = True, sampler: Callable | None = None,
         progress: bool = False, callback: Callable | None = None, rescale: float | None = None,
-        interval: tuple[float, float] | None = None,
+        interval: tuple[float, float] | None = None, precision: str = "float32", compile_net: bool = False,
     ) -> torch.Tensor:
         """Images in [-1, 1] for ``labels`` (or ``num_samples`` unconditional ones), with classifier-free
         guidance at ``guidance_scale`` (the paper's w), its ``rescale`` phi and its sigma ``interval`` (each None:
-        the configured ``guidance.*``)."""
+        the configured ``guidance.*``). ``precision``: float32, or bf16 autocast of the network; ``compile_net``:
+        run a torch.compile'd network (compiled once per module and weights)."""
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         rescale = self.guidance_rescale if rescale is None else rescale
         interval = self.guidance_interval if interval is None else interval
@@ -168,7 +169,13 @@ class DiffusionModule(L.LightningModule):
         shape = (n, net.in_channels, net.image_size, net.image_size)
         noise = randn_like(torch.empty(shape, device=self.device), generator)
         labels = labels.to(self.device) if labels is not None else None
-        with evaluating(net):
+        if compile_net:
+            cache = self.__dict__.setdefault("_compiled_for_sampling", {})  # off the module tree: no checkpoint keys
+            if id(net) not in cache:
+                cache[id(net)] = torch.compile(net)
+            net = cache[id(net)]
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        with evaluating(net), autocast:
             model_fn = guided(self.denoiser.with_net(net), labels if self.conditional else None, scale, rescale, interval)
             return (sampler or self.sampler)(model_fn, self.diffusion, noise, generator=generator, progress=progress, callback=callback)
 
