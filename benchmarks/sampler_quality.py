@@ -17,7 +17,8 @@ from pathlib import Path
 from ddpm.config import compose
 from ddpm.evaluate import evaluate
 
-ROWS = [("ddpm", 1000), ("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100), ("dpmpp_2m", 10), ("dpmpp_2m", 20)]
+ROWS = [("ddpm", 1000), ("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100), ("dpmpp_2m", 10), ("dpmpp_2m", 20),
+        ("heun", 10), ("heun", 20)]  # heun: N levels cost 2N - 1 evaluations, so 9 and 19
 
 
 def main() -> None:

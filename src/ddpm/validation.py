@@ -21,6 +21,9 @@ from ddpm.core.guidance import guidance_usable
 from ddpm.core.prediction import LOSS_WEIGHTS, PREDICTIONS, ZERO_TERMINAL_SNR_PREDICTIONS
 from ddpm.core.samplers import SPACINGS, X0_CLIPS
 from ddpm.core.samplers.ddpm import VARIANCES
+from ddpm.evaluation.metrics import EXTRACTORS, REFERENCE_SPLITS
+from ddpm.training.loggers import WANDB_MODES
+from ddpm.training.snapshots import EMA_SOURCES
 
 
 @dataclass(frozen=True)
@@ -197,10 +200,9 @@ TRAIN_RULES = [
     Rule("callbacks.sample_quality.every_n_steps", nonneg_int, "an integer >= 0 (0: off)"),
     Rule("callbacks.sample_quality.num_samples", lambda v, _: _is_int(v) and v >= 2, "an integer >= 2"),
     Rule("callbacks.sample_quality.steps", _steps_ok, "null or an integer between 1 and schedule.timesteps"),
-    Rule("callbacks.sample_quality.feature_extractor", one_of("auto", "digits_classifier", "inception"),
-         "one of ['auto', 'digits_classifier', 'inception']"),
-    Rule("callbacks.sample_quality.reference_split", one_of("train", "test"), "one of ['train', 'test']"),
-    Rule("logger.mode", one_of("auto", "online", "offline", "disabled"), "one of ['auto', 'online', 'offline', 'disabled']"),
+    Rule("callbacks.sample_quality.feature_extractor", one_of(*EXTRACTORS), f"one of {list(EXTRACTORS)}"),
+    Rule("callbacks.sample_quality.reference_split", one_of(*REFERENCE_SPLITS), f"one of {list(REFERENCE_SPLITS)}"),
+    Rule("logger.mode", one_of(*WANDB_MODES), f"one of {list(WANDB_MODES)}"),
     *SAMPLER_RULES,
 ]
 
@@ -216,7 +218,7 @@ SAMPLE_RULES = [
     Rule("use_ema", lambda v, _: isinstance(v, bool), "true or false"),
     Rule("ema.sigma_rel", optional(lambda v, _: _sigma_rel_ok(v)),
          f"null (the classic EMA) or a relative EMA width in (0, {MAX_SIGMA_REL:.4f}), e.g. 0.05 or 0.10"),
-    Rule("ema.source", one_of("auto", "tracked", "posthoc"), "one of ['auto', 'tracked', 'posthoc']"),
+    Rule("ema.source", one_of(*EMA_SOURCES), f"one of {list(EMA_SOURCES)}"),
     Rule("ema.sources", optional(lambda v, _: isinstance(v, list) and len(v) > 0 and all(_sigma_rel_ok(s) for s in v)),
          "null (every snapshot) or a non-empty list of the tracked widths to rebuild from, e.g. [0.05, 0.1]"),
     Rule("trajectory", nonneg_int, "an integer >= 0"),
@@ -229,8 +231,8 @@ SAMPLE_RULES = [
 EVALUATE_RULES = [
     *SAMPLE_RULES,
     Rule("num_samples", lambda v, _: _is_int(v) and v >= 2, "an integer >= 2 (a covariance needs two samples)"),
-    Rule("metrics.feature_extractor", one_of("auto", "digits_classifier", "inception"), "one of ['auto', 'digits_classifier', 'inception']"),
-    Rule("metrics.reference_split", one_of("train", "test"), "one of ['train', 'test']"),
+    Rule("metrics.feature_extractor", one_of(*EXTRACTORS), f"one of {list(EXTRACTORS)}"),
+    Rule("metrics.reference_split", one_of(*REFERENCE_SPLITS), f"one of {list(REFERENCE_SPLITS)}"),
     Rule("metrics.reference_size", optional(lambda v, _: _is_int(v) and v >= 2), "null or an integer >= 2"),
 ]
 

@@ -27,6 +27,7 @@ from ddpm.training.data import stack_dataset
 log = logging.getLogger(__name__)
 
 EXTRACTORS = ("auto", "digits_classifier", "inception")
+REFERENCE_SPLITS = ("train", "test")
 
 
 def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:

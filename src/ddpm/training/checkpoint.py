@@ -25,7 +25,7 @@ import torch
 import yaml
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from ddpm.validation import ConfigError
+from ddpm.core.errors import ConfigError
 
 # Config keys that fix the network and the data it models: resuming or sampling across a change in any of
 # them would load weights into a different model.

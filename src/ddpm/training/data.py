@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, random_split
 from torchvision import datasets, transforms
 
-from ddpm.validation import ConfigError
+from ddpm.core.errors import ConfigError
 
 
 class EpochShuffle(Sampler[int]):

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger
 
-from ddpm.validation import ConfigError
+from ddpm.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,13 @@ def wandb_credentials_available() -> bool:
         return False
 
 
+WANDB_MODES = ("auto", "online", "offline", "disabled")  # logger.mode
+
+
 def resolve_wandb_mode(mode: str = "auto") -> str:
     """``auto``: WANDB_MODE if set, else online with credentials and offline without."""
-    modes = ("auto", "online", "offline", "disabled")
-    if mode not in modes:
-        raise ValueError(f"logger.mode={mode!r}: must be one of {list(modes)}")
+    if mode not in WANDB_MODES:
+        raise ValueError(f"logger.mode={mode!r}: must be one of {list(WANDB_MODES)}")
     if mode != "auto":
         return mode
     return os.environ.get("WANDB_MODE") or ("online" if wandb_credentials_available() else "offline")

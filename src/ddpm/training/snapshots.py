@@ -20,6 +20,10 @@ from ddpm.training.checkpoint import temporary_path
 
 log = logging.getLogger(__name__)
 
+# ema.source of ddpm.sample/evaluate: the tracked EMA of that width if the checkpoint has one, else rebuilt (auto);
+# only the tracked one (tracked); always rebuilt from the snapshots (posthoc).
+EMA_SOURCES = ("auto", "tracked", "posthoc")
+
 
 class EMASnapshots(L.Callback):
     """Every ``every_n_steps`` optimizer steps (and after the last one), write the power EMAs' weights to
