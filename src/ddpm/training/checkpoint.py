@@ -42,23 +42,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """torch.save to ``.<name>.tmp``, fsync, then rename over ``<name>``; read back with ``weights_only=True``."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_path(path)
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-        except (OSError, RuntimeError) as error:  # torch's zip writer reports a full disk as RuntimeError
-            tmp.unlink(missing_ok=True)
-            raise CheckpointWriteError(_write_failure(path, error)) from None
-        os.replace(tmp, path)
+        atomic_save(checkpoint, Path(path))
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         # Every file Lightning reads back (a resume, ddp_spawn's weights of rank 0): tensors and plain data only,
         # whatever the caller asks, since a pickle can run code.
         return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=True)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save ``obj`` to ``path`` atomically: a reader sees the old file or the new one, never a torn one; a
+    full disk raises CheckpointWriteError naming the file and the room left, and leaves nothing behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as error:  # torch's zip writer reports a full disk as RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(_write_failure(path, error)) from None
+    os.replace(tmp, path)
 
 
 def temporary_path(path: Path) -> Path:

@@ -8,7 +8,6 @@ the weights of an EMA of any length ``sigma_rel``, by least squares over the sna
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import lightning as L
@@ -16,7 +15,7 @@ import torch
 
 from ddpm.core.ema import combine, posthoc_coefficients, sigma_rel_to_gamma
 from ddpm.core.errors import ConfigError
-from ddpm.training.checkpoint import temporary_path
+from ddpm.training.checkpoint import atomic_save
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +32,10 @@ class EMASnapshots(L.Callback):
     def __init__(self, dirpath: str, every_n_steps: int = 100):
         self.dirpath, self.every_n_steps = Path(dirpath), every_n_steps
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        for stray in self.dirpath.glob(".ema_*.pt.tmp") if trainer.is_global_zero else []:  # a write a kill cut short
+            stray.unlink(missing_ok=True)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0:
@@ -48,14 +51,8 @@ class EMASnapshots(L.Callback):
         path = self.dirpath / f"ema_{step:07d}.pt"
         if path.exists():
             return
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_path(path)
-        with open(tmp, "wb") as f:
-            torch.save({"step": step, "sigma_rels": power_ema.sigma_rels, "gammas": power_ema.gammas,
-                        "state_dicts": [{k: v.detach().cpu() for k, v in a.state_dict().items()} for a in power_ema.averages]}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_save({"step": step, "sigma_rels": power_ema.sigma_rels, "gammas": power_ema.gammas,
+                     "state_dicts": [{k: v.detach().cpu() for k, v in a.state_dict().items()} for a in power_ema.averages]}, path)
 
 
 def snapshot_dir(ckpt_path: str | Path) -> Path:
