@@ -16,7 +16,7 @@ from conftest import TINY, run_cli
 
 from ddpm.build import load_module
 from ddpm.config import compose
-from ddpm.training.module import DiffusionModule, NonFiniteLossError
+from ddpm.training.module import NonFiniteLossError
 from ddpm.sample import sample
 from ddpm.train import train
 from ddpm.validation import ConfigError

@@ -1,7 +1,6 @@
 """Prediction targets and loss weightings against their closed forms (Salimans & Ho 2022; Hang et al. 2023), in
 float64, and the one-point perfect-oracle test for every target through every sampler."""
 
-import math
 
 import pytest
 import torch

@@ -10,7 +10,7 @@ import torch
 
 from ddpm.core.denoiser import Denoiser
 from ddpm.core.diffusion import GaussianDiffusion, respace
-from ddpm.core.prediction import PREDICTIONS, network_target
+from ddpm.core.prediction import network_target
 from ddpm.core.samplers import sampling_timesteps
 from ddpm.core.samplers.ddpm import ddpm_step, sample_ddpm
 from ddpm.core.schedules import cosine_betas, linear_betas
