@@ -259,7 +259,7 @@ def grid(rows: list[dict], group_keys: list[str], metrics: list[str], scales: li
     panels = distinct(rest)
     lower = name in LOWER_IS_BETTER
     best = min(cells, key=lambda r: r[name][0] if lower else -r[name][0])
-    fig, axs = plt.subplots(1, len(panels), figsize=(1.2 + 1.3 * len(col_values) * len(panels), 1.0 + 0.55 * len(row_values)), squeeze=False)
+    fig, axs = plt.subplots(1, len(panels), figsize=(max(6.5, 1.6 + 1.3 * len(col_values) * len(panels)), 1.4 + 0.55 * len(row_values)), squeeze=False)
     for ax, panel in zip(axs[0], panels):
         grid_values = [[math.nan] * len(col_values) for _ in row_values]
         here = [r for r in cells if [value_of(r, k) for k in rest] == panel]
@@ -276,7 +276,7 @@ def grid(rows: list[dict], group_keys: list[str], metrics: list[str], scales: li
         ax.set_xticks(range(len(col_values)), [str(v) for v in col_values], fontsize=8)
         ax.set_yticks(range(len(row_values)), [str(v) for v in row_values], fontsize=8)
         ax.set(xlabel=col_key, ylabel=row_key, title=", ".join(f"{k}={v}" for k, v in zip(rest, panel)) or name)
-    fig.suptitle(f"{name} ({'lower' if lower else 'higher'} is better): mean ± std over seeds or checkpoints; best outlined", fontsize=9)
+    fig.suptitle(f"{name} ({'lower' if lower else 'higher'} is better), mean ± std over seeds or checkpoints;\nthe best cell outlined", fontsize=9)
     fig.tight_layout()
     fig.savefig(out_dir / "grid.png", dpi=120)
     plt.close(fig)
