@@ -116,3 +116,13 @@ def test_sample_and_evaluate_take_ema_sigma_rel(tiny_cfg, tmp_path):
     assert outputs["0.07"]["power_ema"]["source"] == "posthoc" and outputs["0.07"]["power_ema"]["snapshots"] == 3
     bad = run_cli("ddpm.sample", f"ckpt_path={ckpt}", "ema.sigma_rel=0.5", f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ema.sigma_rel=0.5: must be") and bad.stderr.count("\n") == 1
+
+
+def test_resuming_with_other_power_emas_starts_them_from_the_weights(tiny_cfg, tmp_path, caplog):
+    """A run from before ema.sigma_rels (or with other widths) resumes: the EMAs asked for start from its weights."""
+    train(tiny_cfg("trainer.max_steps=10", "ema.sigma_rels=[]"))
+    module = train(tiny_cfg("trainer.max_steps=12", "ema.sigma_rels=[0.05]"))
+    assert module.power_ema is not None and module.global_step == 12
+    assert "the power EMAs start from the checkpoint's weights" in caplog.text
+    module = train(tiny_cfg("trainer.max_steps=14", "ema.sigma_rels=[]"))  # and back: the saved ones are dropped
+    assert module.power_ema is None and module.global_step == 14

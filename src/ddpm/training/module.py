@@ -131,11 +131,28 @@ class DiffusionModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._match_power_emas(checkpoint["state_dict"])
         # Applied in on_train_start, not now: between restoring and the first step Lightning itself draws
         # from the RNG (as it did at the start of the original run), which would shift the stream.
         self._rng_states_to_restore = checkpoint.get("rng_states")
         if checkpoint.get("optimizer_states"):
             apply_optimizer_settings(checkpoint, self.optimizer_factory([nn.Parameter(torch.zeros(1))]).defaults)
+
+    def _match_power_emas(self, state: dict) -> None:
+        """Resuming with other ``ema.sigma_rels`` than the checkpoint's (or a checkpoint from before them): the power
+        EMAs asked for now start from the checkpoint's weights, as if those were the average so far, and the
+        checkpoint's own are dropped. Logged, since their early history is then missing from the snapshots."""
+        expected = {k for k in self.state_dict() if k.startswith("power_ema.")}
+        saved = {k for k in state if k.startswith("power_ema.")}
+        if expected == saved:
+            return
+        log.warning("resuming with ema.sigma_rels=%s where the checkpoint tracked %s: the power EMAs start from the "
+                    "checkpoint's weights at this step", self.power_ema.sigma_rels if self.power_ema else [],
+                    "other widths" if saved else "none")
+        for key in saved:
+            del state[key]
+        for key in expected:  # power_ema.averages.<i>.<name> <- net.<name>
+            state[key] = state["net." + key.split(".", 3)[3]].clone()
 
     def on_train_start(self) -> None:
         states, self._rng_states_to_restore = getattr(self, "_rng_states_to_restore", None), None
