@@ -189,3 +189,29 @@ def test_report_draws_an_evaluation_grid_and_pairs_on_the_checkpoint(tmp_path):
     best = next(line for line in result.stdout.splitlines() if line.startswith("Best cell"))
     assert best.startswith("Best cell: sampler=dpmpp_2m, sampler.steps=20: fd_digits 35.00 ± 5.00")
     assert "runner-up, sampler=heun, sampler.steps=20" in best and "a difference at 95% (paired t-test, n = 3" in best
+
+
+def test_report_pairs_an_evaluation_sweep_over_w_on_the_checkpoint(tmp_path):
+    """ema.sigma_rel x guidance.scale over 3 checkpoints: each cell's statistics use all 3 checkpoints at its own w
+    (several runs share a checkpoint, one per w)."""
+    import json
+
+    import yaml
+
+    job = 0
+    for checkpoint, offset in (("a", 0.0), ("b", 4.0), ("c", 8.0)):
+        for sigma_rel in (0.05, 0.1):
+            for w in (0, 1):
+                (tmp_path / str(job) / ".hydra").mkdir(parents=True)
+                (tmp_path / str(job) / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(
+                    [f"ema.sigma_rel={sigma_rel}", f"guidance.scale={w}", f"ckpt_path=/runs/{checkpoint}.ckpt"]))
+                fd = 30 + offset + 10 * w + (1.0 if sigma_rel == 0.05 else 0.0) + 0.01 * job
+                (tmp_path / str(job) / "metrics.json").write_text(json.dumps(
+                    {"protocol": {"guidance_scale": float(w)}, "metrics": {"fd_digits": fd}}))
+                job += 1
+    result = run_cli("ddpm.report", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for w in (0, 1):
+        line = next(x for x in result.stdout.splitlines() if x.startswith(f"- fd_digits at w={w}: "))
+        assert "ema.sigma_rel=0.1 is better" in line and "paired t-test, n = 3" in line, line
+    assert "Best cell: ema.sigma_rel=0.1, w=0.0" in result.stdout and "95% CI of the mean" in result.stdout

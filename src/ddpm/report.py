@@ -180,8 +180,8 @@ def replicate(run: dict):
 
 def _by_seed(members: list[dict], value) -> dict:
     """``{replicate: value}`` over a group's runs (``replicate``)."""
-    out = {replicate(r): value(r) for r in members}
-    return {seed: v for seed, v in out.items() if v is not None and math.isfinite(v)}
+    values = [(replicate(r), value(r)) for r in members]  # several runs of one replicate: one per w in an evaluation sweep
+    return {key: v for key, v in values if v is not None and math.isfinite(v)}
 
 
 def findings(rows: list[dict], group_keys: list[str], metrics: list[str], scales: list) -> list[str]:
