@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import run_cli
 
-from ddpm.core.ema import (PowerEMA, ema_warmup_decay, gamma_to_sigma_rel, posthoc_coefficients, profile_inner_product,
-                           sigma_rel_to_gamma)
+from ddpm.core.ema import (PowerEMA, ema_warmup_decay, gamma_to_sigma_rel, posthoc_coefficients, profile_fit_error,
+                           profile_inner_product, sigma_rel_to_gamma)
 from ddpm.train import train
 from ddpm.training.snapshots import posthoc_state_dict
 
@@ -56,6 +56,18 @@ def test_profile_inner_product_is_the_integral():
         assert profile_inner_product(t_a, g_a, t_b, g_b).item() == pytest.approx(integral.item(), rel=1e-6)
 
 
+def test_posthoc_profile_fit_shrinks_with_denser_snapshots():
+    """The L2 error of the rebuilt profile of sigma_rel 0.2 from 0.05/0.10 snapshots over 600 steps: every 50 steps
+    3.8%, every 25 1.1%, every 6 0.07% (computed here, not measured on weights)."""
+    def fit(every):
+        steps = [s for s in range(every, 601, every) for _ in (0, 1)]
+        gammas = [sigma_rel_to_gamma(w) for _ in range(every, 601, every) for w in (0.05, 0.10)]
+        x = posthoc_coefficients(steps, gammas, 600, sigma_rel_to_gamma(0.2))
+        return profile_fit_error(steps, gammas, 600, sigma_rel_to_gamma(0.2), x)
+    errors = [fit(every) for every in (50, 25, 6)]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.002 and 0.02 < errors[0] < 0.06
+
+
 def test_posthoc_coefficients_rebuild_a_profile_exactly_when_it_is_a_snapshot():
     x = posthoc_coefficients([50, 100, 50, 100], [6.94, 6.94, 16.97, 16.97], 100, 16.97)
     torch.testing.assert_close(x, torch.tensor([0, 0, 0, 1.0], dtype=torch.float64), atol=1e-6, rtol=0)  # the Gram matrix is ill-conditioned
@@ -74,7 +86,7 @@ def test_posthoc_ema_rebuilds_an_ema_tracked_directly(tiny_cfg, tmp_path):
     direct = {s: flat(a.state_dict()) for s, a in zip(module.power_ema.sigma_rels, module.power_ema.averages)}
     raw = flat(module.net.state_dict())
     rebuilt, info = posthoc_state_dict(tmp_path / "run" / "ema_snapshots", 0.15, sources=[0.05, 0.10])
-    assert info["snapshots"] == 30 and info["profiles"] == 60 and info["step"] == 300
+    assert info["snapshots"] == 30 and info["profiles"] == 60 and info["step"] == 300 and info["profile_fit_error"] < 0.02
     scale = (direct[0.15] - raw).norm()
     assert (flat(rebuilt) - direct[0.15]).norm() < 0.01 * scale
     assert (direct[0.05] - direct[0.10]).norm() > 0.2 * scale  # the lengths differ: the check above has teeth

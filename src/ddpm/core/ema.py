@@ -66,6 +66,19 @@ def posthoc_coefficients(snapshot_steps, snapshot_gammas, step: int, gamma: floa
     return torch.linalg.lstsq(gram, target[:, None]).solution[:, 0]
 
 
+def profile_fit_error(snapshot_steps, snapshot_gammas, step: int, gamma: float, coefficients: torch.Tensor) -> float:
+    """How well the snapshots' profiles rebuild the target's: ||sum_i x_i p_i - p||_2 / ||p||_2. It shrinks as
+    snapshots get denser (EDM2 keeps many); measured on digits, a fit error of 4-6% left the rebuilt weights 11-14%
+    (of the EMA's distance from the raw weights) away from a directly tracked EMA, and one of 1% left 0.13%."""
+    steps = torch.as_tensor(snapshot_steps, dtype=torch.float64)
+    gammas = torch.as_tensor(snapshot_gammas, dtype=torch.float64)
+    gram = profile_inner_product(steps[:, None], gammas[:, None], steps[None, :], gammas[None, :])
+    target = profile_inner_product(steps, gammas, torch.tensor(float(step)), torch.tensor(float(gamma)))
+    norm = profile_inner_product(float(step), gamma, float(step), gamma)
+    squared = (norm - 2 * coefficients @ target + coefficients @ gram @ coefficients) / norm
+    return float(squared.clamp(min=0).sqrt())
+
+
 def combine(state_dicts: list[dict[str, torch.Tensor]], coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
     """sum_i x_i state_i for the floating-point entries (in float64, then back); others from the last state."""
     out = {}

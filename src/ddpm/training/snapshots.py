@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from ddpm.core.ema import combine, posthoc_coefficients, sigma_rel_to_gamma
+from ddpm.core.ema import combine, posthoc_coefficients, profile_fit_error, sigma_rel_to_gamma
 from ddpm.core.errors import ConfigError
 from ddpm.training.checkpoint import atomic_save
 
@@ -84,6 +84,11 @@ def posthoc_state_dict(directory: str | Path, sigma_rel: float, step: int | None
                 continue
             steps.append(s["step"]), gammas.append(g), states.append(state)
     coefficients = posthoc_coefficients(steps, gammas, step, gamma)
+    fit = profile_fit_error(steps, gammas, step, gamma, coefficients)
+    if fit > 0.02:
+        log.warning("ema.sigma_rel=%g: the snapshots rebuild its averaging profile only to %.1f%% (L2); the weights can be "
+                    "off by several times that: snapshot more often (ema.snapshot_every) for a closer EMA", sigma_rel, 100 * fit)
     info = {"sigma_rel": sigma_rel, "gamma": gamma, "step": step, "snapshots": len(files), "profiles": len(states),
+            "profile_fit_error": round(fit, 5),
             "snapshot_sigma_rels": sorted({s for snap in snapshots for s in snap["sigma_rels"]} if sources is None else sources)}
     return combine(states, coefficients), info
