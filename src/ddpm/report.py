@@ -265,7 +265,8 @@ def grid(rows: list[dict], group_keys: list[str], metrics: list[str], scales: li
         here = [r for r in cells if [value_of(r, k) for k in rest] == panel]
         for r in here:
             grid_values[row_values.index(value_of(r, row_key))][col_values.index(value_of(r, col_key))] = r[name][0]
-        image = ax.imshow(grid_values, cmap="viridis_r" if lower else "viridis", aspect="auto")
+        image = ax.imshow(grid_values, cmap="viridis_r" if lower else "viridis", aspect="auto",  # one colour scale for all panels
+                          vmin=min(r[name][0] for r in cells), vmax=max(r[name][0] for r in cells))
         for r in here:
             i, j = row_values.index(value_of(r, row_key)), col_values.index(value_of(r, col_key))
             dark = image.norm(r[name][0]) > 0.5 if lower else image.norm(r[name][0]) < 0.5
