@@ -270,12 +270,13 @@ def grid(rows: list[dict], group_keys: list[str], metrics: list[str], scales: li
         for r in here:
             i, j = row_values.index(value_of(r, row_key)), col_values.index(value_of(r, col_key))
             dark = image.norm(r[name][0]) > 0.5 if lower else image.norm(r[name][0]) < 0.5
-            ax.text(j, i, f"{r[name][0]:.3g}\n±{r[name][1]:.2g}", ha="center", va="center", fontsize=7,
+            spread = f"\n±{r[name][1]:.2g}" if r[name][2] > 1 else ""  # one run: no spread to show
+            ax.text(j, i, f"{r[name][0]:.3g}{spread}", ha="center", va="center", fontsize=7,
                     color="white" if dark else "black")
             if r is best:
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
         ax.set_xticks(range(len(col_values)), [str(v) for v in col_values], fontsize=8)
-        ax.set_yticks(range(len(row_values)), [str(v) for v in row_values], fontsize=8)
+        ax.set_yticks(range(len(row_values)), [str(v) for v in row_values], fontsize=8)  # None: the key's default
         ax.set(xlabel=col_key, ylabel=row_key, title=", ".join(f"{k}={v}" for k, v in zip(rest, panel)) or name)
     fig.suptitle(f"{name} ({'lower' if lower else 'higher'} is better), mean ± std over seeds or checkpoints;\nthe best cell outlined", fontsize=9)
     fig.tight_layout()
