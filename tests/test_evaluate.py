@@ -128,7 +128,8 @@ def test_evaluate_writes_metrics_and_protocol(checkpoint, cache_dir, tmp_path):
     assert "fid" not in metrics and metrics["nfe"] == 4 and np.isfinite(metrics["fd_digits"])
     assert protocol["reference"] == {"dataset": "digits", "split": "train", "image_size": 8, "channels": 1,
                                      "feature_extractor": "digits_classifier", "size": 1617}
-    assert protocol["sampler"] == {"name": "ddim", "steps": 4, "eta": 0.0, "x0_clip": "clip", "percentile": 0.995}
+    assert protocol["sampler"] == {"name": "ddim", "steps": 4, "eta": 0.0, "x0_clip": "clip", "percentile": 0.995,
+                                   "precision": "float32", "compile": False}  # how the network ran is part of the protocol
     assert (protocol["num_samples"], protocol["guidance_scale"], protocol["weights"], protocol["seed"]) == (30, 2.0, "ema", 0)
     assert protocol["checkpoint"]["global_step"] == 5 and protocol["feature_extractor"]["test_accuracy"] > 0.95
 
