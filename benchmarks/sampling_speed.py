@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import torch
@@ -35,13 +36,13 @@ def main() -> None:
     parser.add_argument("--networks", default=",".join(NETWORKS))
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sampler = compose(["sampler=dpmpp_2m"]).sampler
+    sampler = compose(["sampler=dpmpp_2m"], output_dir=tempfile.mkdtemp()).sampler
     print(f"device {device} (bf16 native: {native_bf16()}), torch {torch.__version__}, threads {torch.get_num_threads()}")
     lines = ["| network | batch | precision | compile | seconds (median) | images/s | speed-up vs float32 eager |",
              "|---|---:|---|---|---:|---:|---:|"]
     for name in args.networks.split(","):
         overrides, batch = NETWORKS[name]
-        module = build_module(compose([*overrides, "logger=none"])).to(device).eval()
+        module = build_module(compose([*overrides, "logger=none"], output_dir=tempfile.mkdtemp())).to(device).eval()
         run = instantiate(sampler)
         labels = torch.arange(batch) % module.net.num_classes
         baseline = None
