@@ -34,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--networks", default=",".join(NETWORKS))
+    parser.add_argument("--batch", type=int, default=None, help="images per draw (default: 500 digits, 16 CIFAR-10)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sampler = compose(["sampler=dpmpp_2m"], output_dir=tempfile.mkdtemp()).sampler
@@ -42,6 +43,7 @@ def main() -> None:
              "|---|---:|---|---|---:|---:|---:|"]
     for name in args.networks.split(","):
         overrides, batch = NETWORKS[name]
+        batch = args.batch or batch
         module = build_module(compose([*overrides, "logger=none"], output_dir=tempfile.mkdtemp())).to(device).eval()
         run = instantiate(sampler)
         labels = torch.arange(batch) % module.net.num_classes

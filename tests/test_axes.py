@@ -97,6 +97,7 @@ def test_a_checkpoint_from_before_the_core_samples_as_it_did(sampler, tmp_path):
     where float32 rounding moved)."""
     steps = ["sampler.steps=10"] if sampler == "ddim" else []
     result = run_cli("ddpm.sample", f"ckpt_path={DATA / 'checkpoint_before_core.ckpt'}", f"sampler={sampler}", *steps,
+                     "sampler.precision=float32",
                      "num_samples=10", "guidance.scale=1", "device=cpu", f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     got = np.load(tmp_path / "out" / "samples.npz")["images"].astype(int)

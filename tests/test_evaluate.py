@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from ddpm.training.callbacks import SampleQuality
-from ddpm.config import compose
+from ddpm.config import compose, native_bf16
 from ddpm.training.data import DigitsDataModule
 from ddpm.evaluate import evaluate
 from ddpm.evaluation.metrics import load_digits_classifier, metric_name, reference_statistics, sample_metrics
@@ -129,7 +129,7 @@ def test_evaluate_writes_metrics_and_protocol(checkpoint, cache_dir, tmp_path):
     assert protocol["reference"] == {"dataset": "digits", "split": "train", "image_size": 8, "channels": 1,
                                      "feature_extractor": "digits_classifier", "size": 1617}
     assert protocol["sampler"] == {"name": "ddim", "steps": 4, "eta": 0.0, "x0_clip": "clip", "percentile": 0.995,
-                                   "precision": "float32", "compile": False}  # how the network ran is part of the protocol
+                                   "precision": "bf16" if native_bf16("cpu") else "float32", "compile": False}  # auto, resolved
     assert (protocol["num_samples"], protocol["guidance_scale"], protocol["weights"], protocol["seed"]) == (30, 2.0, "ema", 0)
     assert protocol["checkpoint"]["global_step"] == 5 and protocol["feature_extractor"]["test_accuracy"] > 0.95
 

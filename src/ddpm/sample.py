@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ddpm.build import guidance_interval, load_module
 from ddpm.training.callbacks import class_rows, even_labels, to_grid
-from ddpm.config import check_flags, config_dir, run_cli
+from ddpm.config import check_flags, config_dir, native_bf16, run_cli
 from ddpm.core.guidance import check_guidance
 from ddpm.core.samplers import check_steps
 from ddpm.training.snapshots import posthoc_state_dict, snapshot_dir
@@ -96,6 +96,8 @@ def load_for_sampling(cfg: DictConfig, entry: str, outputs: tuple[str, ...]) -> 
     if earlier:
         raise ConfigError(f"hydra.run.dir={str(run_dir)!r} already holds {earlier} from an earlier run: pick a new hydra.run.dir")
     device = resolve_device(cfg.device)
+    if cfg.sampler.precision == "auto":  # resolved in place, so the protocol records what ran
+        cfg.sampler.precision = "bf16" if native_bf16("cuda" if device.startswith("cuda") else "cpu") else "float32"
     module = load_module(cfg.ckpt_path, map_location=device).to(device).eval()
     num_classes, timesteps = module.net.num_classes, module.diffusion.num_timesteps
     if cfg.labels and (num_classes is None or max(cfg.labels) >= num_classes):

@@ -107,7 +107,7 @@ def _sigma_rel_ok(v) -> bool:
     return _is_num(v) and 0 < v < MAX_SIGMA_REL
 
 
-SAMPLING_PRECISIONS = ("float32", "bf16")  # ddpm.sample / ddpm.evaluate: sampler.precision
+SAMPLING_PRECISIONS = ("auto", "float32", "bf16")  # ddpm.sample / ddpm.evaluate: sampler.precision
 
 # trainer.precision: auto (ddpm.config.resolve_precision) or one of Lightning's names for the precisions it supports
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine")
