@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from ddpm.core.diffusion import GaussianDiffusion, respace
+from ddpm.core.diffusion import GaussianDiffusion, extract, respace
+from ddpm.core.prediction import to_x0_eps
 from ddpm.core.samplers import sampling_timesteps
 from ddpm.core.schedules import cosine_betas, linear_betas
 
@@ -75,7 +76,9 @@ def test_posterior_at_t1_is_x0(diffusion):
 def test_predict_x0_inverts_q_sample(diffusion):
     x0, noise = torch.randn(4, 1, 3, 3, dtype=torch.float64), torch.randn(4, 1, 3, 3, dtype=torch.float64)
     t = torch.tensor([0, 10, 500, 999])
-    torch.testing.assert_close(diffusion.predict_x0_from_eps(diffusion.q_sample(x0, t, noise), t, noise), x0, rtol=1e-8, atol=1e-8)
+    alpha, sigma = extract(diffusion.sqrt_alphas_cumprod, t, x0), extract(diffusion.sqrt_one_minus_alphas_cumprod, t, x0)
+    predicted, _ = to_x0_eps("eps", noise, diffusion.q_sample(x0, t, noise), alpha, sigma)  # the one eps -> x0 inverse
+    torch.testing.assert_close(predicted, x0, rtol=1e-8, atol=1e-8)
 
 
 def test_training_loss_is_zero_for_the_true_noise_and_draws_t_over_1_to_T():

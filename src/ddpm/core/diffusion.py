@@ -71,10 +71,6 @@ class GaussianDiffusion(nn.Module):
         mean = extract(self.posterior_mean_coef1, t, xt) * x0 + extract(self.posterior_mean_coef2, t, xt) * xt
         return mean, extract(self.posterior_variance, t, xt).expand_as(xt)
 
-    def predict_x0_from_eps(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Invert eq. 4: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
-        return (xt - extract(self.sqrt_one_minus_alphas_cumprod, t, xt) * eps) / extract(self.sqrt_alphas_cumprod, t, xt)
-
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """alpha_bar_t / (1 - alpha_bar_t), the signal-to-noise ratio at t (float64)."""
         alphas_cumprod = self.alphas_cumprod[t]
