@@ -12,7 +12,7 @@ import torch
 from conftest import TINY, run_cli
 
 from ddpm.build import load_module
-from ddpm.training.checkpoint import check_trusted, load_checkpoint, shipped_targets
+from ddpm.training.checkpoint import load_checkpoint, rebuild_config, shipped_targets
 from ddpm.config import compose
 from ddpm.train import train
 from ddpm.validation import ConfigError
@@ -104,20 +104,68 @@ def test_the_cli_refuses_with_one_line_and_exit_2(genuine, tmp_path):
 
 
 def test_genuine_checkpoints_and_every_shipped_option_pass(genuine):
-    check_trusted(genuine["config"], "genuine")
+    """Premise changed (issue 20): the trust check is now a recomposition (``rebuild_config``), which must give back every
+    genuine config, preset and option unchanged."""
+    from omegaconf import OmegaConf
+
+    assert rebuild_config(genuine["config"], "genuine", genuine["choices"]) == genuine["config"]
     allowed = shipped_targets()
     assert "ddpm.core.unet.UNet" in allowed["model"] and "ddpm.core.schedules.cosine_betas" in allowed["schedule"]
     assert allowed["sampler"] >= {"ddpm.core.samplers.ddpm.sample_ddpm", "ddpm.core.samplers.ddim.sample_ddim",
                                   "ddpm.core.samplers.dpmpp_2m.sample_dpmpp_2m"}
-    assert allowed["optim.optimizer"] == {"torch.optim.AdamW"}
+    assert allowed["optim"] == {"torch.optim.AdamW"}
     assert "builtins.open" not in allowed["*"]
-    # Every composable option of every rebuilt group is loadable: composing with each and checking its config.
-    for overrides in (["model=unet_cifar10"], ["schedule=cosine"], ["sampler=ddim"], ["sampler=dpmpp_2m"],
-                      ["data=cifar10"], ["data=mnist"], ["data=fashion_mnist"], ["experiments=cifar10_cfg_cosine"]):
-        from omegaconf import OmegaConf
+    presets = sorted(p.stem for p in (Path(__file__).parents[1] / "experiments").glob("*.yaml"))
+    for overrides in (["model=unet_cifar10"], ["schedule=cosine"], ["sampler=ddim"], ["sampler=dpmpp_2m"], ["sampler=heun"],
+                      ["data=cifar10"], ["data=mnist"], ["data=fashion_mnist"], ["logger=wandb_csv"], ["trainer=ddp_cpu"],
+                      *[[f"experiments={p}"] for p in presets]):
+        cfg = compose(overrides, output_dir="/tmp/unused")
+        config = OmegaConf.to_container(cfg, resolve=True)
+        # with the choices recorded (today's checkpoints) and inferred (those from before choices were recorded)
+        from hydra.core.hydra_config import HydraConfig
+        from ddpm.training.checkpoint import recorded_choices
 
-        config = OmegaConf.to_container(compose(overrides, output_dir="/tmp/unused"), resolve=True)
-        check_trusted(config, str(overrides))
+        assert HydraConfig.initialized()
+        assert rebuild_config(config, str(overrides), recorded_choices()) == config, overrides
+        assert rebuild_config(config, str(overrides)) == config, overrides
+
+
+def test_a_dotted_key_cannot_hide_a_target(genuine, tmp_path):
+    """Issue 20's reproduction: a literal key "optim.optimizer" beside the real optim.optimizer node."""
+    made = tmp_path / "made_by_payload"
+    checkpoint = copy.deepcopy(genuine)
+    checkpoint["config"]["optim"]["optimizer"] = {"_target_": "builtins.open", "file": str(made), "mode": "w"}
+    checkpoint["config"]["optim.optimizer"] = {"_target_": "torch.optim.AdamW"}
+    path = tmp_path / "evil.ckpt"
+    torch.save(checkpoint, path)
+    result = run_cli("ddpm.sample", f"ckpt_path={path}", "num_samples=2", f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path,
+                     timeout=120)
+    assert result.returncode == 2 and result.stderr.count("error: ") == 1, result.stderr[-2000:]
+    assert "builtins.open" in result.stderr and not made.exists() and not (tmp_path / "out" / "samples.npz").exists()
+    checkpoint["config"]["optim"]["optimizer"] = copy.deepcopy(genuine["config"]["optim"]["optimizer"])
+    torch.save(checkpoint, path)  # the dotted key alone: not a key of this project's config
+    with pytest.raises(ConfigError, match=r"'optim.optimizer' under the config is not a plain identifier"):
+        load_module(path)
+
+
+@pytest.mark.parametrize("choices,message", [
+    ({"model": "builtins"}, "model='builtins' is not one of this project's options"),
+    ({"model": "../data/digits"}, "is not one of this project's options"),
+    ({"hydra/launcher": "submitit_slurm"}, "which is not a config group"),
+    ({"experiments": "quick"}, "which is not a config group"),
+    (["model=unet_tiny"], "not a mapping"),
+])
+def test_recorded_choices_are_options_of_conf(genuine, choices, message):
+    with pytest.raises(ConfigError, match=message):
+        rebuild_config(genuine["config"], "ckpt_path='x.ckpt'", choices)
+
+
+def test_a_choice_that_differs_from_the_stored_target_is_refused(genuine):
+    """The recorded choice picks the option, the stored _target_ must be that option's: model=unet_cifar10 with a UNet
+    passes, schedule=cosine with linear's betas function is refused naming both."""
+    choices = dict(genuine["choices"], schedule="cosine")
+    with pytest.raises(ConfigError, match=r"schedule._target_='ddpm.core.schedules.linear_betas' is not one of"):
+        rebuild_config(genuine["config"], "ckpt_path='x.ckpt'", choices)
 
 
 class Pickled:

@@ -562,3 +562,23 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     process.send_signal(signal.SIGINT)
     output = "".join(seen) + process.communicate(timeout=300)[0]
     assert process.returncode == 1 and "drawing step_0000001.png (500 images, 1000 sampler steps): done" not in output, output[-3000:]
+
+
+# --- a refused run removes only what it made (issue 20) ---------------------------------------------------------
+@pytest.mark.parametrize("entry,overrides", [("train", ["guidance.p_uncond=1.5"]),
+                                             ("sample", ["ckpt_path={ckpt}", "ema.sigma_rel=5"])])
+def test_a_refused_run_leaves_a_directory_of_yours_as_it_was(entry, overrides, checkpoint, tmp_path):
+    mine = tmp_path / "d"
+    (mine / "2025").mkdir(parents=True)
+    (mine / "lab.log").write_text("notes")
+    (mine / "2025" / "a.log").write_text("x")
+    before = sorted(str(p.relative_to(mine)) for p in mine.rglob("*"))
+    extra = TINY if entry == "train" else []
+    overrides = [o.format(ckpt=checkpoint) for o in overrides]
+    result = run_cli(f"ddpm.{entry}", *extra, *overrides, f"hydra.run.dir={mine}", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("error: ") == 1, result.stderr[-2000:]
+    assert sorted(str(p.relative_to(mine)) for p in mine.rglob("*")) == before
+    assert (mine / "lab.log").read_text() == "notes" and (mine / "2025" / "a.log").read_text() == "x"
+    # a directory it made itself, parents included, goes again
+    result = run_cli(f"ddpm.{entry}", *extra, *overrides, f"hydra.run.dir={tmp_path / 'new' / 'deep'}", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and not (tmp_path / "new").exists()

@@ -236,4 +236,4 @@ def test_quick_preset_is_a_smoke_run_with_a_summary(tmp_path):
 def test_a_refused_command_leaves_no_run_directory(tmp_path):
     result = run_cli("ddpm.train", *TINY, "data.batch_size=5000", "hydra.run.dir=outputs/${now:%Y}", cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and "data.batch_size=5000" in result.stderr, result.stderr[-2000:]
-    assert not list((tmp_path / "outputs").iterdir())
+    assert not (tmp_path / "outputs").exists()  # it made outputs/ and outputs/<year>, and removes both (issue 20)

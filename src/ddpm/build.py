@@ -1,7 +1,7 @@
 """Config -> objects: the one place (with the entry points) that calls Hydra's ``instantiate``.
 
 The LightningModule receives its parts built (the lightning-hydra-template habit), so it can be constructed by hand
-from plain objects, and a checkpoint's config is rebuilt here after ``check_trusted`` has vetted it.
+from plain objects, and a checkpoint's config is built here once ``rebuild_config`` has recomposed it from conf/.
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ def guidance_interval(node: Any) -> tuple[float, float] | None:
     return None if node is None else (float(node[0]), float(node[1]))
 
 
-def build_module(cfg: DictConfig) -> DiffusionModule:
-    """The LightningModule of a composed training config (groups model, schedule, diffusion, guidance, sampler, optim)."""
+def build_module(cfg: DictConfig, choices: dict[str, str] | None = None) -> DiffusionModule:
+    """The LightningModule of a composed training config (groups model, schedule, diffusion, guidance, sampler, optim);
+    ``choices``: the group options it was composed from, recorded in its checkpoints (``recorded_choices``)."""
     return DiffusionModule(
         denoiser=build_denoiser(cfg),
         sampler=instantiate(cfg.sampler),
@@ -64,13 +65,14 @@ def build_module(cfg: DictConfig) -> DiffusionModule:
         guidance_interval=guidance_interval(cfg.guidance.get("interval")),
         config=OmegaConf.to_container(cfg, resolve=True),
         compile_net=bool(cfg.model.get("compile", False)),
+        choices=choices,
     )
 
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> DiffusionModule:
     """Rebuild the module from a checkpoint written by ``python -m ddpm.train``, weights and EMA included."""
     checkpoint = load_checkpoint(path, map_location)
-    module = build_module(OmegaConf.create(checkpoint["config"]))
+    module = build_module(OmegaConf.create(checkpoint["config"]), checkpoint.get("choices"))
     module.load_state_dict(checkpoint["state_dict"])
     module.checkpoint_step = checkpoint.get("global_step")  # recorded in evaluation protocols
     return module

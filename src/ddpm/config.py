@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from hydra import compose as hydra_compose
@@ -74,6 +75,22 @@ def check_flags(argv: list[str]) -> None:
         sys.exit(2)
 
 
+@contextmanager
+def _own_global_hydra():
+    """Compose with a Hydra of our own even inside a running ``@hydra.main`` app (``ddpm.sample`` rebuilding a
+    checkpoint's config from conf/), and give the app its own back afterwards."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.singleton import Singleton
+
+    running = Singleton._instances.pop(GlobalHydra, None)
+    try:
+        yield
+    finally:
+        Singleton._instances.pop(GlobalHydra, None)
+        if running is not None:
+            Singleton._instances[GlobalHydra] = running
+
+
 def compose(overrides: list[str] | None = None, config_name: str = "train", output_dir: str | None = None) -> DictConfig:
     """The config `python -m ddpm.<entry> OVERRIDES` would get, composed without running it.
 
@@ -83,7 +100,7 @@ def compose(overrides: list[str] | None = None, config_name: str = "train", outp
     from hydra.core.hydra_config import HydraConfig
 
     overrides = list(overrides or [])
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+    with _own_global_hydra(), initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=output_dir is not None)
         if output_dir is not None:
             cfg.hydra.runtime.output_dir = str(output_dir)
@@ -139,13 +156,14 @@ def run_cli(task, cfg: DictConfig):
 
 
 def _discard_refused_run(cfg: DictConfig) -> None:
-    """A single run refused on bad input leaves no empty run directory behind (a multirun keeps its job folders)."""
+    """A single run refused on bad input removes what it made itself, and nothing else (``rundirs.discard_created``); a
+    multirun keeps its job folders."""
     from hydra.core.hydra_config import HydraConfig
 
-    from ddpm.training.rundirs import discard_if_unused
+    from ddpm.training.rundirs import discard_created
 
-    if HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.RUN" and cfg.get("paths"):
-        discard_if_unused(Path(cfg.paths.output_dir))
+    if HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.RUN":
+        discard_created()
 
 
 def error_lines(error: Exception) -> list[str]:

@@ -25,7 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ddpm.build import build_module
 from ddpm.training.callbacks import LastCheckpoint, duration
-from ddpm.training.checkpoint import CheckpointWriteError, config_differences, load_checkpoint
+from ddpm.training.checkpoint import CheckpointWriteError, config_differences, load_checkpoint, recorded_choices
 from ddpm.config import check_flags, config_dir, resolve_precision, run_cli
 from ddpm.build import instantiate_loggers
 from ddpm.training.module import DiffusionModule, NonFiniteLossError
@@ -53,7 +53,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Diffus
         datamodule.prepare_data()
         datamodule.setup()
         datamodule.check_batches(world_size(cfg.trainer))
-    module = build_module(cfg)
+    module = build_module(cfg, recorded_choices())
     logger = instantiate_loggers(cfg.get("logger"))
     callbacks = [instantiate(node) for name, node in (cfg.get("callbacks") or {}).items()
                  if node and (name != "progress_bar" or cfg.trainer.enable_progress_bar)] + list(extra_callbacks)

@@ -5,18 +5,20 @@ Lightning writes ``last.ckpt`` in place, so a kill during the write leaves half 
 good checkpoint was. ``AtomicCheckpointIO`` writes to a temporary file in the same folder, flushes it to disk
 and renames it over the target: a reader sees the old file or the new one, never a torn one.
 
-A checkpoint carries the resolved config it was trained with, and the model is rebuilt from it. Rebuilding
-calls each node's ``_target_``, so that config is code chosen by whoever wrote the file: ``check_trusted``
-accepts only the targets of the options shipped in ``conf/`` (each group's own, at that group's place) and
-refuses anything else before a single object is built. To load a network of your own, add it as an option
-(``conf/model/my_net.yaml``): the config tree is the registry.
+A checkpoint carries the resolved config it was trained with and the group options it was composed from. A config
+read from a file is code chosen by whoever wrote it (each ``_target_`` is a callable), so it is never built:
+``rebuild_config`` composes a fresh config from this project's ``conf/`` with the recorded choices and copies only
+plain values onto it. To load a network of your own, add it as an option (``conf/model/my_net.yaml``): the config
+tree is the registry.
 """
 
 from __future__ import annotations
 
+import copy
 import errno
 import functools
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 import yaml
 from lightning.fabric.plugins import TorchCheckpointIO
+from omegaconf import OmegaConf
 
 from ddpm.core.errors import ConfigError
 
@@ -82,7 +85,7 @@ def _write_failure(path: Path, error: Exception) -> str:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
     """A checkpoint written by ``ddpm.train``; ConfigError naming the file when it is missing, truncated, not ours,
-    or carries a config that would run code (``check_trusted``). ``mmap``: map the tensors instead of reading them
+    or carries a config that is not this project's (``rebuild_config``); its ``config`` is the rebuilt one. ``mmap``: map the tensors instead of reading them
     (to look at the config alone)."""
     path = Path(path).expanduser()
     if not path.is_file():
@@ -94,8 +97,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "config" not in checkpoint:
         raise ConfigError(f"ckpt_path={str(path)!r}: not a ddpm checkpoint (no state_dict and config inside; "
                           "was it written by python -m ddpm.train?)")
-    checkpoint["config"] = upgrade_config(checkpoint["config"])
-    check_trusted(checkpoint["config"], f"ckpt_path={str(path)!r}")
+    checkpoint["config"] = rebuild_config(checkpoint["config"], f"ckpt_path={str(path)!r}", checkpoint.get("choices"))
     return checkpoint
 
 
@@ -127,7 +129,7 @@ def upgrade_config(config: Any) -> Any:
 
 def upgrade_targets(config: Any) -> Any:
     """``config`` with each ``_target_`` under a moved module renamed to where it lives now (``ddpm.unet.UNet`` ->
-    ``ddpm.core.unet.UNet``). Only renames: ``check_trusted`` still decides what may be built from the result."""
+    ``ddpm.core.unet.UNet``). Only renames: the result is still only compared with conf/ (``rebuild_config``)."""
     if isinstance(config, list):
         return [upgrade_targets(v) for v in config]
     if not isinstance(config, dict):
@@ -153,12 +155,15 @@ def _load_failure(error: Exception) -> str:
 
 
 # --- rebuilding from a checkpoint's config: only this project's own options -------------------------------------
-# The config keys a checkpoint's model is rebuilt from (instantiated), and the conf/ group whose options they select.
-REBUILT = {"model": "model", "schedule": "schedule", "sampler": "sampler", "optim.optimizer": "optim", "data": "data"}
-
+# A checkpoint's config is never built as it is: ``rebuild_config`` composes a fresh config from this project's conf/
+# with the run's group choices (``checkpoint["choices"]``; inferred for checkpoints from before them) and walks both
+# trees together: every key of the checkpoint must be a key of that config, its plain values are kept, and every
+# ``_target_`` (and ``_partial_``, ...) of the result is the composed option's, the checkpoint's own only compared with
+# it. Keys the run had removed (``~callbacks.sample_grid``) stay removed.
 
 def leaves(node: Any, prefix: str = "", into_lists: bool = True) -> dict[str, Any]:
-    """``{"a.b.0": value}`` for every leaf of a nested dict (and list, with ``into_lists``)."""
+    """``{"a.b.0": value}`` for every leaf of a nested dict (and list, with ``into_lists``). For configs this project
+    composed (dotted keys cannot occur in them) and for comparisons; never the basis of a trust decision."""
     if isinstance(node, dict) or (into_lists and isinstance(node, list)):
         out = {}
         for key, value in (node.items() if isinstance(node, dict) else enumerate(node)):
@@ -175,47 +180,190 @@ def _targets(node: Any) -> list[tuple[str, Any]]:
 
 @functools.cache
 def shipped_targets() -> dict[str, frozenset[str]]:
-    """``{rebuilt key: targets of its group's options}`` plus ``"*"``: every target anywhere in conf/ and experiments/.
-    Read from the YAML files themselves, so adding an option is all it takes to make it loadable."""
+    """``{group: targets of its options}`` plus ``"*"``: every target anywhere in conf/, experiments/ and
+    evaluations/ (what the property test holds a rebuilt config to)."""
     from ddpm.config import config_dir, experiments_root
 
     files = [*config_dir().rglob("*.yaml"), *(experiments_root() / "experiments").glob("*.yaml"),
              *(experiments_root() / "evaluations").glob("*.yaml")]
-    everywhere = {target for f in files for _, target in _targets(yaml.safe_load(f.read_text()) or {})}
-    out = {"*": frozenset(everywhere)}
-    for key, group in REBUILT.items():
-        inner = key.split(".", 1)[1] if "." in key else ""
-        out[key] = frozenset(target for f in (config_dir() / group).glob("*.yaml")
-                             for path, target in _targets(yaml.safe_load(f.read_text()) or {}) if path == inner)
+    out = {"*": frozenset(t for f in files for _, t in _targets(yaml.safe_load(f.read_text()) or {}))}
+    for group in CHOSEN_GROUPS:
+        out[group] = frozenset(t for f in _options(group).values() for _, t in _targets(yaml.safe_load(f.read_text()) or {}))
     return out
 
 
-def check_trusted(config: Any, source: str) -> None:
-    """Refuse a checkpoint's config that would make rebuilding call anything but this project's own options: a
-    ``_target_`` not shipped in conf/, one at a place its group does not put it (e.g. hidden under ``model``), or an
-    interpolation (``${...}``; a saved config is resolved, and resolvers such as ``oc.decode`` can create nodes)."""
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z", re.ASCII)  # keys of a config: plain ASCII identifiers, nothing else
+SCALARS = (str, int, float, bool, type(None))
+# The groups a run chooses options of (train.yaml's defaults list, less hydra's own and the presets, which act through
+# the choices and values they set).
+CHOSEN_GROUPS = ("data", "model", "schedule", "guidance", "sampler", "optim", "trainer", "callbacks", "logger", "paths",
+                 "speed")
+
+
+def recorded_choices() -> dict[str, str] | None:
+    """The group options of the running Hydra app (``{"model": "unet_tiny", ...}``), for ``checkpoint["choices"]``;
+    None outside one (a config built by hand: the loader then infers them)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    choices = HydraConfig.get().runtime.choices
+    return {group: str(choices[group]) for group in CHOSEN_GROUPS if choices.get(group) is not None}
+
+
+def _refuse(source: str, what: str) -> ConfigError:
+    return ConfigError(f"{source}: {what}; a checkpoint may only select among the options in conf/ (add yours there): "
+                       "refusing to build anything from it")
+
+
+def _options(group: str) -> dict[str, Path]:
+    from ddpm.config import config_dir
+
+    return {p.stem: p for p in sorted((config_dir() / group).glob("*.yaml"))}
+
+
+def _checked_choices(choices: Any, source: str) -> dict[str, str]:
+    """The checkpoint's recorded choices, each an existing option of one of CHOSEN_GROUPS, or a one-line refusal."""
+    if not isinstance(choices, dict):
+        raise _refuse(source, f"its recorded group choices are {type(choices).__name__}, not a mapping")
+    for group, option in choices.items():
+        if group not in CHOSEN_GROUPS:
+            raise _refuse(source, f"it records a choice for {str(group)[:40]!r}, which is not a config group {list(CHOSEN_GROUPS)}")
+        if not isinstance(option, str) or not IDENTIFIER.match(option) or option not in _options(group):
+            raise _refuse(source, f"{group}={str(option)[:60]!r} is not one of this project's options {sorted(_options(group))}")
+    return dict(choices)
+
+
+def infer_choices(config: dict) -> dict[str, str]:
+    """The option of each group that a config (from a checkpoint without recorded choices) was composed with: the one
+    whose node has the same ``_target_``s and the most values in common, the default on a tie. A wrong guess costs
+    nothing: the values are the checkpoint's anyway, and a target that differs is refused."""
+    from ddpm.config import config_dir
+
+    defaults = {k: v for entry in yaml.safe_load((config_dir() / "train.yaml").read_text())["defaults"] if isinstance(entry, dict)
+                for k, v in entry.items()}
+    choices = {}
+    for group in CHOSEN_GROUPS:
+        node = config.get(group)
+        stored = leaves(node) if isinstance(node, dict) else {}
+        targets = {k: v for k, v in stored.items() if k.endswith("_target_")}
+
+        def score(name, option):
+            same_targets = {k: v for k, v in option.items() if k.endswith("_target_")} == targets
+            return same_targets, sum(option.get(k, object()) == v for k, v in stored.items()), name == defaults.get(group)
+
+        # the option files themselves first; composed (their defaults lists followed) when none has the same targets
+        for read in (lambda name, path: leaves(yaml.safe_load(path.read_text()) or {}), _composed_option):
+            scores = {name: score(name, read(name, path)) for name, path in _options(group).items()}
+            if scores:
+                choices[group] = max(scores, key=scores.get)
+            if not scores or scores[choices[group]][0]:
+                break
+    return choices
+
+
+@functools.lru_cache(maxsize=None)
+def _composed_option(name: str, path: Path) -> dict:
+    group = path.parent.name
+    node = _composed(((group, name),)).get(group)
+    return leaves(node) if isinstance(node, dict) else {}
+
+
+@functools.lru_cache(maxsize=32)
+def _composed(choices: tuple[tuple[str, str], ...]) -> dict:
+    from ddpm.config import compose
+
+    return OmegaConf.to_container(compose([f"{g}={o}" for g, o in choices], config_name="train"), resolve=False)
+
+
+def _targets_of(group: str, inner: str) -> list[str]:
+    """The targets the options of ``group`` put at ``inner`` (a dotted path inside the group's node), for messages."""
+    return sorted({t for p in _options(group).values() for path, t in _targets(yaml.safe_load(p.read_text()) or {})
+                   if path == inner})
+
+
+def _plain(value: Any) -> bool:
+    return isinstance(value, SCALARS) or (isinstance(value, list) and all(_plain(v) for v in value))
+
+
+def _overlay(base: Any, stored: Any, path: str, source: str) -> Any:
+    """``stored`` (a checkpoint's config) with the ``_target_``s of ``base`` (composed from conf/): its keys, which must
+    all be keys of ``base``, and its plain values."""
+    where = path or "the config"
+    if isinstance(stored, dict):
+        target = stored.get("_target_")
+        if "_target_" in stored and (not isinstance(base, dict) or base.get("_target_") != target):
+            group, _, inner = path.partition(".")
+            options = _targets_of(group, f"{inner}" if inner else "") if group in CHOSEN_GROUPS else []
+            raise _refuse(source, f"config key {path + '.' if path else ''}_target_={str(target)[:120]!r} is not one of "
+                                  f"this project's options" + (f" {options}" if options else ""))
+        if base is None and not stored:
+            return None
+        if not isinstance(base, dict):
+            raise _refuse(source, f"config key {where} holds a mapping where this project's config has {str(base)[:60]!r}")
+        out = {key: value for key, value in base.items() if key.startswith("_")}  # the option's _target_, _partial_
+        for key, value in stored.items():
+            if not isinstance(key, str) or not IDENTIFIER.match(key):
+                raise _refuse(source, f"config key {str(key)[:60]!r} under {where} is not a plain identifier")
+            here = f"{path}.{key}" if path else key
+            if key.startswith("_"):
+                if key not in base or base[key] != value:
+                    raise _refuse(source, f"config key {here}={str(value)[:80]!r} differs from this project's "
+                                          f"{base.get(key, '<absent>')!r}")
+                continue
+            if key not in base:
+                if isinstance(value, dict) and "_target_" in value:
+                    raise _refuse(source, f"config key {here}._target_={str(value['_target_'])[:120]!r} is not one of "
+                                          "this project's options")
+                raise _refuse(source, f"config key {here} is not a key of this project's config")
+            out[key] = _overlay(base[key], value, here, source)
+        return out
+    if isinstance(stored, list):
+        if isinstance(base, list) and any(isinstance(b, dict) for b in base):  # e.g. trainer.plugins: node by node
+            if len(stored) != len(base):
+                raise _refuse(source, f"config key {where} holds {len(stored)} entries where this project's has {len(base)}")
+            return [_overlay(b, v, f"{path}.{i}", source) for i, (b, v) in enumerate(zip(base, stored))]
+        if isinstance(base, dict) or not _plain(stored):
+            first = next((v for v in stored if isinstance(v, dict)), None)
+            if isinstance(first, dict) and "_target_" in first:
+                raise _refuse(source, f"config key {where} holds a _target_={str(first['_target_'])[:120]!r}, not one of "
+                                      "this project's options")
+            raise _refuse(source, f"config key {where} holds a list of mappings where this project's config has "
+                                  f"{str(base)[:60]!r}")
+        return _check_strings(stored, path, source)
+    if not isinstance(stored, SCALARS):
+        raise _refuse(source, f"config key {where} holds a {type(stored).__name__}, not a plain value")
+    if isinstance(base, dict) and stored is not None:  # null switches a node off (callbacks.evaluate_at_end: null)
+        raise _refuse(source, f"config key {where} holds {str(stored)[:60]!r} where this project's config has a mapping")
+    return _check_strings(stored, path, source)
+
+
+def _check_strings(value: Any, path: str, source: str) -> Any:
+    """A value copied as it is, once no string in it would be read as an interpolation (a saved config is resolved,
+    and resolvers such as ``oc.decode`` can create nodes)."""
+    for text in (value if isinstance(value, list) else [value]):
+        if isinstance(text, list):
+            _check_strings(text, path, source)
+        elif isinstance(text, str) and "${" in text:
+            raise ConfigError(f"{source}: config key {path} holds an interpolation {text[:80]!r}; a checkpoint's config is "
+                              "saved resolved, so this file was altered: refusing to load it")
+    return value
+
+
+def rebuild_config(config: Any, source: str, choices: Any = None) -> dict:
+    """A checkpoint's config recomposed from this project's own conf/ (see above): today's options chosen as the run
+    chose them, the run's values copied over them. ConfigError, one line, for anything that is not a plain value at a
+    key this project's config has, or a ``_target_`` other than the option's own."""
     if not isinstance(config, dict):
         raise ConfigError(f"{source}: its config is not a mapping; not a ddpm checkpoint")
-    allowed = shipped_targets()
-    for path, value in leaves(config).items():
-        if isinstance(value, str) and "${" in value:
-            raise ConfigError(f"{source}: config key {path} holds an interpolation {value[:80]!r}; a checkpoint's "
-                              "config is saved resolved, so this file was altered: refusing to load it")
-    for key in REBUILT:
-        node = config
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None and not (isinstance(node, dict) and "_target_" in node):
-            raise ConfigError(f"{source}: config key {key} has no _target_; not a ddpm checkpoint")
-    for path, target in _targets(config):
-        rebuilt = next((key for key in REBUILT if path == key or path.startswith(key + ".")), None)
-        ok = target in allowed[rebuilt] and path == rebuilt if rebuilt else target in allowed["*"]
-        if not ok or not isinstance(target, str):
-            options = sorted(allowed[rebuilt]) if rebuilt else None
-            where = f"{path}._target_" if path else "_target_"
-            raise ConfigError(f"{source}: config key {where}={target!r} is not one of this project's options"
-                              + (f" {options}" if options else "") + "; a checkpoint may only select among the options "
-                              "in conf/ (add yours there): refusing to build anything from it")
+    config = upgrade_config(config)
+    choices = _checked_choices(choices, source) if choices is not None else infer_choices(config)
+    base = copy.deepcopy(_composed(tuple(sorted(choices.items()))))
+    merged = _overlay(base, config, "", source)
+    try:
+        return OmegaConf.to_container(OmegaConf.create(merged), resolve=True)
+    except Exception as error:  # an interpolation of conf/ whose inputs the checkpoint lacks, or a missing value
+        raise ConfigError(f"{source}: its config cannot be completed from conf/ ({str(error).splitlines()[0]})") from None
 
 
 def config_differences(saved: dict, requested: dict, keys: tuple[str, ...] = MODEL_KEYS) -> list[str]:

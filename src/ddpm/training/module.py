@@ -43,6 +43,7 @@ class DiffusionModule(L.LightningModule):
         guidance_interval: tuple[float, float] | None = None,
         config: dict | None = None,
         compile_net: bool = False,
+        choices: dict[str, str] | None = None,
     ):
         super().__init__()
         net = denoiser.net
@@ -50,7 +51,7 @@ class DiffusionModule(L.LightningModule):
         self.guidance_rescale, self.guidance_interval = guidance_rescale, guidance_interval
         self.optimizer_factory, self.warmup_steps = optimizer, warmup_steps
         self.p_uncond, self.guidance_scale = p_uncond, guidance_scale
-        self.config = config
+        self.config, self.choices = config, choices  # the resolved config and its group options, saved in every checkpoint
         # torch.compile'd forward for the training step; kept off the module tree so checkpoints keep plain keys.
         object.__setattr__(self, "_train_net", torch.compile(net) if compile_net else net)
         # EMA of the weights (Ho et al. sample with decay 0.9999): torch's AveragedModel holds the frozen copy.
@@ -121,6 +122,8 @@ class DiffusionModule(L.LightningModule):
             raise NonFiniteLossError(f"non-finite weights at step {self.global_step}: not saving a checkpoint; "
                                      "lower optim.optimizer.lr or keep trainer.gradient_clip_val")
         checkpoint["config"] = self.config
+        if self.choices is not None:  # what ddpm.training.checkpoint.rebuild_config recomposes the config from
+            checkpoint["choices"] = self.choices
         # Lightning restores weights, optimizer, schedulers, loops and callbacks, but not the RNGs that draw
         # t, noise, label dropout and the shuffle order; saving them lets a resumed run continue the same stream.
         checkpoint["rng_states"] = {

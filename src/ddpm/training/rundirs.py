@@ -6,6 +6,11 @@ the same second would share it: their checkpoints interleave and ``resume=auto``
 starts, with ``mkdir``, which fails atomically when the directory exists, and moves on to ``TIME_1``, ``TIME_2``, ...
 while another run holds it. A directory you name yourself (``hydra.run.dir=...``, no ``${now:...}`` in it) is taken as
 it is: that is how a rerun or a requeued job continues its own run (``resume=auto``).
+
+A run refused on bad input removes only what it made itself: ``FreshRunDirs`` records, as it claims the directory,
+which folders it creates and which of Hydra's own files (``.hydra/*.yaml``, the job's log) are not there yet, and
+``discard_created`` removes exactly those. A directory that held anything before (your notes, an earlier run) is left
+as it was, less nothing.
 """
 
 from __future__ import annotations
@@ -21,14 +26,32 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 log = logging.getLogger(__name__)
 
 
+# What this process made for its (single) run: folders it created, outermost first, and the Hydra files it will write
+# that were not there before. Filled by FreshRunDirs, emptied by discard_created.
+CREATED: list[Path] = []
+HYDRA_FILES = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml")
+
+
+def make_dirs(path: Path) -> None:
+    """``mkdir -p path``, recording in CREATED each folder that did not exist."""
+    missing = [p for p in (path, *path.parents) if not p.exists()][::-1]
+    for folder in missing:
+        try:
+            folder.mkdir()
+            CREATED.append(folder)
+        except FileExistsError:  # made by another process meanwhile: not ours
+            pass
+
+
 def claim(path: Path, attempts: int = 10_000) -> Path:
     """Create ``path``, or the first free ``path_1``, ``path_2``, ... if it exists; return the one created. The mkdir
     is the claim: of two processes racing for one name, exactly one succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     for i in range(attempts):
         candidate = path if i == 0 else path.with_name(f"{path.name}_{i}")
         try:
             candidate.mkdir()
+            CREATED.append(candidate)
             return candidate
         except FileExistsError:
             continue
@@ -37,7 +60,7 @@ def claim(path: Path, attempts: int = 10_000) -> Path:
 
 def check_writable(path: Path) -> None:
     """Create ``path`` if needed and write a file in it (os.access is no test: root passes it on a read-only mount)."""
-    path.mkdir(parents=True, exist_ok=True)
+    make_dirs(path)
     with tempfile.TemporaryFile(dir=path):
         pass
 
@@ -48,7 +71,14 @@ class FreshRunDirs(Callback):
     requeued SLURM job) is recomposed from; and the sweep directory is printed with the report command for it."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        self._claim(config, "run")
+        CREATED.clear()
+        existed = {name for name in (*HYDRA_FILES, ".hydra", f"{config.hydra.job.name}.log")
+                   if (Path(str(config.hydra.run.dir)) / name).exists()}
+        path = self._claim(config, "run")
+        # Hydra writes these next; those that were not there are this run's (folder before its files, for rmdir)
+        for name in (".hydra", *HYDRA_FILES, f"{config.hydra.job.name}.log"):
+            if name not in existed and path / name not in CREATED:
+                CREATED.append(path / name)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         path = self._claim(config, "sweep")
@@ -78,19 +108,23 @@ class FreshRunDirs(Callback):
         return path
 
 
-def discard_if_unused(run_dir: Path) -> bool:
-    """Remove a single run's directory that a command refused to start in: one holding nothing but Hydra's
-    ``.hydra/*.yaml``, log files and empty folders. Anything else in it (a checkpoint, a grid, a file of yours) keeps
-    it. Returns whether it was removed."""
-    import shutil
-
-    if not run_dir.is_dir():
-        return False
-    files = [p for p in run_dir.rglob("*") if not p.is_dir()]
-    if any(not (p.suffix == ".log" or (p.parent == run_dir / ".hydra" and p.suffix == ".yaml")) for p in files):
-        return False
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return True
+def discard_created() -> list[Path]:
+    """Remove what this process recorded in CREATED, innermost first: its files, and its folders once empty. A folder
+    that holds anything it did not make stays, with all of it. Returns what was removed."""
+    removed = []
+    for path in reversed(CREATED):
+        try:
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            elif path.is_dir():
+                path.rmdir()  # only when empty: never a tree
+            else:
+                continue
+            removed.append(path)
+        except OSError:
+            pass
+    CREATED.clear()
+    return removed
 
 
 def _quote(value: str) -> str:
