@@ -332,3 +332,40 @@ def test_zero_terminal_snr_spacing_keeps_t_equal_T():
     for spacing in ("logsnr", "karras"):
         ts = sampling_timesteps(abar, 20, spacing)
         assert ts[-1] == 999 and ts[0] == 0 and 18 <= len(ts) <= 20
+
+
+# --- every allowed step count turns noise into a sample (issue 20) --------------------------------------------
+FEW_STEP_SAMPLERS = [("ddpm", "time"), ("ddim", "time"), *[(name, spacing) for name in ("dpmpp_2m", "heun")
+                                                         for spacing in ("time", "logsnr", "karras")]]
+
+
+FUNCTIONS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m, "heun": sample_heun}
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("name,spacing", FEW_STEP_SAMPLERS)
+def test_one_and_two_steps_start_from_t_T_and_land_on_the_one_point_dataset(diffusion, name, spacing, steps):
+    """At steps = 1 (and 2, one level for Heun) a sampler starts at t = T, where pure noise is x_T, and ends on the data;
+    it once evaluated only t-index 0 and returned the (clipped) starting noise."""
+    point = torch.tensor([0.5, -0.25, 0.9, -1.0], dtype=torch.float64).view(1, 1, 2, 2)
+    noise = torch.randn(8, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    oracle, visited = one_point_oracle(diffusion, point), []
+
+    def model_fn(x, t):
+        visited.append(int(t[0]))
+        return oracle(x, t)
+
+    options = {} if name in ("ddpm", "ddim") else {"spacing": spacing, "lambda_min": None}
+    out = FUNCTIONS[name](model_fn, diffusion, noise, steps=steps, x0_clip="none", generator=torch.Generator().manual_seed(1),
+                         **options)
+    assert visited[0] == diffusion.num_timesteps - 1, visited
+    assert len(visited) <= steps
+    torch.testing.assert_close(out, point.expand_as(out), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("lambda_min", [100, 0.0, -1.9, float("nan"), float("inf")])
+def test_a_lambda_min_that_leaves_no_noisy_start_is_refused(lambda_min):
+    from ddpm.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"sampler.lambda_min=.*must be null or a log-SNR <= -2.0"):
+        sampling_timesteps(cosine_betas(100).cumsum(0).clamp(max=0.99), 5, "logsnr", lambda_min)

@@ -126,9 +126,12 @@ def use_power_ema(module: DiffusionModule, cfg: DictConfig) -> dict:
         return {"sigma_rel": sigma_rel, "source": "tracked"}
     directory = Path(cfg.ema.snapshots).expanduser() if cfg.ema.snapshots else snapshot_dir(cfg.ckpt_path)
     sources = None if cfg.ema.sources is None else [float(s) for s in cfg.ema.sources]
-    state, info = posthoc_state_dict(directory, sigma_rel, sources=sources)
+    # the EMA at the asked-for checkpoint's step, from the snapshots up to it only
+    state, info = posthoc_state_dict(directory, sigma_rel, step=module.checkpoint_step, sources=sources,
+                                     reference=module.ema.module.state_dict())
     module.ema.module.load_state_dict({k: v.to(module.device) for k, v in state.items()})
-    log.info("power EMA sigma_rel=%g rebuilt from %d snapshots in %s", sigma_rel, info["snapshots"], directory)
+    log.info("power EMA sigma_rel=%g at step %d rebuilt from %d snapshots in %s", sigma_rel, info["step"], info["snapshots"],
+             directory)
     return {"source": "posthoc", **info}
 
 

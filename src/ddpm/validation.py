@@ -19,11 +19,11 @@ from ddpm.core.errors import ConfigError  # noqa: F401  (re-exported: the core o
 from ddpm.core.ema import MAX_SIGMA_REL
 from ddpm.core.guidance import guidance_usable
 from ddpm.core.prediction import LOSS_WEIGHTS, PREDICTIONS, ZERO_TERMINAL_SNR_PREDICTIONS
-from ddpm.core.samplers import SPACINGS, X0_CLIPS
+from ddpm.core.samplers import MAX_LAMBDA_MIN, SPACINGS, X0_CLIPS, check_lambda_min
 from ddpm.core.samplers.ddpm import VARIANCES
 from ddpm.evaluation.metrics import EXTRACTORS, REFERENCE_SPLITS
 from ddpm.training.loggers import WANDB_MODES
-from ddpm.training.snapshots import EMA_SOURCES
+from ddpm.training.snapshots import EMA_SOURCES, SNAPSHOT_DTYPES
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,15 @@ def _steps_ok(v, cfg) -> bool:
     return v is None or (positive_int(v) and (t is None or v <= t))
 
 
+def _raises_no_config_error(check: Callable, *args) -> bool:
+    """A rule whose home is a check in the core (raising ConfigError), applied to the composed config."""
+    try:
+        check(*args)
+        return True
+    except ConfigError:
+        return False
+
+
 def _cuda_index(device: str) -> int:
     return int(str(device).partition(":")[2] or 0)
 
@@ -126,7 +135,8 @@ SAMPLER_RULES = [
     Rule("sampler.x0_clip", one_of(*X0_CLIPS), f"one of {list(X0_CLIPS)}"),
     Rule("sampler.spacing", one_of(*SPACINGS), f"one of {list(SPACINGS)}"),
     Rule("sampler.rho", positive, "a number > 0 (EDM: 7)"),
-    Rule("sampler.lambda_min", optional(lambda v, _: _is_num(v)), "a number (a log-SNR, e.g. -5.1) or null"),
+    Rule("sampler.lambda_min", lambda v, _: _raises_no_config_error(check_lambda_min, v),
+         f"null or a log-SNR <= {MAX_LAMBDA_MIN} (e.g. -5.1): the first level must be noisy enough to start from noise"),
     Rule("sampler.precision", one_of(*SAMPLING_PRECISIONS), f"one of {list(SAMPLING_PRECISIONS)}"),
     Rule("sampler.compile", lambda v, _: isinstance(v, bool), "true or false"),
     Rule("sampler.percentile", lambda v, _: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
@@ -184,7 +194,9 @@ TRAIN_RULES = [
     Rule("ema.warmup", lambda v, _: isinstance(v, bool), "true or false"),
     Rule("ema.sigma_rels", lambda v, _: isinstance(v, list) and all(_sigma_rel_ok(s) for s in v),
          f"a list of relative EMA widths in (0, {MAX_SIGMA_REL:.4f}), e.g. [0.05, 0.10] (Karras et al. 2024), or []"),
-    Rule("ema.snapshot_every", nonneg_int, "an integer >= 0 (0: no snapshots)"),
+    Rule("ema.snapshot_count", nonneg_int, "an integer >= 0 (snapshots per run; 0: none)"),
+    Rule("ema.snapshot_every", optional(nonneg_int), "null (from ema.snapshot_count) or an integer >= 0 (0: no snapshots)"),
+    Rule("ema.snapshot_dtype", one_of(*SNAPSHOT_DTYPES), f"one of {list(SNAPSHOT_DTYPES)}"),
     Rule("trainer.max_steps", lambda v, cfg: positive_int(v) or (v == -1 and positive_int(OmegaConf.select(cfg, "trainer.max_epochs"))),
          "an integer > 0, or -1 together with trainer.max_epochs > 0 (else training never ends)"),
     Rule("trainer.devices", lambda v, _: positive_int(v) or v in ("auto", -1) or isinstance(v, (list, str)), "an integer > 0, a list of ids, or auto"),

@@ -80,12 +80,13 @@ def profile_fit_error(snapshot_steps, snapshot_gammas, step: int, gamma: float, 
 
 
 def combine(state_dicts: list[dict[str, torch.Tensor]], coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
-    """sum_i x_i state_i for the floating-point entries (in float64, then back); others from the last state."""
+    """sum_i x_i state_i for the floating-point entries (in float64, then float32, or the states' dtype if wider: states
+    stored in 16 bits give float32 weights); others from the last state."""
     out = {}
     for key, last in state_dicts[-1].items():
         if last.is_floating_point():
             total = sum(float(x) * sd[key].double() for x, sd in zip(coefficients, state_dicts))
-            out[key] = total.to(last.dtype)
+            out[key] = total.to(torch.promote_types(last.dtype, torch.float32))
         else:
             out[key] = last.clone()
     return out

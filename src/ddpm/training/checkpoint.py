@@ -122,6 +122,9 @@ def upgrade_config(config: Any) -> Any:
     if isinstance(config, dict) and isinstance(config.get("ema"), dict):  # before post-hoc EMA: the classic one only
         config["ema"].setdefault("warmup", False)
         config["ema"].setdefault("sigma_rels", [])
+        if "snapshot_every" in config["ema"]:  # before snapshot_count: full-precision snapshots every N steps
+            config["ema"].setdefault("snapshot_count", 0)
+            config["ema"].setdefault("snapshot_dtype", "float32")
     if isinstance(config, dict) and isinstance(config.get("schedule"), dict):
         config["schedule"].setdefault("zero_terminal_snr", False)
     return config

@@ -1,13 +1,15 @@
 """Snapshots of the power-function EMAs, and the post-hoc EMA rebuilt from them (Karras et al. 2024, sec. 3).
 
-During training ``EMASnapshots`` writes ``ema_snapshots/ema_<step>.pt`` every N steps (and at the end): the weights of
-each tracked power EMA (``ema.sigma_rels``). After training, ``posthoc_state_dict`` turns the snapshots of a run into
+During training ``EMASnapshots`` writes ``ema_snapshots/ema_<step>.pt`` ``ema.snapshot_count`` times per run (and at
+the end): the weights of each tracked power EMA (``ema.sigma_rels``), in ``ema.snapshot_dtype``. After training, ``posthoc_state_dict`` turns the snapshots of a run into
 the weights of an EMA of any length ``sigma_rel``, by least squares over the snapshots' averaging profiles.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import re
 from pathlib import Path
 
 import lightning as L
@@ -24,21 +26,54 @@ log = logging.getLogger(__name__)
 EMA_SOURCES = ("auto", "tracked", "posthoc")
 
 
-class EMASnapshots(L.Callback):
-    """Every ``every_n_steps`` optimizer steps (and after the last one), write the power EMAs' weights to
-    ``dirpath/ema_<step>.pt``, atomically (a kill leaves the previous snapshots whole). A resumed run writes the
-    steps it has not written yet; nothing is rewritten."""
+# ema.snapshot_dtype: how snapshots are stored. The post-hoc rebuild sums them in float64 whatever they are stored in.
+SNAPSHOT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-    def __init__(self, dirpath: str, every_n_steps: int = 100):
-        self.dirpath, self.every_n_steps = Path(dirpath), every_n_steps
+
+def snapshot_interval(count: int, total_steps: int, every_n_steps: int | None = None) -> int:
+    """Steps between snapshots: ``every_n_steps`` when given, else ``count`` spread over the run (0: none)."""
+    if every_n_steps is not None:
+        return every_n_steps
+    return math.ceil(total_steps / count) if count and total_steps > 0 else 0
+
+
+def snapshot_step(path: Path) -> int | None:
+    """The step in a snapshot's name (``ema_0000050.pt`` -> 50); None for any other name."""
+    match = re.fullmatch(r"ema_(\d+)\.pt", path.name)
+    return int(match.group(1)) if match else None
+
+
+class EMASnapshots(L.Callback):
+    """``count`` times per run (or every ``every_n_steps`` optimizer steps when set), and after the last step, write
+    the power EMAs' weights to ``dirpath/ema_<step>.pt`` in ``dtype``, atomically (a kill leaves the previous snapshots
+    whole). Weights that are not finite stop the run, as a non-finite loss does. A resumed run first removes the
+    snapshots past the step it resumes from (written by an attempt that did not reach a checkpoint, e.g. one stopped
+    on a NaN), then writes the steps it has not written yet."""
+
+    def __init__(self, dirpath: str, count: int = 40, every_n_steps: int | None = None, dtype: str = "float32"):
+        self.dirpath, self.count, self.every_n_steps, self.dtype = Path(dirpath), count, every_n_steps, SNAPSHOT_DTYPES[dtype]
+        self.interval = every_n_steps or 0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         for stray in self.dirpath.glob(".ema_*.pt.tmp") if trainer.is_global_zero else []:  # a write a kill cut short
             stray.unlink(missing_ok=True)
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
+        self.interval = snapshot_interval(self.count, total, self.every_n_steps)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        # The loops are restored by now: global_step is the step of the checkpoint this run resumed from.
+        if not trainer.is_global_zero:
+            return
+        for path in sorted(self.dirpath.glob("ema_*.pt")):
+            step = snapshot_step(path)
+            if step is not None and step > trainer.global_step:
+                log.warning("removing %s: written after step %d, the step this run resumes from, by an attempt that did "
+                            "not get that far", path, trainer.global_step)
+                path.unlink(missing_ok=True)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0:
+        if self.interval and step % self.interval == 0:
             self.write(trainer, pl_module, step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
@@ -51,8 +86,15 @@ class EMASnapshots(L.Callback):
         path = self.dirpath / f"ema_{step:07d}.pt"
         if path.exists():
             return
-        atomic_save({"step": step, "sigma_rels": power_ema.sigma_rels, "gammas": power_ema.gammas,
-                     "state_dicts": [{k: v.detach().cpu() for k, v in a.state_dict().items()} for a in power_ema.averages]}, path)
+        states = [{k: v.detach().to("cpu", self.dtype if v.is_floating_point() else v.dtype) for k, v in a.state_dict().items()}
+                  for a in power_ema.averages]
+        bad = next((k for state in states for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if bad is not None:
+            from ddpm.training.module import NonFiniteLossError
+
+            raise NonFiniteLossError(f"non-finite power-EMA weights ({bad}) at step {step}: not writing snapshot {path}; "
+                                     "lower optim.optimizer.lr (or keep trainer.gradient_clip_val)")
+        atomic_save({"step": step, "sigma_rels": power_ema.sigma_rels, "gammas": power_ema.gammas, "state_dicts": states}, path)
 
 
 def snapshot_dir(ckpt_path: str | Path) -> Path:
@@ -60,35 +102,73 @@ def snapshot_dir(ckpt_path: str | Path) -> Path:
     return Path(ckpt_path).expanduser().resolve().parent.parent / "ema_snapshots"
 
 
+def read_snapshot(path: Path, reference: dict[str, torch.Tensor] | None = None) -> dict:
+    """A snapshot file, checked to be one of this model: a step, as many widths as state dicts, and each state dict
+    with ``reference``'s keys and shapes (default: its first one's) and finite values. ConfigError, one line, naming
+    the file otherwise."""
+    where = f"ema.snapshots: {path}"
+    try:
+        snapshot = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # zero bytes, truncated, a pickle of Python objects, text: torch raises many kinds
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise ConfigError(f"{where}: not a readable EMA snapshot ({reason})") from None
+    fields = {"step": int, "sigma_rels": list, "gammas": list, "state_dicts": list}
+    if not isinstance(snapshot, dict) or any(not isinstance(snapshot.get(k), t) or isinstance(snapshot.get(k), bool)
+                                             for k, t in fields.items()):
+        raise ConfigError(f"{where}: not an EMA snapshot of ddpm.train (it needs an integer step and lists sigma_rels, "
+                          "gammas and state_dicts)")
+    if not len(snapshot["sigma_rels"]) == len(snapshot["gammas"]) == len(snapshot["state_dicts"]) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in [*snapshot["sigma_rels"], *snapshot["gammas"]]):
+        raise ConfigError(f"{where}: its sigma_rels, gammas and state_dicts do not match one to one")
+    if snapshot_step(path) is not None and snapshot_step(path) != snapshot["step"]:
+        raise ConfigError(f"{where}: holds step {snapshot['step']}, its name says {snapshot_step(path)}")
+    if reference is None and snapshot["state_dicts"] and isinstance(snapshot["state_dicts"][0], dict):
+        reference = {k: v for k, v in snapshot["state_dicts"][0].items() if isinstance(v, torch.Tensor)}
+    for state in snapshot["state_dicts"]:
+        if not isinstance(state, dict) or reference is None or set(state) != set(reference) or any(
+                not isinstance(state[k], torch.Tensor) or state[k].shape != reference[k].shape for k in reference):
+            raise ConfigError(f"{where}: not a snapshot of this checkpoint's model (its weights have other names or shapes)")
+        if any(v.is_floating_point() and not torch.isfinite(v).all() for v in state.values()):
+            raise ConfigError(f"{where}: holds non-finite weights (a run that went NaN?); remove it, or point ema.snapshots at "
+                              "a clean copy")
+    return snapshot
+
+
 def posthoc_state_dict(directory: str | Path, sigma_rel: float, step: int | None = None,
-                       sources: list[float] | None = None) -> tuple[dict, dict]:
+                       sources: list[float] | None = None, reference: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict]:
     """The weights of a power EMA of relative width ``sigma_rel`` at ``step`` (default: the last snapshot), as a
-    least-squares combination of the snapshots in ``directory`` (of the EMAs of width in ``sources``; default all);
-    and a description for the protocol."""
-    files = sorted(Path(directory).glob("ema_*.pt"))
+    least-squares combination of the snapshots in ``directory`` up to that step (of the EMAs of width in ``sources``;
+    default all); and a description for the protocol. ``reference``: the model's state dict, which every snapshot must
+    match (default: the first snapshot's)."""
+    files = sorted(p for p in Path(directory).glob("ema_*.pt") if snapshot_step(p) is not None)
+    if step is not None:
+        files = [f for f in files if snapshot_step(f) <= step]
     if not files:
-        raise ConfigError(f"ema.sigma_rel={sigma_rel}: no EMA snapshots in {directory} (train with ema.sigma_rels set and "
-                          "ema.snapshot_every > 0, or point ema.snapshots at them)")
+        upto = f" up to step {step}" if step is not None else ""
+        raise ConfigError(f"ema.sigma_rel={sigma_rel}: no EMA snapshots in {directory}{upto} (train with ema.sigma_rels set and "
+                          "ema.snapshot_count > 0, or point ema.snapshots at them)")
     try:
         gamma = sigma_rel_to_gamma(sigma_rel)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    snapshots = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
-    step = step or max(s["step"] for s in snapshots)
+    first = read_snapshot(files[0], reference)
+    reference = reference if reference is not None else first["state_dicts"][0]
+    snapshots = [first, *(read_snapshot(f, reference) for f in files[1:])]
+    step = step if step is not None else max(s["step"] for s in snapshots)
     steps, gammas, states = [], [], []
     for s in snapshots:
-        if s["step"] > step:
-            continue
         for width, g, state in zip(s["sigma_rels"], s["gammas"], s["state_dicts"]):
             if sources is not None and not any(abs(width - w) < 1e-9 for w in sources):
                 continue
             steps.append(s["step"]), gammas.append(g), states.append(state)
+    if not states:
+        raise ConfigError(f"ema.sources={sources}: no snapshot in {directory} tracks those widths")
     coefficients = posthoc_coefficients(steps, gammas, step, gamma)
     fit = profile_fit_error(steps, gammas, step, gamma, coefficients)
     if fit > 0.02:
         log.warning("ema.sigma_rel=%g: the snapshots rebuild its averaging profile only to %.1f%% (L2); the weights can be "
-                    "off by several times that: snapshot more often (ema.snapshot_every) for a closer EMA", sigma_rel, 100 * fit)
+                    "off by several times that: snapshot more often (ema.snapshot_count) for a closer EMA", sigma_rel, 100 * fit)
     info = {"sigma_rel": sigma_rel, "gamma": gamma, "step": step, "snapshots": len(files), "profiles": len(states),
-            "profile_fit_error": round(fit, 5),
+            "last_snapshot_step": max(s["step"] for s in snapshots), "profile_fit_error": round(fit, 5),
             "snapshot_sigma_rels": sorted({s for snap in snapshots for s in snap["sigma_rels"]} if sources is None else sources)}
     return combine(states, coefficients), info

@@ -49,6 +49,19 @@ def clip_x0(x0: torch.Tensor, mode: str = "clip", percentile: float = 0.995) -> 
 
 SPACINGS = ("time", "logsnr", "karras")
 
+# The highest log-SNR a sampler may start from (sampler.lambda_min): the first level must be noisy enough that pure
+# noise is a fair x_T (alpha_t / sigma_t = e^-2 = 0.14 there). diffusers clips cosine schedules at -5.1.
+MAX_LAMBDA_MIN = -2.0
+
+
+def check_lambda_min(lambda_min: float | None) -> None:
+    """The one range check of ``sampler.lambda_min``: null, or a log-SNR at most MAX_LAMBDA_MIN."""
+    ok = lambda_min is None or (isinstance(lambda_min, (int, float)) and not isinstance(lambda_min, bool)
+                                and math.isfinite(lambda_min) and lambda_min <= MAX_LAMBDA_MIN)
+    if not ok:
+        raise ConfigError(f"sampler.lambda_min={lambda_min}: must be null or a log-SNR <= {MAX_LAMBDA_MIN} (the first "
+                          "level must be noisy enough for pure noise to start from; diffusers uses -5.1)")
+
 
 def check_steps(steps: int, num_timesteps: int) -> None:
     """The one range check of ``sampler.steps`` against the schedule's T."""
@@ -65,7 +78,8 @@ def sampling_timesteps(alphas_cumprod: torch.Tensor, steps: int, spacing: str = 
             for low-resolution pixel models).
     karras: EDM's spacing of sigma = sigma_t / alpha_t (Karras et al. 2022, eq. 5 with rho): dense at low noise.
     For logsnr and karras each target level is rounded to the nearest timestep and duplicates collapse, so the result
-    can be a little shorter than ``steps``. They start at the last t whose lambda is >= ``lambda_min`` (None: t = T).
+    can be a little shorter than ``steps``. They start at the last t whose lambda is >= ``lambda_min`` (None: t = T),
+    and a single level (steps = 1) is that start, for every spacing.
 
     Why a floor: the cosine schedule's betas are clipped at 0.999, so its log-SNR falls from -6.5 to -9.9 in the
     last step alone; spaced down to -9.9, a quarter of 20 steps land on t >= 990 and several collapse (17 distinct,
@@ -74,6 +88,7 @@ def sampling_timesteps(alphas_cumprod: torch.Tensor, steps: int, spacing: str = 
     SNR schedule (lambda_T = -inf) spaces over the finite levels and then adds t = T itself."""
     num_timesteps = len(alphas_cumprod)
     check_steps(steps, num_timesteps)
+    check_lambda_min(lambda_min)
     if spacing == "time":
         if steps == 1:
             return torch.tensor([num_timesteps - 1])
@@ -86,6 +101,8 @@ def sampling_timesteps(alphas_cumprod: torch.Tensor, steps: int, spacing: str = 
     finite_last, n = (last - 1, steps - 1) if infinite_end else (last, steps)
     if n < 1:
         return torch.tensor([last])
+    if n == 1:  # one level: the start, from which a single step goes to the data
+        return torch.tensor([finite_last, last] if infinite_end else [last])
     if spacing == "logsnr":
         targets = torch.linspace(lam[0].item(), lam[finite_last].item(), n, dtype=torch.float64)
     else:  # karras: sigma_i^(1/rho) evenly spaced between sigma_min^(1/rho) and sigma_max^(1/rho); lambda = -log sigma
