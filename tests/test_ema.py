@@ -138,3 +138,121 @@ def test_resuming_with_other_power_emas_starts_them_from_the_weights(tiny_cfg, t
     assert "the power EMAs start from the checkpoint's weights" in caplog.text
     module = train(tiny_cfg("trainer.max_steps=14", "ema.sigma_rels=[]"))  # and back: the saved ones are dropped
     assert module.power_ema is None and module.global_step == 14
+
+
+# --- snapshots are data with a step and a model (issue 20) ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def snapshotted(tmp_path_factory):
+    """A 20-step run: checkpoints at 10 and 20, snapshots every 5 steps."""
+    from conftest import TINY
+
+    from ddpm.config import compose
+
+    run = tmp_path_factory.mktemp("snapshotted") / "run"
+    train(compose([*TINY, "trainer.max_steps=20", "ema.snapshot_every=5", "callbacks.model_checkpoint.every_n_train_steps=10",
+                   "~callbacks.sample_grid"], output_dir=run))
+    return run
+
+
+def test_a_snapshot_count_spreads_over_the_run():
+    from ddpm.training.snapshots import snapshot_interval
+
+    assert snapshot_interval(40, 2000) == 50 and snapshot_interval(40, 800_000) == 20_000
+    assert snapshot_interval(40, 10) == 1 and snapshot_interval(0, 2000) == 0 and snapshot_interval(40, 2000, 7) == 7
+
+
+def test_posthoc_ema_stops_at_the_step_of_the_checkpoint_asked_for(snapshotted, tmp_path):
+    from ddpm.config import compose
+    from ddpm.evaluate import evaluate
+
+    for name, step in (("step_0000010.ckpt", 10), ("last.ckpt", 20)):
+        cfg = compose([f"ckpt_path={snapshotted / 'checkpoints' / name}", "ema.sigma_rel=0.07", "num_samples=20",
+                       "metrics.reference_size=200", "sampler.steps=3"], config_name="evaluate", output_dir=tmp_path / name)
+        record = evaluate(cfg)
+        weights = record["protocol"]["weights"]["power_ema"]
+        assert record["protocol"]["checkpoint"]["global_step"] == step
+        assert weights["step"] == step and weights["last_snapshot_step"] == step and weights["snapshots"] == step // 5
+
+
+def test_a_resume_removes_the_snapshots_an_aborted_attempt_wrote_past_it(snapshotted, tmp_path):
+    """The README's NaN recovery: an attempt stopped past its last checkpoint left snapshots beyond it (here planted,
+    non-finite, at step 15 after a checkpoint at 10); the rerun removes them before it goes on, and sampling from the
+    finished run rebuilds finite weights."""
+    import shutil
+
+    from conftest import TINY
+
+    from ddpm.config import compose
+    from ddpm.sample import sample
+
+    run = tmp_path / "run"
+    shutil.copytree(snapshotted, run)
+    for name in ("last.ckpt", "step_0000020.ckpt"):  # the attempt never reached them
+        (run / "checkpoints" / name).unlink()
+    for name in ("ema_0000020.pt",):
+        (run / "ema_snapshots" / name).unlink()
+    poisoned = torch.load(run / "ema_snapshots" / "ema_0000015.pt", weights_only=True)
+    poisoned["state_dicts"] = [{k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in sd.items()}
+                               for sd in poisoned["state_dicts"]]
+    torch.save(poisoned, run / "ema_snapshots" / "ema_0000015.pt")
+    train(compose([*TINY, "trainer.max_steps=12", "ema.snapshot_every=5", "callbacks.model_checkpoint.every_n_train_steps=10",
+                   "~callbacks.sample_grid"], output_dir=run))
+    assert sorted(p.name for p in (run / "ema_snapshots").glob("*.pt")) == ["ema_0000005.pt", "ema_0000010.pt", "ema_0000012.pt"]
+    out = sample(compose([f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "ema.sigma_rel=0.07", "num_samples=10",
+                          "sampler=ddim", "sampler.steps=3"], config_name="sample", output_dir=tmp_path / "s"))
+    assert torch.isfinite(out["images"]).all() and out["images"].std() > 0
+
+
+def test_non_finite_power_emas_stop_the_run_instead_of_a_snapshot(tmp_path):
+    from types import SimpleNamespace
+
+    from ddpm.training.module import NonFiniteLossError
+    from ddpm.training.snapshots import EMASnapshots
+
+    ema = PowerEMA(torch.nn.Linear(2, 2), [0.05])
+    with torch.no_grad():
+        ema.averages[0].weight.fill_(float("nan"))
+    callback = EMASnapshots(str(tmp_path), every_n_steps=1)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite power-EMA weights \(weight\) at step 3"):
+        callback.write(SimpleNamespace(is_global_zero=True), SimpleNamespace(power_ema=ema), 3)
+    assert not list(tmp_path.iterdir())
+
+
+def _planted(snapshotted, tmp_path, make):
+    folder = tmp_path / "snaps"
+    folder.mkdir()
+    good = torch.load(snapshotted / "ema_snapshots" / "ema_0000005.pt", weights_only=True)
+    make(folder / "ema_0000005.pt", good)
+    return folder
+
+
+class NotData:
+    pass
+
+
+BAD_SNAPSHOTS = [
+    ("zero bytes", lambda p, good: p.write_bytes(b""), "not a readable EMA snapshot"),
+    ("a raw pickle", lambda p, good: torch.save({"x": NotData()}, p), "not a readable EMA snapshot"),
+    ("missing keys", lambda p, good: torch.save({"step": 5}, p), "not an EMA snapshot of ddpm.train"),
+    ("a string step", lambda p, good: torch.save({**good, "step": "5"}, p), "not an EMA snapshot of ddpm.train"),
+    ("another model", lambda p, good: torch.save({**good, "state_dicts": [PowerEMA(torch.nn.Linear(2, 2), [0.05]).averages[0]
+                                                                          .state_dict()] * 2}, p),
+     "not a snapshot of this checkpoint's model"),
+    ("non-finite", lambda p, good: torch.save({**good, "state_dicts": [{k: v * float("inf") for k, v in sd.items()}
+                                                                       for sd in good["state_dicts"]]}, p), "non-finite"),
+    ("widths and states apart", lambda p, good: torch.save({**good, "gammas": [1.0]}, p), "do not match one to one"),
+]
+
+
+@pytest.mark.parametrize("make,message", [b[1:] for b in BAD_SNAPSHOTS], ids=[b[0] for b in BAD_SNAPSHOTS])
+def test_a_snapshot_that_is_not_one_of_this_model_is_refused_in_one_line(snapshotted, tmp_path, make, message):
+    from ddpm.config import compose
+    from ddpm.sample import sample
+    from ddpm.validation import ConfigError
+
+    folder = _planted(snapshotted, tmp_path, make)
+    cfg = compose([f"ckpt_path={snapshotted / 'checkpoints' / 'last.ckpt'}", "ema.sigma_rel=0.07", f"ema.snapshots={folder}",
+                   "num_samples=10"], config_name="sample", output_dir=tmp_path / "s")
+    with pytest.raises(ConfigError) as error:
+        sample(cfg)
+    assert message in str(error.value) and "\n" not in str(error.value) and "ema_0000005.pt" in str(error.value)

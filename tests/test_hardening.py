@@ -582,3 +582,46 @@ def test_a_refused_run_leaves_a_directory_of_yours_as_it_was(entry, overrides, c
     # a directory it made itself, parents included, goes again
     result = run_cli(f"ddpm.{entry}", *extra, *overrides, f"hydra.run.dir={tmp_path / 'new' / 'deep'}", cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and not (tmp_path / "new").exists()
+
+
+# --- image folders: real folders only, every file checked before the first step (issue 20) -----------------------
+def _image_folder(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_an_image_folder_does_not_follow_a_directory_symlink_loop(tmp_path):
+    from ddpm.training.data import ImageFolderDataModule
+
+    root = _image_folder(tmp_path)
+    (root / "a" / "loop").symlink_to(root, target_is_directory=True)
+    (root / "b" / "up").symlink_to(root / "b", target_is_directory=True)
+    data = ImageFolderDataModule(root=str(root), batch_size=4, num_workers=0, image_size=8, channels=3, num_classes=2)
+    data.setup()
+    assert len(data.train_set) == 12
+
+
+@pytest.mark.parametrize("name,content", [("empty.png", b""), ("notes.png", b"not an image"),
+                                          ("truncated.png", "truncate"), ("bomb.png", "bomb")])
+def test_a_bad_image_file_is_found_before_the_first_step(tmp_path, name, content):
+    from PIL import Image
+
+    root = _image_folder(tmp_path)
+    if content == "truncate":
+        data = (root / "a" / "0.png").read_bytes()
+        (root / "b" / name).write_bytes(data[: len(data) // 2])
+    elif content == "bomb":  # PNG header of a 20000 x 20000 image: PIL refuses it as a decompression bomb
+        Image.new("1", (20000, 20000)).save(root / "b" / name)
+    else:
+        (root / "b" / name).write_bytes(content)
+    cfg = compose([*TINY, "data=image_folder", f"data.root={root}", "data.num_classes=2", "data.batch_size=3",
+                   "data.image_size=8"], output_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=rf"cannot read image .*{name}"):
+        train(cfg)
+    assert not (tmp_path / "run" / "ema_snapshots").exists() and not list(tmp_path.rglob("*.ckpt"))

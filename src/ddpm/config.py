@@ -136,23 +136,81 @@ def resolve_precision(cfg: DictConfig) -> None:
         cfg.trainer.precision = "bf16-mixed" if native_bf16(str(cfg.trainer.get("accelerator", "auto"))) else "32-true"
 
 
+# Whether an entry point's task began. Before it, errors are Hydra's own (an unknown option or key, an override it cannot
+# parse): ``cli_main`` has Hydra raise them (HYDRA_FULL_ERROR, set until the task begins) and reports them in one line,
+# exit status 2, like every other bad input.
+TASK_STARTED = False
+_FULL_ERROR_IS_OURS = False
+
+
+def _task_begins() -> None:
+    global TASK_STARTED, _FULL_ERROR_IS_OURS
+    TASK_STARTED = True
+    if _FULL_ERROR_IS_OURS:  # from here on Hydra reports a task's crash its own way, as without us
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+        _FULL_ERROR_IS_OURS = False
+
+
+def hydra_error_line(error: BaseException) -> str:
+    """One line from a Hydra composition error: its sentences, the available options listed after them, and the
+    OmegaConf error behind it, without the config search path."""
+    lines = str(error).splitlines()
+    if "Config search path:" in lines:
+        lines = lines[: lines.index("Config search path:")]
+    sentences = [line.strip() for line in lines if line.strip() and not line.startswith("\t")]
+    options = [line.strip() for line in lines if line.startswith("\t") and line.strip()]
+    text = "; ".join(sentences) + (" " + ", ".join(options) if options else "")
+    cause = error.__cause__
+    if cause is not None and str(cause).strip():
+        text += f" ({str(cause).strip().splitlines()[0]})"
+    return text
+
+
 def run_cli(task, cfg: DictConfig):
-    """Run an entry point's task; bad input (ConfigError), a run gone non-finite or a checkpoint that cannot be written
-    ends it with one line per problem on stderr and exit status 2, instead of a traceback."""
+    """Run an entry point's task; bad input (ConfigError), a run gone non-finite or a file that cannot be written ends
+    it with one line per problem on stderr and exit status 2, Ctrl+C with one line and 130, instead of a traceback."""
     import sys
 
-    from ddpm.training.checkpoint import CheckpointWriteError
+    from ddpm.files import WriteError
     from ddpm.training.module import NonFiniteLossError
     from ddpm.validation import ConfigError
 
+    _task_begins()
     try:
         return task(cfg)
-    except (ConfigError, NonFiniteLossError, CheckpointWriteError) as error:
+    except (ConfigError, NonFiniteLossError, WriteError) as error:
         for line in error_lines(error):
             print(f"error: {line}", file=sys.stderr)
         if isinstance(error, ConfigError):
             _discard_refused_run(cfg)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"interrupted (Ctrl+C): stopped before writing its results to {cfg.get('paths', {}).get('output_dir', '.')}",
+              file=sys.stderr)
+        _discard_refused_run(cfg)
+        sys.exit(130)
+
+
+def cli_main(main) -> None:
+    """The command line of an entry point: its flags checked, then ``main`` (its ``@hydra.main``). An error of Hydra's
+    own before the task begins (composition, overrides) is one line on stderr and exit status 2."""
+    import sys
+
+    global _FULL_ERROR_IS_OURS
+    check_flags(sys.argv[1:])
+    if "HYDRA_FULL_ERROR" not in os.environ:
+        os.environ["HYDRA_FULL_ERROR"], _FULL_ERROR_IS_OURS = "1", True
+    try:
+        main()
+    except Exception as error:
+        if TASK_STARTED:
+            raise
+        print(f"error: {hydra_error_line(error)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if _FULL_ERROR_IS_OURS:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+            _FULL_ERROR_IS_OURS = False
 
 
 def _discard_refused_run(cfg: DictConfig) -> None:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.config import check_flags, config_dir, run_cli
+from ddpm.config import cli_main, config_dir, run_cli
 from ddpm.build import instantiate_loggers
 from ddpm.evaluation.metrics import PREPARATIONS, inception_score, metric_name, prepare, sample_metrics
 from ddpm.training.module import DiffusionModule
@@ -110,8 +109,7 @@ def main(cfg: DictConfig) -> None:
 
 def cli() -> None:
     """The command line: ``python -m ddpm.evaluate`` and the ``ddpm-evaluate`` script."""
-    check_flags(sys.argv[1:])
-    main()
+    cli_main(main)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ images from a checkpoint, as a PNG grid and as raw uint8 arrays (samples.npz).""
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ddpm.build import guidance_interval, load_module
 from ddpm.training.callbacks import class_rows, even_labels, to_grid
-from ddpm.config import check_flags, config_dir, native_bf16, run_cli
+from ddpm.config import cli_main, config_dir, native_bf16, run_cli
 from ddpm.core.guidance import check_guidance
 from ddpm.core.samplers import check_steps
 from ddpm.training.snapshots import posthoc_state_dict, snapshot_dir
@@ -158,8 +157,7 @@ def main(cfg: DictConfig) -> None:
 
 def cli() -> None:
     """The command line: ``python -m ddpm.sample`` and the ``ddpm-sample`` script."""
-    check_flags(sys.argv[1:])
-    main()
+    cli_main(main)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sys
 import signal
 import time
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ddpm.build import build_module
 from ddpm.training.callbacks import LastCheckpoint, duration
 from ddpm.training.checkpoint import CheckpointWriteError, config_differences, load_checkpoint, recorded_choices
-from ddpm.config import check_flags, config_dir, resolve_precision, run_cli
+from ddpm.config import cli_main, config_dir, resolve_precision, run_cli
 from ddpm.build import instantiate_loggers
 from ddpm.training.module import DiffusionModule, NonFiniteLossError
 from ddpm.validation import ConfigError, validate
@@ -190,8 +189,7 @@ def main(cfg: DictConfig) -> None:
 
 def cli() -> None:
     """The command line: ``python -m ddpm.train`` and the ``ddpm-train`` script."""
-    check_flags(sys.argv[1:])
-    main()
+    cli_main(main)
 
 
 if __name__ == "__main__":

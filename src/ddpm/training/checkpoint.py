@@ -15,11 +15,8 @@ tree is the registry.
 from __future__ import annotations
 
 import copy
-import errno
 import functools
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +26,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from omegaconf import OmegaConf
 
 from ddpm.core.errors import ConfigError
+from ddpm.files import WriteError, atomic_write
 
 # Config keys that fix the network and the data it models: resuming or sampling across a change in any of
 # them would load weights into a different model.
@@ -37,7 +35,7 @@ MODEL_KEYS = ("model", "schedule", "diffusion.prediction", "guidance.conditional
 SPEED_KEYS = ("model.channels_last", "model.sdpa", "model.compile")
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(WriteError):
     """A checkpoint could not be written (disk full, permissions); the previous checkpoints are intact."""
 
 
@@ -54,39 +52,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save ``obj`` to ``path`` atomically: a reader sees the old file or the new one, never a torn one; a
-    full disk raises CheckpointWriteError naming the file and the room left, and leaves nothing behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
+    """torch.save ``obj`` to ``path`` atomically (``ddpm.files.atomic_write``): a reader sees the old file or the new
+    one, never a torn one; a full disk raises CheckpointWriteError naming the file and the room left."""
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except (OSError, RuntimeError) as error:  # torch's zip writer reports a full disk as RuntimeError
-        tmp.unlink(missing_ok=True)
-        raise CheckpointWriteError(_write_failure(path, error)) from None
-    os.replace(tmp, path)
-
-
-def temporary_path(path: Path) -> Path:
-    """Where ``AtomicCheckpointIO`` writes ``path`` before renaming it: a hidden ``.<name>.tmp`` beside it."""
-    return path.with_name(f".{path.name}.tmp")
-
-
-def _write_failure(path: Path, error: Exception) -> str:
-    """One line: which file, why, how much room the disk has, and that the older checkpoints are untouched."""
-    free = shutil.disk_usage(path.parent).free
-    full = getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error) or free < 2**20
-    reason = "no space left on the disk" if full else (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return (f"could not write checkpoint {path}: {reason} ({free / 2**20:.0f} MiB free in {path.parent}); the earlier "
-            "checkpoints there are intact: free some space and run the same command again to resume")
+        atomic_write(Path(path), lambda f: torch.save(obj, f), what="checkpoint")
+    except WriteError as error:
+        raise CheckpointWriteError(f"{error}; the earlier checkpoints there are intact: free some space and run the same "
+                                   "command again to resume") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
     """A checkpoint written by ``ddpm.train``; ConfigError naming the file when it is missing, truncated, not ours,
-    or carries a config that is not this project's (``rebuild_config``); its ``config`` is the rebuilt one. ``mmap``: map the tensors instead of reading them
-    (to look at the config alone)."""
+    or carries a config that is not this project's (``rebuild_config``); its ``config`` is the rebuilt one. ``mmap``:
+    map the tensors instead of reading them (to look at the config alone)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"ckpt_path={str(path)!r}: no such file")

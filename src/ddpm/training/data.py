@@ -7,6 +7,8 @@ with internet access; ``image_folder`` reads ``root/<class>/<image>`` trees.
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import lightning as L
@@ -221,14 +223,57 @@ class ImageFolderDataModule(ImageDataModule):
             raise ConfigError(f"data.root={str(self.root)!r}: no such directory; expected {expected}")
         flip = [transforms.RandomHorizontalFlip()] if self.random_flip else []
         try:
-            train_set = datasets.ImageFolder(str(self.root), transform=transforms.Compose(flip + self.to_unit_range()), loader=read_image)
+            train_set = ImageFolder(str(self.root), transform=transforms.Compose(flip + self.to_unit_range()), loader=read_image)
         except (FileNotFoundError, PermissionError) as error:
             raise ConfigError(f"data.root={str(self.root)!r}: {str(error).splitlines()[0]}; expected {expected}") from None
         found = len(train_set.classes)
         if found != self.num_classes:
             raise ConfigError(f"data.num_classes={self.num_classes}: {self.root} has {found} class folders {train_set.classes[:20]}")
+        for path, _ in train_set.samples:  # every file, before the first step rather than when a batch reaches it
+            check_image(path)
         self.train_set = train_set
-        self.train_reference = datasets.ImageFolder(str(self.root), transform=transforms.Compose(self.to_unit_range()), loader=read_image)
+        self.train_reference = ImageFolder(str(self.root), transform=transforms.Compose(self.to_unit_range()), loader=read_image)
+
+
+class ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder without following directory symlinks (its walk follows them, so a link to a parent
+    folder indexes the same images again and again): class folders and the folders below them are real folders;
+    an image that is a symlink to a file is read as usual."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir(follow_symlinks=False))
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        samples = []
+        for name, index in sorted(class_to_idx.items()):
+            for folder, _, files in sorted(os.walk(os.path.join(directory, name), followlinks=False)):
+                samples += [(os.path.join(folder, f), index) for f in sorted(files)
+                            if f.lower().endswith(datasets.folder.IMG_EXTENSIONS)]
+        present = {index for _, index in samples}
+        empty = sorted(name for name, index in class_to_idx.items() if index not in present)
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}. "
+                                    f"Supported extensions are: {', '.join(datasets.folder.IMG_EXTENSIONS)}")
+        return samples
+
+
+def check_image(path: str) -> None:
+    """Open ``path`` as PIL would and verify it (header and, for PNG, its checksums) without decoding it: zero bytes,
+    text, a truncated file or one of more than PIL's MAX_IMAGE_PIXELS (a decompression bomb) is refused, naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
+                raise ValueError(f"{image.width}x{image.height} pixels, over PIL's limit of {Image.MAX_IMAGE_PIXELS}")
+            image.verify()
+    except Exception as error:  # PIL raises many kinds
+        raise ConfigError(f"data.root: cannot read image {path} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                          "fix or remove the file") from None
 
 
 def read_image(path: str):

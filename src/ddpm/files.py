@@ -1,0 +1,71 @@
+"""Files this project writes are its own: written whole or not at all, never through a link someone planted.
+
+``atomic_write`` writes into a hidden temporary beside the target, flushes it to disk and renames it over the target:
+a reader sees the old file or the new one, never a torn one, and a symbolic link at the target is replaced, never
+followed (a rename replaces the link itself). A full disk or a folder that cannot be written raises ``WriteError``
+with one line naming the file, the reason and the room left, and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+from typing import IO, Callable
+
+# Spreadsheet programs evaluate a cell that begins with one of these as a formula (OWASP's CSV injection list).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+class WriteError(RuntimeError):
+    """A file could not be written (disk full, permissions); whatever was there before is intact."""
+
+
+def temporary_path(path: Path) -> Path:
+    """Where ``atomic_write`` writes ``path`` before renaming it: a hidden ``.<name>.tmp`` beside it."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object], what: str = "file") -> None:
+    """Call ``write`` on a binary file that becomes ``path`` atomically once it returns (see the module docstring)."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)  # a temporary a kill left; O_EXCL below never opens through a link
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch's zip writer reports a full disk as RuntimeError
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise WriteError(write_failure(path, error, what)) from None
+
+
+def write_failure(path: Path, error: Exception, what: str) -> str:
+    """One line: which file, why, and how much room its disk has."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    full = getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error) or (free is not None and free < 2**20)
+    reason = "no space left on the disk" if full else (str(error).strip().splitlines() or [type(error).__name__])[0]
+    room = f" ({free / 2**20:.0f} MiB free in {path.parent})" if free is not None else ""
+    return f"could not write {what} {path}: {reason}{room}"
+
+
+def spreadsheet_safe(value):
+    """A CSV cell that no spreadsheet evaluates: a string beginning like a formula gets a leading ' (numbers, which
+    a spreadsheet reads as numbers anyway, stay as they are)."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        try:
+            float(value)
+            return value
+        except ValueError:
+            return "'" + value
+    return value
