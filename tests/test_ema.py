@@ -213,7 +213,7 @@ def test_non_finite_power_emas_stop_the_run_instead_of_a_snapshot(tmp_path):
     with torch.no_grad():
         ema.averages[0].weight.fill_(float("nan"))
     callback = EMASnapshots(str(tmp_path), every_n_steps=1)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite power-EMA weights \(weight\) at step 3"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite power-EMA weights \(weight\) at step 3: training stopped"):
         callback.write(SimpleNamespace(is_global_zero=True), SimpleNamespace(power_ema=ema), 3)
     assert not list(tmp_path.iterdir())
 

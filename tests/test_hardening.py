@@ -1,6 +1,7 @@
 """Bad input fails fast with a one-line message naming the key; faults (kill, NaN, SIGTERM, corrupt files) never
 lose a run."""
 
+import json
 import os
 import random
 import signal
@@ -72,6 +73,10 @@ BAD_INPUTS = [
     *([("sample", ["ckpt_path={ckpt}", "device=cuda"], "device='cuda'")] if not torch.cuda.is_available() else []),
     ("sample", ["ckpt_path={ckpt}", "sampler=ddim", "sampler.steps=500"], "sampler.steps"),
     ("sample", ["ckpt_path={ckpt}", "guidance.scale=-2"], "guidance.scale"),
+    ("sample", ["ckpt_path={ckpt}", "ema.sigma_rel=0.07", "use_ema=false"], "ema.sigma_rel"),   # would be ignored
+    ("sample", ["ckpt_path={ckpt}", "sampler=heun", "sampler.lambda_min=100"], "sampler.lambda_min"),
+    ("train", ["schedule=sigmoid", "schedule.tau=0.01"], "schedule"),                             # NaN betas
+    ("train", ["experiments=nonexistent"], "experiments/nonexistent"),                            # Hydra: one line, 2
     ("evaluate", ["ckpt_path={ckpt}", "metrics.reference_split=val"], "metrics.reference_split"),
     ("evaluate", ["ckpt_path={ckpt}", "metrics.feature_extractor=vgg"], "metrics.feature_extractor"),
     ("evaluate", ["ckpt_path={ckpt}", "num_samples=1"], "num_samples"),
@@ -79,7 +84,7 @@ BAD_INPUTS = [
 ]
 
 
-HYDRA_LEVEL = {"schedule/quadratic", "guidance.p_uncnd"}  # composition errors: Hydra's own message and exit status
+HYDRA_LEVEL = {"schedule/quadratic", "guidance.p_uncnd", "experiments/nonexistent"}  # composition errors: Hydra's own message and exit status
 
 
 @pytest.mark.parametrize("entry,overrides,key", BAD_INPUTS, ids=[f"{e}:{' '.join(o)}" for e, o, _ in BAD_INPUTS])
@@ -105,7 +110,8 @@ def test_bad_input_fails_fast_naming_the_key(entry, overrides, key, checkpoint, 
             run_entry(task, cfg)
         status, stderr = exit_info.value.code, capsys.readouterr().err
         assert stderr.count("\n") == 1 and stderr.startswith("error: ") and key in stderr, stderr  # one line, naming the key
-    assert status not in (0, None)
+    assert status == 2, stderr[-2000:]
+    assert stderr.count("error: ") == 1 and stderr.endswith("\n") and stderr.count("\n") == 1, stderr[-2000:]
     assert any(key in line for line in stderr.splitlines()), stderr[-2000:]
     assert [p for p in tmp_path.rglob("*.ckpt")] == [earlier]  # nothing trained
     assert earlier.read_bytes() == b"earlier run"  # nothing earlier deleted
@@ -200,11 +206,15 @@ def test_non_finite_loss_stops_training_and_keeps_finite_checkpoints(tmp_path):
     cfg = compose([*TINY, "trainer.max_steps=40", "callbacks.model_checkpoint.every_n_train_steps=5",
                    "~callbacks.sample_grid", "trainer.gradient_clip_val=null", "optim.warmup_steps=0",
                    "optim.optimizer.lr=1e12"], output_dir=tmp_path / "run")
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss (nan|inf|-inf) at step \d+"):
+    # the loss, or (since snapshots are per run: every step of this 40-step run) the power EMAs, whichever is seen first
+    with pytest.raises(NonFiniteLossError, match=r"non-finite (loss (nan|inf|-inf)|power-EMA weights \(.*\)) at step \d+"):
         train(cfg)
     for path in (tmp_path / "run" / "checkpoints").glob("*.ckpt"):
         state = torch.load(path, weights_only=True)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), path
+    for path in (tmp_path / "run" / "ema_snapshots").glob("*.pt"):
+        for state in torch.load(path, weights_only=True)["state_dicts"]:
+            assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), path
 
 
 # --- signals and kills ----------------------------------------------------------------------------------------
@@ -353,21 +363,19 @@ def test_an_unwritable_run_directory_is_one_line(tmp_path):
 # --- disk full ------------------------------------------------------------------------------------------------
 def test_disk_full_names_the_disk_and_keeps_earlier_checkpoints(tmp_path, monkeypatch, capsys):
     """The third checkpoint write goes to /dev/full (ENOSPC from the kernel, as on a full disk)."""
-    import builtins
-
-    import ddpm.training.checkpoint
+    import ddpm.files
     from ddpm.config import run_cli as run_entry
 
-    writes, real_open = [], builtins.open
+    writes, real_create = [], ddpm.files._create
 
-    def open_full_on_third(path, mode="r", *args, **kwargs):
+    def open_full_on_third(path):  # where every file of ours is created (ddpm/files.py)
         if str(path).endswith(".ckpt.tmp"):
             writes.append(path)
             if len(writes) == 3:
-                return real_open("/dev/full", mode, *args, **kwargs)
-        return real_open(path, mode, *args, **kwargs)
+                return open("/dev/full", "wb")
+        return real_create(path)
 
-    monkeypatch.setattr(ddpm.training.checkpoint, "open", open_full_on_third, raising=False)
+    monkeypatch.setattr(ddpm.files, "_create", open_full_on_third)
     cfg = compose([*TINY, "trainer.max_steps=20", "~callbacks.sample_grid", "callbacks.model_checkpoint.every_n_train_steps=5"],
                   output_dir=tmp_path / "run")
     with pytest.raises(SystemExit) as exit_info:
@@ -625,3 +633,40 @@ def test_a_bad_image_file_is_found_before_the_first_step(tmp_path, name, content
     with pytest.raises(ConfigError, match=rf"cannot read image .*{name}"):
         train(cfg)
     assert not (tmp_path / "run" / "ema_snapshots").exists() and not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_disk_full_while_sampling_is_one_line_and_leaves_no_partial_file(checkpoint, tmp_path, monkeypatch, capsys):
+    import ddpm.files
+    from ddpm.config import run_cli as run_entry
+
+    real_create = ddpm.files._create
+    monkeypatch.setattr(ddpm.files, "_create", lambda path: open("/dev/full", "wb") if "samples.npz" in str(path) else real_create(path))
+    cfg = compose([f"ckpt_path={checkpoint}", "num_samples=10", "sampler=ddim", "sampler.steps=2"], config_name="sample",
+                  output_dir=tmp_path / "out")
+    with pytest.raises(SystemExit) as exit_info:
+        run_entry(sample, cfg)
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2 and stderr.count("\n") == 1 and "could not write samples" in stderr, stderr
+    assert "no space left on the disk" in stderr and not list((tmp_path / "out").glob("*.tmp")) + list((tmp_path / "out").glob(".*.tmp"))
+    assert not (tmp_path / "out" / "samples.npz").exists()
+
+
+def test_two_evaluations_in_one_directory_cannot_both_write_it(checkpoint, tmp_path):
+    """Started together with one hydra.run.dir: one claims it and writes metrics.json, the other is refused in one line
+    (it once exited 0 and overwrote the first one's metrics.json)."""
+    out = tmp_path / "eval"
+    args = ["-m", "ddpm.evaluate", f"ckpt_path={checkpoint}", "num_samples=20", "metrics.reference_size=200",
+            "sampler.steps=3", f"hydra.run.dir={out}"]
+    both = [subprocess.Popen([sys.executable, *args], cwd=tmp_path, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in both]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    assert refused.count("error: ") == 1 and ("already taken by another ddpm.evaluate" in refused or "already holds" in refused)
+    assert json.loads((out / "metrics.json").read_text())["metrics"]
+
+
+def test_an_evaluation_grid_without_multirun_is_refused(checkpoint, tmp_path):
+    result = run_cli("ddpm.evaluate", "evaluations=samplers", f"ckpt_path={checkpoint}", f"hydra.run.dir={tmp_path / 'e'}",
+                     cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "evaluations=samplers: a grid of evaluations, run with --multirun" in result.stderr
+    assert result.stderr.count("error: ") == 1 and not (tmp_path / "e" / "metrics.json").exists()

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpm.config import cli_main, config_dir, run_cli
 from ddpm.build import instantiate_loggers
+from ddpm.files import atomic_write
 from ddpm.evaluation.metrics import PREPARATIONS, inception_score, metric_name, prepare, sample_metrics
 from ddpm.training.module import DiffusionModule
 from ddpm.sample import draw, load_for_sampling
@@ -86,9 +87,8 @@ def evaluate(cfg: DictConfig) -> dict:
               "process": {"extractor_and_reference_uses": PREPARATIONS["uses"],
                           "extractor_and_reference_built": PREPARATIONS["built"]}}
 
-    run_dir = Path(cfg.paths.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    text = json.dumps(record, indent=2) + "\n"
+    atomic_write(Path(cfg.paths.output_dir) / "metrics.json", lambda f: f.write(text.encode()), what="metrics")
     log.info("%s", json.dumps(metrics))
     loggers = instantiate_loggers(cfg.get("logger"))
     for logger in loggers or []:

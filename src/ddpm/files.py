@@ -33,8 +33,8 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object], what: str = "
     tmp = temporary_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.unlink(missing_ok=True)  # a temporary a kill left; O_EXCL below never opens through a link
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as f:
+        tmp.unlink(missing_ok=True)  # a temporary a kill left
+        with _create(tmp) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -45,6 +45,11 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object], what: str = "
         except OSError:
             pass
         raise WriteError(write_failure(path, error, what)) from None
+
+
+def _create(path: Path) -> IO[bytes]:
+    """A new file at ``path``, open for writing; fails if anything is there, a link included (O_EXCL never follows)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb")
 
 
 def write_failure(path: Path, error: Exception, what: str) -> str:

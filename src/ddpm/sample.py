@@ -20,6 +20,8 @@ from ddpm.training.callbacks import class_rows, even_labels, to_grid
 from ddpm.config import cli_main, config_dir, native_bf16, run_cli
 from ddpm.core.guidance import check_guidance
 from ddpm.core.samplers import check_steps
+from ddpm.files import atomic_write
+from ddpm.training.rundirs import claim_outputs
 from ddpm.training.snapshots import posthoc_state_dict, snapshot_dir
 from ddpm.training.module import DiffusionModule
 from ddpm.validation import ConfigError, validate
@@ -94,6 +96,10 @@ def load_for_sampling(cfg: DictConfig, entry: str, outputs: tuple[str, ...]) -> 
     earlier = [name for name in outputs if (run_dir / name).exists()]
     if earlier:
         raise ConfigError(f"hydra.run.dir={str(run_dir)!r} already holds {earlier} from an earlier run: pick a new hydra.run.dir")
+    try:
+        claim_outputs(run_dir, entry)
+    except FileExistsError as error:
+        raise ConfigError(str(error)) from None
     device = resolve_device(cfg.device)
     if cfg.sampler.precision == "auto":  # resolved in place, so the protocol records what ran
         cfg.sampler.precision = "bf16" if native_bf16("cuda" if device.startswith("cuda") else "cpu") else "float32"
@@ -138,14 +144,16 @@ def sample(cfg: DictConfig) -> dict:
     module = load_for_sampling(cfg, "sample", ("grid.png", "samples.npz"))
     out = draw(module, cfg)
     run_dir = Path(cfg.paths.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     nrow = class_rows(len(out["images"]), module.net.num_classes)
-    save_image(to_grid(out["images"], nrow=nrow, min_size=cfg.min_size), run_dir / "grid.png")
+    grid = to_grid(out["images"], nrow=nrow, min_size=cfg.min_size)
+    atomic_write(run_dir / "grid.png", lambda f: save_image(grid, f, format="png"), what="samples")
     labels = out["labels"].numpy() if out["labels"] is not None else np.full(len(out["images"]), -1)
-    np.savez_compressed(run_dir / "samples.npz", images=to_uint8(out["images"]), labels=labels)
+    atomic_write(run_dir / "samples.npz", lambda f: np.savez_compressed(f, images=to_uint8(out["images"]), labels=labels),
+                 what="samples")
     if out["trajectory"] is not None:
         k, steps = out["trajectory"].shape[:2]
-        save_image(to_grid(out["trajectory"].flatten(0, 1), nrow=steps, min_size=cfg.min_size), run_dir / "trajectory.png")
+        frames = to_grid(out["trajectory"].flatten(0, 1), nrow=steps, min_size=cfg.min_size)
+        atomic_write(run_dir / "trajectory.png", lambda f: save_image(frames, f, format="png"), what="samples")
     log.info("%d samples, %d model evaluations in %.1f s; wrote %s", len(out["images"]), out["nfe"], out["seconds"], run_dir)
     return out
 

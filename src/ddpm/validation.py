@@ -98,6 +98,13 @@ def _raises_no_config_error(check: Callable, *args) -> bool:
         return False
 
 
+def _build_schedule(cfg: DictConfig) -> None:
+    """The schedule's betas, built as training would and checked by ``GaussianDiffusion`` (its rule's one home)."""
+    from ddpm.build import build_diffusion
+
+    build_diffusion(cfg)
+
+
 def _cuda_index(device: str) -> int:
     return int(str(device).partition(":")[2] or 0)
 
@@ -188,6 +195,8 @@ TRAIN_RULES = [
     Rule("schedule.start", lambda v, _: _is_num(v), "a number"),
     Rule("schedule.end", lambda v, cfg: _is_num(v) and v > cfg.schedule.start, "a number > schedule.start"),
     Rule("schedule.tau", positive, "a number > 0"),
+    Rule("schedule", lambda v, cfg: _raises_no_config_error(_build_schedule, cfg),
+         "settings whose betas are all in (0, 1) (beta_T = 1 with zero terminal SNR); these give NaN or out-of-range betas"),
     Rule("optim.optimizer.lr", positive, "a number > 0"),
     Rule("optim.warmup_steps", nonneg_int, "an integer >= 0"),
     Rule("ema.decay", lambda v, _: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
@@ -230,6 +239,8 @@ SAMPLE_RULES = [
     Rule("use_ema", lambda v, _: isinstance(v, bool), "true or false"),
     Rule("ema.sigma_rel", optional(lambda v, _: _sigma_rel_ok(v)),
          f"null (the classic EMA) or a relative EMA width in (0, {MAX_SIGMA_REL:.4f}), e.g. 0.05 or 0.10"),
+    Rule("ema.sigma_rel", lambda v, cfg: v is None or cfg.use_ema is not False,
+         "null with use_ema=false (the raw weights have no EMA length; drop one of the two)"),
     Rule("ema.source", one_of(*EMA_SOURCES), f"one of {list(EMA_SOURCES)}"),
     Rule("ema.sources", optional(lambda v, _: isinstance(v, list) and len(v) > 0 and all(_sigma_rel_ok(s) for s in v)),
          "null (every snapshot) or a non-empty list of the tracked widths to rebuild from, e.g. [0.05, 0.1]"),
@@ -255,8 +266,8 @@ def problems(cfg: DictConfig, rules: list[Rule]) -> list[str]:
     """One line per broken rule (a key with several broken rules is reported once)."""
     lines, seen, raised = [], set(), []
     for rule in rules:
-        if rule.key in seen:
-            continue
+        if rule.key in seen or any(key.startswith(rule.key + ".") for key in seen):
+            continue  # a node's own rule (schedule) is moot once one of its keys (schedule.timesteps) is reported
         value = OmegaConf.select(cfg, rule.key, default="__missing__", throw_on_missing=False)
         if isinstance(value, str) and value == "__missing__":
             continue  # a key of another option of the group (sampler.eta only exists for ddim)
@@ -319,6 +330,10 @@ def validate(cfg: DictConfig, entry: str) -> None:
     found = [f"{key}=???: must be set (it has no default); e.g. {key}=..." for key in missing]
     if HydraConfig.initialized():
         found += appended_keys(cfg, list(HydraConfig.get().overrides.task))
+        preset = HydraConfig.get().runtime.choices.get("evaluations")
+        if entry == "evaluate" and preset is not None and str(HydraConfig.get().mode) == "RunMode.RUN":
+            found.append(f"evaluations={preset}: a grid of evaluations, run with --multirun (python -m ddpm.evaluate "
+                         f"--multirun evaluations={preset} ckpt_path=...); without it only one default evaluation would run")
     found += problems(cfg, RULES[entry]) if not missing else []
     if found:
         raise ConfigError("\n".join(found))

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ddpm.core.errors import ConfigError
 from ddpm.core.prediction import network_target
 
 Network = Callable[..., torch.Tensor]
@@ -24,18 +25,27 @@ def extract(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.
     return out.view(-1, *([1] * (like.ndim - 1)))
 
 
+def check_betas(betas: torch.Tensor) -> None:
+    """The one rule for a schedule: a non-empty 1-D tensor of betas in (0, 1), except beta_T = 1 (zero terminal SNR,
+    alpha_bar_T = 0, Lin et al. 2024). ConfigError naming the first bad beta (a schedule's settings can give NaN)."""
+    in_unit_interval = (betas > 0) & (betas < 1)
+    if betas.ndim == 1 and len(betas) > 0 and betas[-1] == 1:
+        in_unit_interval[-1] = True
+    if betas.ndim != 1 or len(betas) == 0:
+        raise ConfigError("schedule: its betas must be a non-empty 1-D tensor")
+    if not in_unit_interval.all():
+        t = int((~in_unit_interval).nonzero()[0]) + 1
+        raise ConfigError(f"schedule: its settings give betas outside (0, 1), first beta_{t} = {betas[t - 1].item():.4g} "
+                          "(only beta_T may be 1, at zero terminal SNR): change the schedule's settings")
+
+
 class GaussianDiffusion(nn.Module):
     """The schedule's derived quantities, computed once in float64 and held as buffers."""
 
     def __init__(self, betas: torch.Tensor):
         super().__init__()
         betas = torch.as_tensor(betas, dtype=torch.float64)
-        # beta_T = 1 is a zero-terminal-SNR schedule (alpha_bar_T = 0, Lin et al. 2024); every other beta is in (0, 1).
-        in_unit_interval = (betas > 0) & (betas < 1)
-        if betas.ndim == 1 and len(betas) > 0 and betas[-1] == 1:
-            in_unit_interval[-1] = True
-        if betas.ndim != 1 or len(betas) == 0 or not in_unit_interval.all():
-            raise ValueError("schedule: betas must be a non-empty 1-D tensor with values in (0, 1) (beta_T = 1 allowed)")
+        check_betas(betas)
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, dim=0)
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])

@@ -16,6 +16,7 @@ as it was, less nothing.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -106,6 +107,22 @@ class FreshRunDirs(Callback):
                   f"pick a writable directory with hydra.{kind}.dir=...", file=sys.stderr)
             sys.exit(2)
         return path
+
+
+def claim_outputs(run_dir: Path, entry: str) -> None:
+    """Claim ``run_dir`` for one ``ddpm.<entry>`` (sample, evaluate): create ``.<entry>.claim`` in it, which fails
+    atomically when it exists, so of two commands given one ``hydra.run.dir`` exactly one goes on. The claim stays
+    with the results; a refused command removes it (it is recorded in CREATED)."""
+    make_dirs(run_dir)
+    claim = run_dir / f".{entry}.claim"
+    try:
+        fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        raise FileExistsError(f"hydra.run.dir={str(run_dir)!r} is already taken by another ddpm.{entry} ({claim.name} is "
+                              "there): pick a new hydra.run.dir (or remove that file if no command is using the folder)") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    CREATED.append(claim)
 
 
 def discard_created() -> list[Path]:

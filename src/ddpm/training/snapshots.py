@@ -86,14 +86,18 @@ class EMASnapshots(L.Callback):
         path = self.dirpath / f"ema_{step:07d}.pt"
         if path.exists():
             return
+        if hasattr(pl_module, "check_finite"):  # a non-finite loss says more (which step, what to do) than its weights
+            pl_module.check_finite()
         states = [{k: v.detach().to("cpu", self.dtype if v.is_floating_point() else v.dtype) for k, v in a.state_dict().items()}
                   for a in power_ema.averages]
         bad = next((k for state in states for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
         if bad is not None:
             from ddpm.training.module import NonFiniteLossError
 
-            raise NonFiniteLossError(f"non-finite power-EMA weights ({bad}) at step {step}: not writing snapshot {path}; "
-                                     "lower optim.optimizer.lr (or keep trainer.gradient_clip_val)")
+            raise NonFiniteLossError(f"non-finite power-EMA weights ({bad}) at step {step}: training stopped before writing "
+                                     f"{path.name}; checkpoints and snapshots on disk are from before it and finite. Lower "
+                                     "optim.optimizer.lr (or raise optim.warmup_steps, keep trainer.gradient_clip_val) and run "
+                                     "the same command again: it resumes from the newest checkpoint with the new settings")
         atomic_save({"step": step, "sigma_rels": power_ema.sigma_rels, "gammas": power_ema.gammas, "state_dicts": states}, path)
 
 
