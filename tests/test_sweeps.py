@@ -215,3 +215,66 @@ def test_report_pairs_an_evaluation_sweep_over_w_on_the_checkpoint(tmp_path):
         line = next(x for x in result.stdout.splitlines() if x.startswith(f"- fd_digits at w={w}: "))
         assert "ema.sigma_rel=0.1 is better" in line and "paired t-test, n = 3" in line, line
     assert "Best cell: ema.sigma_rel=0.1, w=0.0" in result.stdout and "95% CI of the mean" in result.stdout
+
+
+# --- the report's files are its own; a file it cannot read is one line (issue 20) ---------------------------------
+def test_report_replaces_a_symlinked_output_and_escapes_formula_cells(tmp_path):
+    from ddpm.report import main
+
+    sweep = _fake_sweep(tmp_path / "sweep", [([f"schedule=linear", "seed=0", "+note==HYPERLINK(\"x\")"], [(1.0, 30.0)]),
+                                             ([f"schedule=cosine", "seed=0", "+note=@SUM(A1)"], [(1.0, 25.0)])])
+    target = tmp_path / "precious.txt"
+    target.write_text("mine")
+    (sweep / "runs.csv").symlink_to(target)
+    main([str(sweep)])
+    assert target.read_text() == "mine" and not (sweep / "runs.csv").is_symlink()
+    cells = [cell for row in csv.reader(open(sweep / "runs.csv")) for cell in row]
+    assert "'=HYPERLINK(\"x\")" in cells and "'@SUM(A1)" in cells
+    assert not [c for c in cells if c.startswith(("=", "+", "@")) or (c.startswith("-") and not _number(c))]
+    assert not list(sweep.glob(".*.tmp"))
+
+
+def _number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+BAD_SWEEP_FILES = [
+    ("non-UTF-8 csv", "0/csv/version_0/metrics.csv", b"step,train/loss\n1,\xff\xfe\n", "not UTF-8"),
+    ("bad yaml", "0/.hydra/overrides.yaml", b"- a: [\n", "cannot be parsed"),
+    ("python tag", "0/.hydra/overrides.yaml", b"- !!python/object/apply:os.system ['touch x']\n", "cannot be parsed"),
+    ("string metric", "0/metrics.json", b'{"evaluations": [{"guidance_scale": 1, "metrics": {"fd_digits": "low"}}]}',
+     "where a number belongs"),
+    ("not json", "0/metrics.json", b"{", "cannot be parsed"),
+]
+
+
+@pytest.mark.parametrize("relative,content,message", [b[1:] for b in BAD_SWEEP_FILES], ids=[b[0] for b in BAD_SWEEP_FILES])
+def test_report_names_a_file_it_cannot_read_in_one_line(tmp_path, relative, content, message):
+    sweep = _fake_sweep(tmp_path / "sweep", [(["seed=0"], [(1.0, 30.0)]), (["seed=1"], [(1.0, 31.0)])])
+    (sweep / relative).parent.mkdir(parents=True, exist_ok=True)
+    (sweep / relative).write_bytes(content)
+    result = run_cli("ddpm.report", str(sweep), cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    assert message in result.stderr and relative.split("/")[-1] in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_report_whose_write_fails_is_one_line(tmp_path, monkeypatch, capsys):
+    """A read-only directory (EACCES from every create: root ignores a folder's mode bits, so the refusal is planted)."""
+    import ddpm.files
+    from ddpm.report import main
+
+    sweep = _fake_sweep(tmp_path / "sweep", [(["seed=0"], [(1.0, 30.0)]), (["seed=1"], [(1.0, 31.0)])])
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(ddpm.files, "_create", refuse)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(sweep)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "could not write report file" in err and "Permission denied" in err

@@ -4,21 +4,26 @@ Reads each job's overrides (``N/.hydra/overrides.yaml``), its loss curve (``N/cs
 quality numbers (``N/metrics.json``, from training's ``evaluate_at_end`` or from ``ddpm.evaluate``), then writes into
 DIR: ``report.md`` (printed too), ``runs.csv`` (one row per run), ``guidance.csv`` (one row per run and guidance scale),
 ``loss_curves.png`` and ``quality_vs_guidance.png``. Runs that differ only in ``seed`` are averaged (mean ± std).
+A file it cannot read is named in one line (exit status 2); what it writes is written atomically, never through a
+symlink, and CSV cells a spreadsheet would evaluate are escaped.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import yaml
 
 from ddpm.evaluation.stats import LEVEL, compare, mean_interval
+from ddpm.files import WriteError, atomic_write, spreadsheet_safe
 
 QUALITY = ("fd_digits", "fid", "guided_accuracy", "diversity", "inception_score")
 LOWER_IS_BETTER = {"fd_digits", "fid", "final_loss"}
@@ -32,12 +37,16 @@ def _parse_value(text: str):
 
 
 def load_run(job_dir: Path) -> dict | None:
-    """One job: its overrides, loss curve, final loss and evaluations (one per guidance scale)."""
+    """One job: its overrides, loss curve, final loss and evaluations (one per guidance scale). ReportError, one line
+    naming the file, for one that ddpm did not write (not UTF-8, not YAML or JSON of the expected shape, a Python tag)."""
     overrides_file = job_dir / ".hydra" / "overrides.yaml"
     if not overrides_file.is_file():
         return None
     overrides, checkpoint = {}, None
-    for item in yaml.safe_load(overrides_file.read_text()) or []:
+    items = _read(overrides_file, yaml.safe_load)
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ReportError(f"{overrides_file}: not a list of overrides as Hydra writes it")
+    for item in items:
         key, _, value = item.partition("=")
         if key.lstrip("+") == "ckpt_path":
             checkpoint = value  # the model measured: the replicate of an evaluation sweep, not a setting
@@ -45,27 +54,72 @@ def load_run(job_dir: Path) -> dict | None:
             overrides[key.lstrip("+")] = _parse_value(value)
     curve: dict[int, float] = {}
     for metrics_csv in sorted(job_dir.glob("csv/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
-        for row in csv.DictReader(open(metrics_csv)):
+        for row in _read(metrics_csv, lambda text: list(csv.DictReader(io.StringIO(text)))):
             if row.get("train/loss"):
-                curve[int(row["step"])] = float(row["train/loss"])  # a resumed run's later version wins
+                try:
+                    curve[int(row["step"])] = float(row["train/loss"])  # a resumed run's later version wins
+                except (TypeError, ValueError):
+                    raise ReportError(f"{metrics_csv}: step {row.get('step')!r}, train/loss {row['train/loss']!r} are not "
+                                      "numbers") from None
     steps = sorted(curve)
     tail = [curve[s] for s in steps[-max(1, len(steps) // 10):]]
     run = {"dir": job_dir.name, "overrides": overrides, "checkpoint": checkpoint, "curve": [(s, curve[s]) for s in steps],
            "final_loss": statistics.fmean(tail) if tail else None, "evaluations": []}
     metrics_file = job_dir / "metrics.json"
     if metrics_file.is_file():
+        record = _read(metrics_file, json.loads)
         try:
-            record = json.loads(metrics_file.read_text())
             if "evaluations" in record:  # written by training's EvaluateAtEnd: one entry per guidance scale
                 run["evaluations"] = [(e["guidance_scale"], e["metrics"]) for e in record["evaluations"]]
                 if run["final_loss"] is None:
                     run["final_loss"] = record.get("final_loss")
             else:  # written by ddpm.evaluate
                 run["evaluations"] = [(record["protocol"]["guidance_scale"], record["metrics"])]
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise SystemExit(f"error: {metrics_file}: not a metrics.json written by ddpm ({type(error).__name__}: {error}); "
-                             "fix or remove it (python -m ddpm.evaluate writes a new one)") from None
+            numbers = [run["final_loss"], *(w for w, _ in run["evaluations"]),
+                       *(v for _, m in run["evaluations"] for v in (m or {}).values())]
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ReportError(f"{metrics_file}: not a metrics.json written by ddpm ({type(error).__name__}: {error}); "
+                              "fix or remove it (python -m ddpm.evaluate writes a new one)") from None
+        bad = next((v for v in numbers if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))), None)
+        if bad is not None:
+            raise ReportError(f"{metrics_file}: holds {str(bad)[:40]!r} where a number belongs; fix or remove it "
+                              "(python -m ddpm.evaluate writes a new one)")
     return run
+
+
+class ReportError(ValueError):
+    """A sweep directory the report cannot read or write: one line naming the file."""
+
+
+def _read(path: Path, parse):
+    """``parse`` of a file's UTF-8 text; ReportError naming the file when it is not UTF-8 or does not parse."""
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ReportError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); was it written by ddpm?") from None
+    except (yaml.YAMLError, ValueError, csv.Error) as error:  # a !!python tag is a yaml.constructor.ConstructorError
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ReportError(f"{path}: cannot be parsed ({type(error).__name__}: {first}); fix or remove it") from None
+    except OSError as error:
+        raise ReportError(f"{path}: cannot be read ({error.strerror or error})") from None
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """A report file, written atomically (a temporary renamed over it: a symlink there is replaced, never followed)."""
+    atomic_write(path, lambda f: f.write(data), what="report file")
+
+
+def write_csv(path: Path, rows: list[list]) -> None:
+    """Rows as CSV, each cell that a spreadsheet would evaluate as a formula escaped (``ddpm.files.spreadsheet_safe``)."""
+    text = io.StringIO()
+    csv.writer(text).writerows([[spreadsheet_safe(cell) for cell in row] for row in rows])
+    write_bytes(path, text.getvalue().encode())
+
+
+def save_figure(fig, path: Path) -> None:
+    data = io.BytesIO()
+    fig.savefig(data, format="png", dpi=120)
+    write_bytes(path, data.getvalue())
 
 
 def load_runs(sweep_dir: Path) -> list[dict]:
@@ -109,7 +163,7 @@ def _metric_names(runs: list[dict]) -> list[str]:
 def build_report(sweep_dir: Path) -> str:
     runs = load_runs(sweep_dir)
     if not runs:
-        raise SystemExit(f"error: {sweep_dir} holds no runs (no */.hydra/overrides.yaml): pass a multirun directory")
+        raise ReportError(f"{sweep_dir} holds no runs (no */.hydra/overrides.yaml): pass a multirun directory")
     keys = swept_keys(runs)
     group_keys = [k for k in keys if k not in ("seed", "guidance.scale")]  # a sampling-time w is the w column
     metrics = _metric_names(runs)
@@ -123,12 +177,9 @@ def build_report(sweep_dir: Path) -> str:
         w, m = first(r)
         rows.append([r["dir"], *(r["overrides"].get(k) for k in keys), _fmt(r["final_loss"]),
                      *([f"{w:g}" if w is not None else "n/a"] if scales else []), *(_fmt((m or {}).get(name)) for name in metrics)])
-    with open(sweep_dir / "runs.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["run", *keys, "final_loss", *metrics])
-        for r in runs:
-            _, m = first(r)
-            writer.writerow([r["dir"], *(r["overrides"].get(k) for k in keys), r["final_loss"], *((m or {}).get(n) for n in metrics)])
+    write_csv(sweep_dir / "runs.csv", [["run", *keys, "final_loss", *metrics],
+                                       *([r["dir"], *(r["overrides"].get(k) for k in keys), r["final_loss"],
+                                          *((first(r)[1] or {}).get(n) for n in metrics)] for r in runs)])
     out = [f"# Report: {sweep_dir}", "", f"{len(runs)} runs; swept: {', '.join(keys) or 'nothing'}.", "", "## Runs", "",
            _table(header, rows)]
 
@@ -151,11 +202,10 @@ def build_report(sweep_dir: Path) -> str:
             long_rows.append({"group": labels, "w": w, "n": n, "final_loss": loss, **stats, "raw": raw})
     out += ["", "## Mean ± std over seeds", "",
             _table([*group_keys, "w", "seeds", "final loss", *metrics], summary_rows)]
-    with open(sweep_dir / "guidance.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([*group_keys, "w", "seeds", "final_loss_mean", "final_loss_std", *(f"{n}_{s}" for n in metrics for s in ("mean", "std"))])
-        for row in long_rows:
-            writer.writerow([*row["group"], row["w"], row["n"], *row["final_loss"][:2], *(v for n in metrics for v in row[n][:2])])
+    write_csv(sweep_dir / "guidance.csv",
+              [[*group_keys, "w", "seeds", "final_loss_mean", "final_loss_std", *(f"{n}_{s}" for n in metrics for s in ("mean", "std"))],
+               *([*row["group"], row["w"], row["n"], *row["final_loss"][:2], *(v for n in metrics for v in row[n][:2])]
+                 for row in long_rows)])
 
     out += ["", "## Findings", "", *findings(long_rows, group_keys, metrics, scales)]
     plot(runs, long_rows, group_keys, metrics, sweep_dir)
@@ -280,7 +330,7 @@ def grid(rows: list[dict], group_keys: list[str], metrics: list[str], scales: li
         ax.set(xlabel=col_key, ylabel=row_key, title=", ".join(f"{k}={v}" for k, v in zip(rest, panel)) or name)
     fig.suptitle(f"{name} ({'lower' if lower else 'higher'} is better), mean ± std over seeds or checkpoints;\nthe best cell outlined", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out_dir / "grid.png", dpi=120)
+    save_figure(fig, out_dir / "grid.png")
     plt.close(fig)
     where = ", ".join(f"{k}={value_of(best, k)}" for k in axes)
     lines = ["", "## Grid", "", f"![{name} over {' x '.join(axes)}](grid.png)", ""]
@@ -325,7 +375,7 @@ def plot(runs: list[dict], rows: list[dict], group_keys: list[str], metrics: lis
     ax.set(xlabel="step", ylabel="training loss (EMA 0.95)", yscale="log", title="Loss curves")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_dir / "loss_curves.png", dpi=120)
+    save_figure(fig, out_dir / "loss_curves.png")
     plt.close(fig)
     plot_quality(rows, group_keys, metrics, out_dir, plt)
 
@@ -346,7 +396,7 @@ def plot_quality(rows: list[dict], group_keys: list[str], metrics: list[str], ou
         ax.set(xlabel="guidance scale w", title=name)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "quality_vs_guidance.png", dpi=120)
+    save_figure(fig, out_dir / "quality_vs_guidance.png")
     plt.close(fig)
 
 
@@ -355,9 +405,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory, e.g. multirun/2026-11-30/12-00-00")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
-        raise SystemExit(f"error: sweep_dir={str(args.sweep_dir)!r}: no such directory")
-    text = build_report(args.sweep_dir)
-    (args.sweep_dir / "report.md").write_text(text)
+        print(f"error: sweep_dir={str(args.sweep_dir)!r}: no such directory", file=sys.stderr)
+        sys.exit(2)
+    try:
+        text = build_report(args.sweep_dir)
+        write_bytes(args.sweep_dir / "report.md", text.encode())
+    except (ReportError, WriteError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     print(text)
 
 
