@@ -27,6 +27,7 @@ from ddpm.training.callbacks import LastCheckpoint, duration
 from ddpm.training.checkpoint import CheckpointWriteError, config_differences, load_checkpoint, recorded_choices
 from ddpm.config import cli_main, config_dir, resolve_precision, run_cli
 from ddpm.build import instantiate_loggers
+from ddpm.training.disk import check_disk
 from ddpm.training.module import DiffusionModule, NonFiniteLossError
 from ddpm.validation import ConfigError, validate
 
@@ -38,12 +39,13 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Diffus
     ``cfg.ckpt_path``, or from the run directory's own last.ckpt when ``resume=auto``). ``extra_callbacks`` join
     the configured ones (handy from Python). Returns the trained module.
 
-    Stops with ConfigError before anything is built when a value is out of range, the data are missing, or
-    the checkpoint is unreadable or of another model; with SystemExit(128 + signal) after SIGINT/SIGTERM, once
-    last.ckpt is written."""
+    Stops with ConfigError before anything is built when a value is out of range, the data are missing, the
+    checkpoint is unreadable or of another model, or the disk cannot hold what the run will write (``check_disk``);
+    with SystemExit(128 + signal) after SIGINT/SIGTERM, once last.ckpt is written."""
     validate(cfg, "train")
     resolve_precision(cfg)
     ckpt_path = resume_checkpoint(cfg)
+    check_disk(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
