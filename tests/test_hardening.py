@@ -271,8 +271,9 @@ def test_signal_saves_last_and_a_rerun_resumes(tmp_path, signum):
     run = tmp_path / "run"
     process = subprocess.Popen(_train_cmd(run, 2000, "callbacks.model_checkpoint.every_n_train_steps=0"), cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for(run / "csv" / "version_0" / "metrics.csv", process)
-    time.sleep(1.0)
+    # the first snapshot (step 50 of 2000: 40 per run) shows training is under way; a file written before the first
+    # step (metrics.csv) let a loaded machine signal it before any step, with no last.ckpt to write yet
+    _wait_for(run / "ema_snapshots" / "ema_0000050.pt", process)
     process.send_signal(signum)
     output = process.communicate(timeout=120)[0]  # Hydra's job log goes to stdout
     assert process.returncode == 128 + signum, output[-3000:]
@@ -485,7 +486,10 @@ def test_report_names_a_malformed_metrics_file(tmp_path):
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
     (job / "metrics.json").write_text('{"evaluations": [')
-    with pytest.raises(SystemExit, match=r"error: .*sweep/0/metrics.json: not a metrics.json written by ddpm"):
+    from ddpm.report import ReportError
+
+    # premise changed (issue 20): build_report raises ReportError, which main prints in one line with exit status 2
+    with pytest.raises(ReportError, match=r".*sweep/0/metrics.json: cannot be parsed"):
         build_report(tmp_path / "sweep")
 
 
