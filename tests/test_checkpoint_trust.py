@@ -179,3 +179,20 @@ def test_weights_only_refusal_says_why_in_full(tmp_path):
         load_checkpoint(path)
     message = str(error.value)
     assert "\n" not in message and "refused" in message and "could run code" in message and "trust its source" in message
+
+
+def test_old_checkpoints_load_through_the_upgrade_map_or_are_refused_in_one_line(tmp_path):
+    """A checkpoint from before recorded choices (tests/data, commit 3839586: old module paths, no diffusion node) is
+    rebuilt with inferred choices; the same file with a key today's conf/ does not have is refused, in one line."""
+    old = torch.load(Path(__file__).parent / "data" / "checkpoint_before_core.ckpt", weights_only=True)
+    assert "choices" not in old
+    rebuilt = rebuild_config(old["config"], "old")
+    assert rebuilt["model"]["_target_"] == "ddpm.core.unet.UNet" and rebuilt["diffusion"]["prediction"] == "eps"
+    assert rebuilt["trainer"]["plugins"] == [{"_target_": "ddpm.training.checkpoint.AtomicCheckpointIO"}]
+    retired = copy.deepcopy(old)
+    retired["config"]["sampler"]["clip_denoised"] = True  # an option no sampler of conf/ has
+    path = tmp_path / "retired.ckpt"
+    torch.save(retired, path)
+    with pytest.raises(ConfigError) as error:
+        load_module(path)
+    assert "\n" not in str(error.value) and "config key sampler.clip_denoised is not a key of this project's config" in str(error.value)

@@ -674,3 +674,19 @@ def test_an_evaluation_grid_without_multirun_is_refused(checkpoint, tmp_path):
                      cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and "evaluations=samplers: a grid of evaluations, run with --multirun" in result.stderr
     assert result.stderr.count("error: ") == 1 and not (tmp_path / "e" / "metrics.json").exists()
+
+
+def test_ctrl_c_during_evaluate_is_one_line_and_exit_130(checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    process = subprocess.Popen([sys.executable, "-m", "ddpm.evaluate", f"ckpt_path={checkpoint}", "num_samples=20000",
+                                "metrics.reference_size=200", "sampler.steps=20", f"hydra.run.dir={out}"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(out / ".evaluate.claim", process)  # past validation and loading: sampling (or preparing for it)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    lines = [line.strip() for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[-1].startswith("interrupted (Ctrl+C)") and "Traceback" not in stderr, stderr[-3000:]
+    assert all("sampling" in line or "dpmpp" in line for line in lines[:-1]), lines  # progress bars, cleared
+    assert not (out / "metrics.json").exists() and not (out / ".evaluate.claim").exists()

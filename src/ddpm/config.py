@@ -185,6 +185,10 @@ def run_cli(task, cfg: DictConfig):
             _discard_refused_run(cfg)
         sys.exit(2)
     except KeyboardInterrupt:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", [])):  # clear progress bars, so the line stands alone
+            bar.close()
         print(f"interrupted (Ctrl+C): stopped before writing its results to {cfg.get('paths', {}).get('output_dir', '.')}",
               file=sys.stderr)
         _discard_refused_run(cfg)
@@ -202,6 +206,9 @@ def cli_main(main) -> None:
         os.environ["HYDRA_FULL_ERROR"], _FULL_ERROR_IS_OURS = "1", True
     try:
         main()
+    except KeyboardInterrupt:  # Ctrl+C before the task began (run_cli reports one during it)
+        print("interrupted (Ctrl+C) while starting: nothing was written", file=sys.stderr)
+        sys.exit(130)
     except Exception as error:
         if TASK_STARTED:
             raise
