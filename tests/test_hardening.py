@@ -632,8 +632,13 @@ def test_a_bad_image_file_is_found_before_the_first_step(tmp_path, name, content
         Image.new("1", (20000, 20000)).save(root / "b" / name)
     else:
         (root / "b" / name).write_bytes(content)
+    from ddpm.training.data import ImageFolderDataModule
+
+    data = ImageFolderDataModule(root=str(root), batch_size=3, num_workers=0, image_size=8, channels=3, num_classes=2)
+    with pytest.raises(ConfigError, match=rf"cannot read image .*{name}"):
+        data.check()  # what train() calls before it builds a model or a trainer
     cfg = compose([*TINY, "data=image_folder", f"data.root={root}", "data.num_classes=2", "data.batch_size=3",
-                   "data.image_size=8"], output_dir=tmp_path / "run")
+                   "data.image_size=8", "ema.snapshot_every=1"], output_dir=tmp_path / "run")
     with pytest.raises(ConfigError, match=rf"cannot read image .*{name}"):
         train(cfg)
     assert not (tmp_path / "run" / "ema_snapshots").exists() and not list(tmp_path.rglob("*.ckpt"))
@@ -659,8 +664,9 @@ def test_two_evaluations_in_one_directory_cannot_both_write_it(checkpoint, tmp_p
     """Started together with one hydra.run.dir: one claims it and writes metrics.json, the other is refused in one line
     (it once exited 0 and overwrote the first one's metrics.json)."""
     out = tmp_path / "eval"
-    args = ["-m", "ddpm.evaluate", f"ckpt_path={checkpoint}", "num_samples=20", "metrics.reference_size=200",
-            "sampler.steps=3", f"hydra.run.dir={out}"]
+    # enough samples that each spends seconds between its start-up checks and its write: the window both once passed
+    args = ["-m", "ddpm.evaluate", f"ckpt_path={checkpoint}", "num_samples=4000", "metrics.reference_size=200",
+            "sampler.steps=5", f"hydra.run.dir={out}"]
     both = [subprocess.Popen([sys.executable, *args], cwd=tmp_path, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in both]
     assert sorted(code for code, _ in results) == [0, 2], results
