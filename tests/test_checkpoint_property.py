@@ -10,6 +10,7 @@ import copy
 import functools
 
 import pytest
+import torch
 from conftest import TINY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -45,7 +46,8 @@ INTERPOLATIONS = ["${oc.decode:'{_target_: os.system, command: touch x}'}", "${o
                   "${hydra:runtime.output_dir}", "${oc.create:{_target_: builtins.open}}", "$${escaped}", "???"]
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True), st.text(max_size=8),
-                    st.sampled_from(INTERPOLATIONS), st.sampled_from(EVIL))
+                    st.sampled_from(INTERPOLATIONS), st.sampled_from(EVIL),
+                    st.builds(torch.zeros, st.integers(0, 3)), st.binary(max_size=4))  # what weights_only also loads
 
 
 def keys_for(real: list[str]):

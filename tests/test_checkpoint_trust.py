@@ -196,3 +196,46 @@ def test_old_checkpoints_load_through_the_upgrade_map_or_are_refused_in_one_line
     with pytest.raises(ConfigError) as error:
         load_module(path)
     assert "\n" not in str(error.value) and "config key sampler.clip_denoised is not a key of this project's config" in str(error.value)
+
+
+def test_a_config_that_contains_itself_or_is_too_deep_is_refused(genuine, tmp_path):
+    """A weights_only load keeps pickle's shared references: a mapping can contain itself, which a recursive walk
+    followed until RecursionError."""
+    cyclic = copy.deepcopy(genuine)
+    cyclic["config"]["model"]["loop"] = cyclic["config"]
+    path = tmp_path / "cyclic.ckpt"
+    torch.save(cyclic, path)
+    assert torch.load(path, weights_only=True)["config"]["model"]["loop"]["model"]["loop"] is not None
+    with pytest.raises(ConfigError, match="its config contains itself"):
+        load_module(path)
+    deep = copy.deepcopy(genuine)
+    node = deep["config"]["model"]
+    for _ in range(40):
+        node["x"] = {}
+        node = node["x"]
+    with pytest.raises(ConfigError, match="deeper than 32 levels"):
+        rebuild_config(deep["config"], "deep.ckpt")
+
+
+@pytest.mark.parametrize("step", ["4", -1, 2.5, True, None])
+def test_a_checkpoint_whose_step_is_not_a_count_is_refused(genuine, tmp_path, step):
+    bad = copy.deepcopy(genuine)
+    bad["global_step"] = step
+    path = tmp_path / "step.ckpt"
+    torch.save(bad, path)
+    with pytest.raises(ConfigError, match="its global_step is .*, not a step count"):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_whose_values_or_weights_do_not_make_its_model_is_refused(genuine, tmp_path):
+    bad = copy.deepcopy(genuine)
+    bad["config"]["model"]["base_channels"] = -3
+    path = tmp_path / "values.ckpt"
+    torch.save(bad, path)
+    with pytest.raises(ConfigError, match=r"its config holds model.base_channels=-3: must be an integer > 0"):
+        load_module(path)
+    bad = copy.deepcopy(genuine)
+    bad["state_dict"] = {k: v[..., :1] if v.ndim else v for k, v in bad["state_dict"].items()}
+    torch.save(bad, path)
+    with pytest.raises(ConfigError, match=r"its weights do not fit the model its config describes"):
+        load_module(path)

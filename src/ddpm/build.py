@@ -16,10 +16,12 @@ from torch import nn
 
 from ddpm.core.backbone import check_backbone
 from ddpm.core.denoiser import Denoiser
+from ddpm.core.errors import ConfigError
 from ddpm.core.diffusion import GaussianDiffusion
 from ddpm.core.schedules import rescale_zero_terminal_snr
 from ddpm.training.checkpoint import load_checkpoint
 from ddpm.training.module import DiffusionModule
+from ddpm.validation import check_checkpoint_config
 
 def build_net(model_cfg: DictConfig, **overrides) -> nn.Module:
     """The network of the ``model`` group, checked against the backbone contract; ``model.compile`` is a training
@@ -72,8 +74,15 @@ def build_module(cfg: DictConfig, choices: dict[str, str] | None = None) -> Diff
 def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> DiffusionModule:
     """Rebuild the module from a checkpoint written by ``python -m ddpm.train``, weights and EMA included."""
     checkpoint = load_checkpoint(path, map_location)
-    module = build_module(OmegaConf.create(checkpoint["config"]), checkpoint.get("choices"))
-    module.load_state_dict(checkpoint["state_dict"])
+    source = f"ckpt_path={str(path)!r}"
+    cfg = OmegaConf.create(checkpoint["config"])
+    check_checkpoint_config(cfg, source)
+    module = build_module(cfg, checkpoint.get("choices"))
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except (RuntimeError, KeyError, TypeError, AttributeError) as error:  # missing or unexpected keys, other shapes
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ConfigError(f"{source}: its weights do not fit the model its config describes ({reason})") from None
     module.checkpoint_step = checkpoint.get("global_step")  # recorded in evaluation protocols
     return module
 

@@ -321,6 +321,20 @@ def appended_keys(cfg: DictConfig, overrides: list[str]) -> list[str]:
     return lines
 
 
+# The rules a checkpoint's own config must meet before its model is built from it: those of the keys that make the
+# model (a file can hold any value at a key it may set).
+CHECKPOINT_KEYS = ("model", "schedule", "diffusion", "guidance", "sampler", "ema", "data.image_size", "data.channels",
+                   "data.num_classes")
+
+
+def check_checkpoint_config(cfg: DictConfig, source: str) -> None:
+    """ConfigError, one line, when a checkpoint's (rebuilt) config holds a value its model could not be built from."""
+    rules = [r for r in TRAIN_RULES if any(r.key == k or r.key.startswith(k + ".") for k in CHECKPOINT_KEYS)]
+    found = problems(cfg, rules)
+    if found:
+        raise ConfigError(f"{source}: its config holds " + "; ".join(found) + " (was the file altered?)")
+
+
 def validate(cfg: DictConfig, entry: str) -> None:
     """Raise ConfigError listing every broken rule of ``entry`` (train | sample | evaluate), and every appended key
     (``+key=value``) that nothing reads."""

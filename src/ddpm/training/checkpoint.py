@@ -75,6 +75,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "config" not in checkpoint:
         raise ConfigError(f"ckpt_path={str(path)!r}: not a ddpm checkpoint (no state_dict and config inside; "
                           "was it written by python -m ddpm.train?)")
+    step = checkpoint.get("global_step", 0)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ConfigError(f"ckpt_path={str(path)!r}: its global_step is {str(step)[:40]!r}, not a step count; not a ddpm "
+                          "checkpoint")
     checkpoint["config"] = rebuild_config(checkpoint["config"], f"ckpt_path={str(path)!r}", checkpoint.get("choices"))
     return checkpoint
 
@@ -267,13 +271,46 @@ def _plain(value: Any) -> bool:
     return isinstance(value, SCALARS) or (isinstance(value, list) and all(_plain(v) for v in value))
 
 
+def _same(ours: Any, theirs: Any) -> bool:
+    """Whether a value read from a file equals ours: plain values of the same type only (a tensor compared with ``==``
+    would answer with a tensor)."""
+    return isinstance(theirs, SCALARS) and type(ours) is type(theirs) and ours == theirs
+
+
+# How deep and how large a checkpoint's config may be: ours are about 5 levels and 300 values. A file can hold a
+# mapping that contains itself (pickle's memo), which a recursive walk would follow forever.
+MAX_DEPTH, MAX_NODES = 32, 100_000
+
+
+def _check_shape(config: Any, source: str) -> None:
+    """Refuse a config that is deeper than MAX_DEPTH, larger than MAX_NODES, or contains itself."""
+    stack, seen = [(config, 0)], 0
+    on_path: set[int] = set()
+    exits: list[int] = []
+    while stack:
+        node, depth = stack.pop()
+        if node is None and depth < 0:  # the end of a container's children
+            on_path.discard(exits.pop())
+            continue
+        seen += 1
+        if depth > MAX_DEPTH or seen > MAX_NODES:
+            raise _refuse(source, f"its config is deeper than {MAX_DEPTH} levels or larger than {MAX_NODES} values")
+        if isinstance(node, (dict, list)):
+            if id(node) in on_path:
+                raise _refuse(source, "its config contains itself")
+            on_path.add(id(node))
+            exits.append(id(node))
+            stack.append((None, -1))
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+
+
 def _overlay(base: Any, stored: Any, path: str, source: str) -> Any:
     """``stored`` (a checkpoint's config) with the ``_target_``s of ``base`` (composed from conf/): its keys, which must
     all be keys of ``base``, and its plain values."""
     where = path or "the config"
     if isinstance(stored, dict):
         target = stored.get("_target_")
-        if "_target_" in stored and (not isinstance(base, dict) or base.get("_target_") != target):
+        if "_target_" in stored and (not isinstance(base, dict) or not _same(base.get("_target_"), target)):
             group, _, inner = path.partition(".")
             options = _targets_of(group, f"{inner}" if inner else "") if group in CHOSEN_GROUPS else []
             raise _refuse(source, f"config key {path + '.' if path else ''}_target_={str(target)[:120]!r} is not one of "
@@ -288,7 +325,7 @@ def _overlay(base: Any, stored: Any, path: str, source: str) -> Any:
                 raise _refuse(source, f"config key {str(key)[:60]!r} under {where} is not a plain identifier")
             here = f"{path}.{key}" if path else key
             if key.startswith("_"):
-                if key not in base or base[key] != value:
+                if key not in base or not _same(base[key], value):
                     raise _refuse(source, f"config key {here}={str(value)[:80]!r} differs from this project's "
                                           f"{base.get(key, '<absent>')!r}")
                 continue
@@ -337,7 +374,9 @@ def rebuild_config(config: Any, source: str, choices: Any = None) -> dict:
     key this project's config has, or a ``_target_`` other than the option's own."""
     if not isinstance(config, dict):
         raise ConfigError(f"{source}: its config is not a mapping; not a ddpm checkpoint")
-    config = upgrade_config(config)
+    _check_shape(config, source)
+    _check_shape(choices, source)
+    config = upgrade_config(copy.deepcopy(config))
     choices = _checked_choices(choices, source) if choices is not None else infer_choices(config)
     base = copy.deepcopy(_composed(tuple(sorted(choices.items()))))
     merged = _overlay(base, config, "", source)

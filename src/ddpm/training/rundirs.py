@@ -10,7 +10,7 @@ it is: that is how a rerun or a requeued job continues its own run (``resume=aut
 A run refused on bad input removes only what it made itself: ``FreshRunDirs`` records, as it claims the directory,
 which folders it creates and which of Hydra's own files (``.hydra/*.yaml``, the job's log) are not there yet, and
 ``discard_created`` removes exactly those. A directory that held anything before (your notes, an earlier run) is left
-as it was, less nothing.
+exactly as it was.
 """
 
 from __future__ import annotations
@@ -73,12 +73,10 @@ class FreshRunDirs(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         CREATED.clear()
-        existed = {name for name in (*HYDRA_FILES, ".hydra", f"{config.hydra.job.name}.log")
-                   if (Path(str(config.hydra.run.dir)) / name).exists()}
         path = self._claim(config, "run")
-        # Hydra writes these next; those that were not there are this run's (folder before its files, for rmdir)
+        # Hydra writes these next (run_job, after this hook); those not there yet are this run's (folder first, for rmdir)
         for name in (".hydra", *HYDRA_FILES, f"{config.hydra.job.name}.log"):
-            if name not in existed and path / name not in CREATED:
+            if not (path / name).exists():
                 CREATED.append(path / name)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
