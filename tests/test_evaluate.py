@@ -88,6 +88,8 @@ def test_digits_metric_orders_real_noisy_noise(digits, cache_dir):
     assert real["fd_digits"] * 2 < noisy["fd_digits"] and noisy["fd_digits"] * 2 < noise["fd_digits"]
     assert real["guided_accuracy"] > 0.95 > noisy["guided_accuracy"] > noise["guided_accuracy"] + 0.3
     assert 0.8 < real["diversity"] < 1.2  # held-out digits are about as varied as the training digits
+    assert real["precision"] > 0.85 and real["recall"] > 0.85  # held-out digits (180) lie in the training digits' manifold
+    assert noise["precision"] + 0.5 < real["precision"] and noise["recall"] + 0.5 < real["recall"]
 
 
 @classifier_group
@@ -126,8 +128,11 @@ def test_evaluate_writes_metrics_and_protocol(checkpoint, cache_dir, tmp_path):
     metrics, protocol = record["metrics"], record["protocol"]
     assert set(metrics) >= {"fd_digits", "guided_accuracy", "diversity", "nfe", "sampling_seconds", "images_per_second"}
     assert "fid" not in metrics and metrics["nfe"] == 4 and np.isfinite(metrics["fd_digits"])
+    # premise changed (issue 19): the reference keeps up to 10,000 real features for precision and recall
     assert protocol["reference"] == {"dataset": "digits", "split": "train", "image_size": 8, "channels": 1,
-                                     "feature_extractor": "digits_classifier", "size": 1617}
+                                     "feature_extractor": "digits_classifier", "size": 1617,
+                                     "precision_recall_features": 10_000}
+    assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
     assert protocol["sampler"] == {"name": "ddim", "steps": 4, "eta": 0.0, "x0_clip": "clip", "percentile": 0.995,
                                    "precision": "bf16" if native_bf16("cpu") else "float32", "compile": False}  # auto, resolved
     assert (protocol["num_samples"], protocol["guidance_scale"], protocol["weights"], protocol["seed"]) == (30, 2.0, "ema", 0)
@@ -170,3 +175,50 @@ def test_one_extractor_per_process_for_the_same_data(cache_dir):
     assert again[0] is first[0] and again[2] is first[2]
     other_split = prepare("auto", digits, "test", cache_dir)
     assert other_split[2].num_samples != first[2].num_samples
+
+
+# --- improved precision and recall (Kynkaanniemi et al. 2019), against a brute force (issue 19) --------------------
+def _brute_precision_recall(real, fake, k=3):
+    """Straight from the paper: a point is in a set's manifold if it is within the k-NN radius of one of its points."""
+    def radii(points):
+        return [sorted(float(torch.dist(p, q)) for q in points)[k] for p in points]  # index 0: the point itself
+
+    def share(points, centres, r):
+        return sum(any(float(torch.dist(p, c)) <= rc for c, rc in zip(centres, r)) for p in points) / len(points)
+
+    return share(fake, real, radii(real)), share(real, fake, radii(fake))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_precision_recall_matches_a_brute_force_knn(seed):
+    from ddpm.evaluation.metrics import knn_radii, precision_recall
+
+    g = torch.Generator().manual_seed(seed)
+    real = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    fake = 0.7 * torch.randn(30, 3, generator=g, dtype=torch.float64) + torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    expected = _brute_precision_recall(real, fake)
+    got = precision_recall(real, fake)
+    assert (got["precision"], got["recall"]) == pytest.approx(expected, abs=1e-12)
+    assert 0 < got["precision"] < 1 and 0 < got["recall"] < 1  # a case that separates the two
+    radii = knn_radii(real, 3, batch_size=7)  # batching does not change the answer
+    torch.testing.assert_close(radii, knn_radii(real, 3), rtol=0, atol=0)
+
+
+def test_precision_recall_edge_cases():
+    from ddpm.evaluation.metrics import precision_recall
+
+    points = torch.randn(25, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert precision_recall(points, points.clone()) == {"precision": 1.0, "recall": 1.0}
+    far = points + 1e3
+    assert precision_recall(points, far) == {"precision": 0.0, "recall": 0.0}
+    # half the generated points on the real ones, half far away: precision 1/2, recall 1 (every real point is covered)
+    half = torch.cat([points, far])
+    result = precision_recall(points, half)
+    assert result["precision"] == 0.5 and result["recall"] == 1.0
+
+
+def test_precision_and_recall_carry_their_sample_count_in_logged_names():
+    from ddpm.training.callbacks import sized
+
+    assert sized({"fd_digits": 1, "precision": 0.9, "recall": 0.8, "diversity": 1.0}, 500) == \
+        {"fd_digits_n500": 1, "precision_n500": 0.9, "recall_n500": 0.8, "diversity": 1.0}

@@ -25,7 +25,7 @@ import yaml
 from ddpm.evaluation.stats import LEVEL, compare, mean_interval
 from ddpm.files import WriteError, atomic_write, spreadsheet_safe
 
-QUALITY = ("fd_digits", "fid", "guided_accuracy", "diversity", "inception_score")
+QUALITY = ("fd_digits", "fid", "precision", "recall", "guided_accuracy", "diversity", "inception_score")
 LOWER_IS_BETTER = {"fd_digits", "fid", "final_loss"}
 
 

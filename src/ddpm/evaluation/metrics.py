@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from ddpm.files import atomic_write
 from ddpm.training.data import stack_dataset
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,37 @@ class Reference:
     num_samples: int
     spread: dict = field(default_factory=dict)  # class_spread of the real images: {"per_class": ..., "all": ...}
     info: dict = field(default_factory=dict)
+    features: torch.Tensor | None = None  # the first PRECISION_RECALL_REFERENCE real features, for precision and recall
+
+
+# Improved precision and recall (Kynkaanniemi et al. 2019): each set's manifold is the union of balls around its points
+# reaching their k-th nearest neighbour; precision is the share of generated points inside the real manifold, recall
+# the share of real points inside the generated one. k = 3 as in the paper; the real features kept for it are capped,
+# since the cost grows with the product of the two set sizes (the paper uses 50k of each; digits has 1,617).
+PRECISION_RECALL_K = 3
+PRECISION_RECALL_REFERENCE = 10_000
+
+
+def knn_radii(features: torch.Tensor, k: int = PRECISION_RECALL_K, batch_size: int = 1024) -> torch.Tensor:
+    """The distance from each point to its k-th nearest other point of the same set (sec. 3 of the paper)."""
+    radii = []
+    for i in range(0, len(features), batch_size):
+        distances = torch.cdist(features[i:i + batch_size], features)
+        radii.append(distances.topk(k + 1, dim=1, largest=False).values[:, k])  # the first is the point itself
+    return torch.cat(radii)
+
+
+def manifold_share(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, batch_size: int = 1024) -> float:
+    """The share of ``points`` within ``radii`` of at least one of ``centres`` (eq. 1 of the paper, averaged)."""
+    inside = [(torch.cdist(points[i:i + batch_size], centres) <= radii[None, :]).any(dim=1)
+              for i in range(0, len(points), batch_size)]
+    return torch.cat(inside).double().mean().item()
+
+
+def precision_recall(real: torch.Tensor, generated: torch.Tensor, k: int = PRECISION_RECALL_K) -> dict:
+    """Improved precision and recall of ``generated`` against ``real`` features (both N x D)."""
+    return {"precision": manifold_share(generated, real, knn_radii(real, k)),
+            "recall": manifold_share(real, generated, knn_radii(generated, k))}
 
 
 @torch.no_grad()
@@ -176,23 +208,29 @@ def class_spread(features: torch.Tensor, labels: torch.Tensor | None) -> float:
     return torch.stack([g.var(0).mean().sqrt() for g in groups if len(g) > 1]).mean().item()
 
 
+def _atomic_save(obj, path: Path) -> None:
+    """torch.save through ``ddpm.files.atomic_write``: a reader (another process of a multirun) never sees half a file."""
+    atomic_write(path, lambda f: torch.save(obj, f), what="cache file")
+
+
 def reference_statistics(extractor: nn.Module, dataset: Dataset, info: dict, cache_dir: str | Path | None = None,
                          limit: int | None = None) -> Reference:
     """Feature statistics of ``dataset`` (the first ``limit`` images), cached in ``cache_dir`` under a key made of
     ``info`` (dataset, split, resolution, extractor): computed once per dataset and resolution."""
-    info = {**info, "size": min(limit or len(dataset), len(dataset))}
+    info = {**info, "size": min(limit or len(dataset), len(dataset)), "precision_recall_features": PRECISION_RECALL_REFERENCE}
     key = hashlib.sha1(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"reference_{info.get('dataset', 'data')}_{key}.pt" if cache_dir else None
     if path is not None and path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        return Reference(saved["sum"], saved["cov_sum"], int(saved["n"]), saved["spread"], saved["info"])
+        return Reference(saved["sum"], saved["cov_sum"], int(saved["n"]), saved["spread"], saved["info"], saved["features"])
     images, labels = stack_dataset(dataset, limit)
     features = _features(extractor, images)
     spread = {"per_class": class_spread(features, labels), "all": class_spread(features, None)}
-    reference = Reference(features.sum(0), features.T @ features, len(features), spread, info)
+    reference = Reference(features.sum(0), features.T @ features, len(features), spread, info,
+                          features[:PRECISION_RECALL_REFERENCE].float())
     if path is not None:
         _atomic_save({"sum": reference.features_sum, "cov_sum": reference.features_cov_sum, "n": reference.num_samples,
-                      "spread": reference.spread, "info": info}, path)
+                      "spread": reference.spread, "info": info, "features": reference.features}, path)
     return reference
 
 
@@ -240,7 +278,8 @@ class _Precomputed(nn.Module):
 def sample_metrics(extractor: nn.Module, reference: Reference, images: torch.Tensor,
                    labels: torch.Tensor | None = None) -> dict:
     """Fréchet distance of ``images`` ([-1, 1]) to the reference in ``extractor``'s feature space; with labels and a
-    classifier, its accuracy on the requested labels; the within-class diversity relative to the real data."""
+    classifier, its accuracy on the requested labels; the within-class diversity relative to the real data; improved
+    precision and recall (k = 3) in the same feature space."""
     features = _features(extractor, images)  # once: the Fréchet distance, accuracy and diversity all use them
     fd = FrechetInceptionDistance(feature=_Precomputed(features.shape[1]), reset_real_features=False)
     fd.real_features_sum.copy_(reference.features_sum)
@@ -254,6 +293,8 @@ def sample_metrics(extractor: nn.Module, reference: Reference, images: torch.Ten
     if reference.spread:  # 1.0: samples of a class are as varied as real images of that class
         real = reference.spread["per_class" if labels is not None else "all"]
         out["diversity"] = class_spread(features, labels.cpu() if labels is not None else None) / real
+    if reference.features is not None and min(len(features), len(reference.features)) > PRECISION_RECALL_K:
+        out.update(precision_recall(reference.features.double(), features))
     return out
 
 
@@ -266,11 +307,3 @@ def inception_score(images: torch.Tensor, splits: int = 10) -> dict:
         metric.update(to_uint8_rgb(images[i:i + 500]))
     mean, std = metric.compute()
     return {"inception_score": mean.item(), "inception_score_std": std.item()}
-
-
-def _atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)

@@ -165,9 +165,13 @@ class SampleQuality(L.Callback):
 
 
 def sized(metrics: dict, num_samples: int) -> dict:
-    """Fréchet distances carry their sample count in their name (``fd_digits_n500``): they are biased by it, so a
-    500-sample curve and a 1,000-sample evaluation are different measurements, never one series."""
-    return {(f"{key}_n{num_samples}" if key == "fid" or key.startswith("fd_") else key): value for key, value in metrics.items()}
+    """Fréchet distances, precision and recall carry their sample count in their name (``fd_digits_n500``,
+    ``recall_n500``): they depend on it, so a 500-sample curve and a 1,000-sample evaluation are different
+    measurements, never one series."""
+    return {(f"{key}_n{num_samples}" if key in SIZED or key.startswith("fd_") else key): value for key, value in metrics.items()}
+
+
+SIZED = ("fid", "precision", "recall")  # and every fd_*
 
 
 class EvaluateAtEnd(SampleQuality):
