@@ -18,6 +18,7 @@ from ddpm.config import cli_main, config_dir, run_cli
 from ddpm.build import instantiate_loggers
 from ddpm.files import atomic_write
 from ddpm.evaluation.metrics import PREPARATIONS, inception_score, metric_name, prepare, sample_metrics
+from ddpm.training.loggers import finish_wandb
 from ddpm.training.module import DiffusionModule
 from ddpm.sample import draw, load_for_sampling
 from ddpm.validation import ConfigError
@@ -96,9 +97,7 @@ def evaluate(cfg: DictConfig) -> dict:
         logger.log_metrics({f"eval/{key}": value for key, value in metrics.items()}, step=record["protocol"]["checkpoint"]["global_step"])
         logger.finalize("success")
     if loggers:
-        from ddpm.train import _finish_wandb
-
-        _finish_wandb()
+        finish_wandb()
     return record
 
 

@@ -28,6 +28,7 @@ from ddpm.training.checkpoint import CheckpointWriteError, config_differences, l
 from ddpm.config import cli_main, config_dir, resolve_precision, run_cli
 from ddpm.build import instantiate_loggers
 from ddpm.training.disk import check_disk
+from ddpm.training.loggers import finish_wandb
 from ddpm.training.module import DiffusionModule, NonFiniteLossError
 from ddpm.validation import ConfigError, validate
 
@@ -77,7 +78,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Diffus
     except (NonFiniteLossError, CheckpointWriteError) as error:  # their advice ends "run the same command again"
         raise type(error)(f"{error} ({rerun(cfg)})") from None
     finally:
-        _finish_wandb()
+        finish_wandb()
     signal_name = signal_name or next((c.received for c in callbacks if isinstance(c, LastCheckpoint) and c.received), None)
     if signal_name is not None:
         log.warning("stopped by %s at step %d; to resume: %s (or ckpt_path=%s)", signal_name, trainer.global_step,
@@ -174,14 +175,6 @@ def newest_checkpoint(directory: Path) -> tuple[Path, int] | None:
         return None
     step, _, path = max(found)
     return path, step
-
-
-def _finish_wandb() -> None:
-    """Close the wandb run, so the next job of a multirun in this process starts its own."""
-    import sys
-
-    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
-        sys.modules["wandb"].finish()
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")

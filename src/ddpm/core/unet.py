@@ -1,7 +1,7 @@
 """The DDPM U-Net (Ho et al. 2020, appendix B) with a class embedding for classifier-free guidance.
 
-The network knows nothing about schedules: it maps (x_t, timestep index, class label) to a
-prediction of the noise eps. With ``num_classes`` set it embeds ``num_classes + 1`` labels; the
+The network knows nothing about schedules or prediction targets: it maps (x_t, timestep index, class label) to one
+tensor shaped like the image, which ``ddpm/core/denoiser.py`` reads as eps, x_0 or v (``diffusion.prediction``). With ``num_classes`` set it embeds ``num_classes + 1`` labels; the
 extra one (``null_label == num_classes``) stands for "no label" (Ho & Salimans 2022).
 """
 

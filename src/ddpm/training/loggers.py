@@ -110,3 +110,11 @@ def wandb_logger(project: str, save_dir: str, mode: str = "auto", group: str | N
     if overrides:
         logger.log_hyperparams({"sweep": {"overrides": overrides, **{k.lstrip("+"): v for k, v in overrides.items()}}})
     return logger
+
+
+def finish_wandb() -> None:
+    """Close the wandb run, so the next job of a multirun in this process starts its own."""
+    import sys
+
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()
