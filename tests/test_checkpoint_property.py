@@ -132,3 +132,16 @@ def test_the_property_can_fail():
     with pytest.raises(AssertionError):
         for path, target in _targets(config):
             assert target in shipped_targets().get(path.split(".", 1)[0], shipped_targets()["*"])
+
+
+@pytest.mark.parametrize("value", [torch.zeros(0), torch.zeros(3), b"\x00"])
+def test_a_tensor_where_a_value_belongs_is_refused_when_choices_are_inferred(value):
+    """Found by the 10,000-example run: inferring the choices of a checkpoint without them compared a stored tensor
+    with == (RuntimeError: Boolean value of Tensor ... is ambiguous) instead of refusing it."""
+    import copy
+
+    config = copy.deepcopy(genuine()[0])
+    config["model"]["base_channels"] = value
+    check_property(config, None)
+    with pytest.raises(ConfigError, match="model.base_channels holds a"):
+        rebuild_config(config, "ckpt_path='hostile.ckpt'")

@@ -230,7 +230,8 @@ def infer_choices(config: dict) -> dict[str, str]:
     choices = {}
     for group in CHOSEN_GROUPS:
         node = config.get(group)
-        stored = leaves(node) if isinstance(node, dict) else {}
+        # plain values only: a tensor compared with == answers with a tensor (the overlay refuses it anyway)
+        stored = {k: v for k, v in leaves(node).items() if isinstance(v, SCALARS)} if isinstance(node, dict) else {}
         targets = {k: v for k, v in stored.items() if k.endswith("_target_")}
 
         def score(name, option):
