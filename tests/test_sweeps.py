@@ -278,3 +278,14 @@ def test_report_whose_write_fails_is_one_line(tmp_path, monkeypatch, capsys):
         main([str(sweep)])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "could not write report file" in err and "Permission denied" in err
+
+
+
+@pytest.mark.parametrize("trainer,gpus", [("cpu", None), ("ddp_cpu", None), ("gpu", 1), ("ddp", 4)])
+def test_slurm_launcher_asks_for_gpus_only_when_the_trainer_uses_them(trainer, gpus):
+    """Issue 18's CPU partition: the default trainer once asked sbatch for gpus_per_node=1, which a node without GPUs
+    refuses ("Invalid generic resource (gres) specification")."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = hydra_compose("train", ["hydra/launcher=submitit_slurm", f"trainer={trainer}"], return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["gpus_per_node"] == gpus and launcher["tasks_per_node"] == cfg.trainer.devices

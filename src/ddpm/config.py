@@ -64,6 +64,16 @@ def presets() -> str:
 OmegaConf.register_new_resolver("ddpm_presets", presets, replace=True)
 
 
+def slurm_gpus(accelerator: str, devices) -> int | None:
+    """GPUs per node for the submitit_slurm launcher: the trainer's devices when it trains on GPUs, none otherwise
+    (``trainer=cpu``/``ddp_cpu``, and ``auto``, which cannot know the node it will land on): a CPU partition refuses
+    a GPU request ("Invalid generic resource (gres) specification")."""
+    return devices if str(accelerator) in ("gpu", "cuda") else None
+
+
+OmegaConf.register_new_resolver("ddpm_slurm_gpus", slurm_gpus, replace=True)
+
+
 def check_flags(argv: list[str]) -> None:
     """Hydra refuses --cfg together with --multirun with a traceback; say what to do in one line instead."""
     import sys
