@@ -241,6 +241,8 @@ BAD_SNAPSHOTS = [
     ("non-finite", lambda p, good: torch.save({**good, "state_dicts": [{k: v * float("inf") for k, v in sd.items()}
                                                                        for sd in good["state_dicts"]]}, p), "non-finite"),
     ("widths and states apart", lambda p, good: torch.save({**good, "gammas": [1.0]}, p), "do not match one to one"),
+    ("a gamma of another width", lambda p, good: torch.save({**good, "gammas": [-5.0, good["gammas"][1]]}, p),
+     "which do not belong together"),
 ]
 
 

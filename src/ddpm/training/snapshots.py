@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from ddpm.core.ema import combine, posthoc_coefficients, profile_fit_error, sigma_rel_to_gamma
+from ddpm.core.ema import MAX_SIGMA_REL, combine, posthoc_coefficients, profile_fit_error, sigma_rel_to_gamma
 from ddpm.core.errors import ConfigError
 from ddpm.training.checkpoint import atomic_save
 
@@ -124,6 +124,10 @@ def read_snapshot(path: Path, reference: dict[str, torch.Tensor] | None = None) 
     if not len(snapshot["sigma_rels"]) == len(snapshot["gammas"]) == len(snapshot["state_dicts"]) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in [*snapshot["sigma_rels"], *snapshot["gammas"]]):
         raise ConfigError(f"{where}: its sigma_rels, gammas and state_dicts do not match one to one")
+    for width, gamma in zip(snapshot["sigma_rels"], snapshot["gammas"]):
+        if not 0 < width < MAX_SIGMA_REL or abs(gamma - sigma_rel_to_gamma(width)) > 1e-6 * max(1.0, abs(gamma)):
+            raise ConfigError(f"{where}: holds an EMA of sigma_rel {width} with gamma {gamma}, which do not belong together "
+                              "(EDM2 eq. 3)")
     if snapshot_step(path) is not None and snapshot_step(path) != snapshot["step"]:
         raise ConfigError(f"{where}: holds step {snapshot['step']}, its name says {snapshot_step(path)}")
     if reference is None and snapshot["state_dicts"] and isinstance(snapshot["state_dicts"][0], dict):
@@ -175,4 +179,8 @@ def posthoc_state_dict(directory: str | Path, sigma_rel: float, step: int | None
     info = {"sigma_rel": sigma_rel, "gamma": gamma, "step": step, "snapshots": len(files), "profiles": len(states),
             "last_snapshot_step": max(s["step"] for s in snapshots), "profile_fit_error": round(fit, 5),
             "snapshot_sigma_rels": sorted({s for snap in snapshots for s in snap["sigma_rels"]} if sources is None else sources)}
-    return combine(states, coefficients), info
+    combined = combine(states, coefficients)
+    if any(v.is_floating_point() and not torch.isfinite(v).all() for v in combined.values()):
+        raise ConfigError(f"ema.sigma_rel={sigma_rel}: the rebuild from {directory} is not finite (ill-conditioned snapshots?); "
+                          "use ema.source=tracked or other ema.sources")
+    return combined, info
