@@ -40,11 +40,18 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object], what: str = "
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as error:  # torch's zip writer reports a full disk as RuntimeError
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+        _remove(tmp)
         raise WriteError(write_failure(path, error, what)) from None
+    except BaseException:  # anything else (Ctrl+C mid-write): no temporary left behind, the error as it is
+        _remove(tmp)
+        raise
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _create(path: Path) -> IO[bytes]:
