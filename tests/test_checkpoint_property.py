@@ -18,7 +18,9 @@ from omegaconf import OmegaConf
 
 from ddpm.config import compose
 from ddpm.core.errors import ConfigError
-from ddpm.training.checkpoint import CHOSEN_GROUPS, _targets, rebuild_config, recorded_choices, shipped_targets
+from ddpm.checkpoints import CHOSEN_GROUPS, rebuild_config
+from ddpm.options import shipped_targets, targets as _targets
+from ddpm.training.checkpoint import recorded_choices
 
 
 @functools.cache

@@ -12,7 +12,8 @@ import torch
 from conftest import TINY, run_cli
 
 from ddpm.build import load_module
-from ddpm.training.checkpoint import load_checkpoint, rebuild_config, shipped_targets
+from ddpm.checkpoints import load_checkpoint, rebuild_config
+from ddpm.options import shipped_targets
 from ddpm.config import compose
 from ddpm.train import train
 from ddpm.validation import ConfigError

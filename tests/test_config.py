@@ -12,7 +12,8 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from ddpm.build import build_module
-from ddpm.config import compose, config_dir, experiments_root, resolve_precision
+from ddpm.config import compose, resolve_precision
+from ddpm.options import config_dir, experiments_root
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ["data", "model", "schedule", "guidance", "sampler", "optim", "trainer", "callbacks", "logger"]

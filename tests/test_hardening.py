@@ -455,7 +455,7 @@ def test_slurm_launcher_composes_with_every_trainer():
         from hydra import compose as hydra_compose
         from hydra import initialize_config_dir
 
-        from ddpm.config import config_dir
+        from ddpm.options import config_dir
 
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             cfg = hydra_compose("train", [f"trainer={trainer}", "hydra/launcher=submitit_slurm"], return_hydra_config=True)

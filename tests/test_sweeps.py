@@ -11,7 +11,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
-from ddpm.config import config_dir
+from ddpm.options import config_dir
 
 # Tiny runs, tiny final evaluations; the digits classifier is cached per test session in DDPM_CACHE.
 QUICK = [o for o in TINY if not o.startswith("~callbacks.evaluate_at_end")] + [

@@ -236,7 +236,8 @@ def default_options(network: str, device: str) -> Options:
     conf/optim's fused AdamW, and trainer.precision=auto (bf16-mixed where bf16 is native)."""
     from omegaconf import OmegaConf
 
-    from ddpm.config import config_dir, native_bf16
+    from ddpm.config import native_bf16
+    from ddpm.options import config_dir
 
     model = OmegaConf.load(config_dir() / "model" / f"unet_{network}.yaml")
     optim = OmegaConf.load(config_dir() / "optim" / "adamw.yaml")

@@ -19,7 +19,7 @@ from ddpm.core.denoiser import Denoiser
 from ddpm.core.errors import ConfigError
 from ddpm.core.diffusion import GaussianDiffusion
 from ddpm.core.schedules import rescale_zero_terminal_snr
-from ddpm.training.checkpoint import load_checkpoint
+from ddpm.checkpoints import load_checkpoint
 from ddpm.training.module import DiffusionModule
 from ddpm.validation import check_checkpoint_config
 

@@ -1,9 +1,5 @@
-"""Where the Hydra configs live, and composing them from Python (tests, notebooks, sample/evaluate).
-
-``conf/`` and ``experiments/`` sit at the top of the repository. A source checkout or an editable
-install reads them there; a wheel ships them inside the package as ``ddpm/conf`` (with the presets in
-``ddpm/conf/experiments``), so ``python -m ddpm.train`` finds them either way.
-"""
+"""Hydra at the entry points: composing a run's config from Python (tests, notebooks), the command line's one-line
+errors and exit codes, and the resolvers the configs use. Where the configs live is ``ddpm.options``'s."""
 
 from __future__ import annotations
 
@@ -11,27 +7,12 @@ import logging
 import os
 import warnings
 from contextlib import contextmanager
-from pathlib import Path
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-def config_dir() -> Path:
-    """The directory holding train.yaml: ``ddpm/conf`` in a wheel, ``<repo>/conf`` in a checkout."""
-    for candidate in (PACKAGE_DIR / "conf", PACKAGE_DIR.parents[1] / "conf"):
-        if (candidate / "train.yaml").is_file():
-            return candidate
-    raise FileNotFoundError(f"no Hydra configs found next to {PACKAGE_DIR}: reinstall the package (pip install -e .)")
-
-
-def experiments_root() -> Path:
-    """The directory whose ``experiments/`` subfolder holds the presets (added to Hydra's search path)."""
-    conf = config_dir()
-    return conf if (conf / "experiments").is_dir() else conf.parent
+from ddpm.options import config_dir, experiments_root  # noqa: F401  (where conf/ is: ddpm.options's)
 
 
 # conf/hydra/launcher/submitit_{slurm,local}.yaml fill in the submitit plugin's configs of the same names (tying

@@ -14,7 +14,8 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.config import cli_main, config_dir, run_cli
+from ddpm.config import cli_main, run_cli
+from ddpm.options import config_dir
 from ddpm.build import instantiate_loggers
 from ddpm.files import atomic_write
 from ddpm.evaluation.metrics import PREPARATIONS, inception_score, metric_name, prepare, sample_metrics

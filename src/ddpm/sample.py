@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from ddpm.build import guidance_interval, load_module
 from ddpm.training.callbacks import class_rows, even_labels, to_grid
-from ddpm.config import cli_main, config_dir, native_bf16, run_cli
+from ddpm.config import cli_main, native_bf16, run_cli
+from ddpm.options import config_dir
 from ddpm.core.guidance import check_guidance
 from ddpm.core.samplers import check_steps
 from ddpm.files import atomic_write

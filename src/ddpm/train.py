@@ -24,8 +24,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ddpm.build import build_module
 from ddpm.training.callbacks import LastCheckpoint, duration
-from ddpm.training.checkpoint import CheckpointWriteError, config_differences, load_checkpoint, recorded_choices
-from ddpm.config import cli_main, config_dir, resolve_precision, run_cli
+from ddpm.checkpoints import load_checkpoint
+from ddpm.training.checkpoint import CheckpointWriteError, config_differences, recorded_choices
+from ddpm.config import cli_main, resolve_precision, run_cli
+from ddpm.options import config_dir
 from ddpm.build import instantiate_loggers
 from ddpm.training.disk import check_disk
 from ddpm.training.loggers import finish_wandb

@@ -302,7 +302,7 @@ FREE_KEYS = ("trainer", "optim.optimizer", "logger", "callbacks", "hydra")
 def appended_keys(cfg: DictConfig, overrides: list[str]) -> list[str]:
     """One line per ``+key=value`` override that adds a key no code reads (``+guidance.puncond=0.1``, a typo that
     Hydra accepts because of the +). ``+group=option`` (a config group, e.g. ``+data=cifar10``) is fine."""
-    from ddpm.config import config_dir
+    from ddpm.options import config_dir
 
     groups = {p.name for p in config_dir().iterdir() if p.is_dir()} | {"experiments", "evaluations"}
     lines = []
