@@ -41,7 +41,7 @@ def node_paths(node, prefix=()):
 EVIL = ["builtins.open", "builtins.exec", "builtins.eval", "os.system", "os.makedirs", "numpy.savetxt", "torch.hub.load",
         "torch.load", "subprocess.run", "shutil.rmtree", "functools.partial",
         # this project's own callables, at places their options do not put them
-        "ddpm.training.data.DigitsDataModule", "ddpm.core.unet.UNet", "torch.optim.AdamW", "lightning.Trainer"]
+        "ddpm.data.Digits", "ddpm.core.unet.UNet", "torch.optim.AdamW", "lightning.Trainer"]
 HOSTILE_KEYS = ["_target_", "_partial_", "_args_", "_recursive_", "_convert_", "optim.optimizer", "model._target_",
                 "sampler._target_", "", " ", "0", "_tаrget_", "ｍodel", "model ", "model\n", "__class__", "${x}"]
 INTERPOLATIONS = ["${oc.decode:'{_target_: os.system, command: touch x}'}", "${oc.env:HOME}", "${model}", "${now:%Y}",

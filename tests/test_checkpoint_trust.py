@@ -42,7 +42,7 @@ def payloads(tmp):
         ("hidden-in-callbacks", "callbacks.x", {"_target_": "os.system", "command": f"touch {made}"}, "callbacks.x._target_", "os.system"),
         ("data-exec", "data", {"_target_": "builtins.exec", "source": f"open({str(made)!r}, 'w')"}, "data._target_", "builtins.exec"),
         ("optimizer-eval", "optim.optimizer", {"_target_": "builtins.eval", "_partial_": True}, "optim.optimizer._target_", "builtins.eval"),
-        ("our-target-wrong-group", "model", {"_target_": "ddpm.training.data.DigitsDataModule"}, "model._target_", "ddpm.training.data.DigitsDataModule"),
+        ("our-target-wrong-group", "model", {"_target_": "ddpm.data.Digits"}, "model._target_", "ddpm.data.Digits"),
         ("interpolation", "data.root", "${oc.decode:'{_target_: os.system, command: touch x}'}", "data.root", "interpolation"),
     ]
 

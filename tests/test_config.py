@@ -43,13 +43,19 @@ def image_folder(tmp_path):
 def test_data_options(option, tiny_cfg, image_folder):
     extra = [f"data.root={image_folder}", "data.num_classes=2", "data.image_size=8", "data.batch_size=4"] if option == "image_folder" else []
     cfg = tiny_cfg(f"data={option}", *extra)
-    datamodule = instantiate(cfg.data)
+    # The group builds a plain data set (ddpm.data, read by evaluation too); training wraps it for Lightning.
+    from ddpm.data import ImageData
+    from ddpm.training.data import DataModule
+
+    data = instantiate(cfg.data)
+    assert isinstance(data, ImageData) and not isinstance(data, L.LightningDataModule)
+    datamodule = DataModule(data)
     assert isinstance(datamodule, L.LightningDataModule)
-    assert datamodule.channels == cfg.model.in_channels and datamodule.num_classes == cfg.model.num_classes
+    assert data.channels == cfg.model.in_channels and data.num_classes == cfg.model.num_classes
     if option in ("digits", "image_folder"):  # the torchvision sets need a download: built, not loaded, here
         datamodule.setup("fit")
         x, y = next(iter(datamodule.train_dataloader() if option == "digits" else
-                         torch.utils.data.DataLoader(datamodule.train_set, batch_size=8)))
+                         torch.utils.data.DataLoader(data.train_set, batch_size=8)))
         assert x.shape[1:] == (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
         assert x.min() >= -1 and x.max() <= 1 and x.min() < 0 < x.max()
         assert y.max() < cfg.data.num_classes

@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 
 from ddpm.training.callbacks import SampleQuality
 from ddpm.config import compose, native_bf16
-from ddpm.training.data import DigitsDataModule
+from ddpm.data import Digits
 from ddpm.evaluate import evaluate
 from ddpm.evaluation.metrics import load_digits_classifier, metric_name, reference_statistics, sample_metrics
 from ddpm.train import train
@@ -47,7 +47,7 @@ def frechet_closed_form(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="session")
 def digits():
-    data = DigitsDataModule(root=".", batch_size=1, num_workers=0, image_size=8, channels=1, num_classes=10)
+    data = Digits(root=".", batch_size=1, num_workers=0, image_size=8, channels=1, num_classes=10)
     data.setup()
     return data
 
@@ -168,9 +168,9 @@ def test_one_extractor_per_process_for_the_same_data(cache_dir):
     """sample_quality and evaluate_at_end (and the runs of a multirun) share the extractor and reference statistics."""
     from ddpm.evaluation.metrics import prepare
 
-    digits = DigitsDataModule(root=".", batch_size=32, num_workers=0, image_size=8, channels=1, num_classes=10)
+    digits = Digits(root=".", batch_size=32, num_workers=0, image_size=8, channels=1, num_classes=10)
     first = prepare("auto", digits, "train", cache_dir)
-    again = prepare("auto", DigitsDataModule(root=".", batch_size=64, num_workers=0, image_size=8, channels=1, num_classes=10),
+    again = prepare("auto", Digits(root=".", batch_size=64, num_workers=0, image_size=8, channels=1, num_classes=10),
                     "train", cache_dir)
     assert again[0] is first[0] and again[2] is first[2]
     other_split = prepare("auto", digits, "test", cache_dir)

@@ -609,12 +609,12 @@ def _image_folder(tmp_path):
 
 
 def test_an_image_folder_does_not_follow_a_directory_symlink_loop(tmp_path):
-    from ddpm.training.data import ImageFolderDataModule
+    from ddpm.data import ImageFolderData
 
     root = _image_folder(tmp_path)
     (root / "a" / "loop").symlink_to(root, target_is_directory=True)
     (root / "b" / "up").symlink_to(root / "b", target_is_directory=True)
-    data = ImageFolderDataModule(root=str(root), batch_size=4, num_workers=0, image_size=8, channels=3, num_classes=2)
+    data = ImageFolderData(root=str(root), batch_size=4, num_workers=0, image_size=8, channels=3, num_classes=2)
     data.setup()
     assert len(data.train_set) == 12
 
@@ -632,9 +632,9 @@ def test_a_bad_image_file_is_found_before_the_first_step(tmp_path, name, content
         Image.new("1", (20000, 20000)).save(root / "b" / name)
     else:
         (root / "b" / name).write_bytes(content)
-    from ddpm.training.data import ImageFolderDataModule
+    from ddpm.data import ImageFolderData
 
-    data = ImageFolderDataModule(root=str(root), batch_size=3, num_workers=0, image_size=8, channels=3, num_classes=2)
+    data = ImageFolderData(root=str(root), batch_size=3, num_workers=0, image_size=8, channels=3, num_classes=2)
     with pytest.raises(ConfigError, match=rf"cannot read image .*{name}"):
         data.check()  # what train() calls before it builds a model or a trainer
     cfg = compose([*TINY, "data=image_folder", f"data.root={root}", "data.num_classes=2", "data.batch_size=3",

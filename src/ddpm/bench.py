@@ -321,12 +321,13 @@ def bench_network(network: str, args, roofs: dict) -> list[Row]:
 def bench_data(device: str, batches: int = 200, batch: int = 128) -> list[dict]:
     """Batches per second of the digits training data reaching ``device``: through the DataLoader (collating 128
     dataset items, then a host-to-device copy) against ``data.on_device`` (one index gather on the device)."""
-    from ddpm.training.data import DigitsDataModule
+    from ddpm.data import Digits
+    from ddpm.training.data import DataModule
 
     rows = []
     for on_device in (False, True):
-        data = DigitsDataModule(root=".", batch_size=batch, num_workers=0, image_size=8, channels=1, num_classes=10,
-                                on_device=on_device)
+        data = DataModule(Digits(root=".", batch_size=batch, num_workers=0, image_size=8, channels=1, num_classes=10,
+                                 on_device=on_device))
         data.setup()
 
         def draw():

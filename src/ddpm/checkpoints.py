@@ -47,7 +47,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
 # Modules that moved (ddpm/core, ddpm/training, ddpm/evaluation); a checkpoint written before names the old paths.
 MOVED_MODULES = {
     **{f"ddpm.{m}": f"ddpm.core.{m}" for m in ("schedules", "diffusion", "guidance", "unet", "samplers")},
-    **{f"ddpm.{m}": f"ddpm.training.{m}" for m in ("module", "data", "callbacks", "checkpoint", "loggers", "rundirs")},
+    **{f"ddpm.{m}": f"ddpm.training.{m}" for m in ("module", "callbacks", "checkpoint", "loggers", "rundirs")},
+}
+# Targets that were renamed (the data sets became plain datasets in ddpm.data, which training wraps).
+RENAMED_TARGETS = {
+    **{f"{module}.{old}": f"ddpm.data.{new}" for module in ("ddpm.data", "ddpm.training.data")
+       for old, new in (("DigitsDataModule", "Digits"), ("TorchvisionDataModule", "Torchvision"),
+                        ("ImageFolderDataModule", "ImageFolderData"))},
 }
 
 
@@ -86,6 +92,7 @@ def upgrade_targets(config: Any) -> Any:
         old = next((m for m in MOVED_MODULES if target.startswith(m + ".")), None)
         if old is not None:
             out["_target_"] = MOVED_MODULES[old] + target[len(old):]
+        out["_target_"] = RENAMED_TARGETS.get(target, out["_target_"])
     return out
 
 

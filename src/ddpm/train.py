@@ -26,6 +26,7 @@ from ddpm.build import build_module
 from ddpm.training.callbacks import LastCheckpoint, duration
 from ddpm.checkpoints import load_checkpoint
 from ddpm.training.checkpoint import CheckpointWriteError, config_differences, recorded_choices
+from ddpm.training.data import DataModule
 from ddpm.config import cli_main, resolve_precision, run_cli
 from ddpm.options import config_dir
 from ddpm.build import instantiate_loggers
@@ -51,7 +52,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Diffus
     check_disk(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data)
+    datamodule = DataModule(instantiate(cfg.data))
     datamodule.check()
     if rank_zero_only.rank == 0:  # a download that fails does so now, before a logger run or a model exists
         datamodule.prepare_data()

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ddpm.files import atomic_write
-from ddpm.training.data import stack_dataset
+from ddpm.data import Digits, stack_dataset
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,7 @@ class InceptionFeatures(nn.Module):
 def train_digits_classifier(seed: int = 0, epochs: int = 40, batch_size: int = 64, lr: float = 2e-3) -> tuple[DigitsClassifier, float]:
     """Train the classifier on the digits train split (the diffusion models' own, split_seed 0) with small random
     shifts; returns it and its accuracy on the held-out test split. Deterministic given ``seed`` on a CPU."""
-    from ddpm.training.data import DigitsDataModule
-
-    data = DigitsDataModule(root=".", batch_size=batch_size, num_workers=0, image_size=8, channels=1, num_classes=10)
+    data = Digits(root=".", batch_size=batch_size, num_workers=0, image_size=8, channels=1, num_classes=10)
     data.setup()
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():

@@ -147,7 +147,7 @@ class SampleQuality(L.Callback):
     def _prepare(self, trainer: L.Trainer, pl_module) -> None:
         from ddpm.evaluation.metrics import prepare
 
-        self._extractor, _, self._reference = prepare(self.feature_extractor, trainer.datamodule, self.reference_split,
+        self._extractor, _, self._reference = prepare(self.feature_extractor, trainer.datamodule.data, self.reference_split,
                                                       self.cache_dir, device=pl_module.device)
 
     def measure(self, trainer: L.Trainer, pl_module, guidance_scale: float | None = None) -> dict:

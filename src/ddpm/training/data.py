@@ -1,22 +1,14 @@
-"""LightningDataModules yielding (image in [-1, 1], class label) batches.
-
-``digits`` is scikit-learn's bundled 8x8 handwritten digits: no download, the offline default.
-``mnist``, ``fashion_mnist`` and ``cifar10`` download through torchvision into ``root`` on a machine
-with internet access; ``image_folder`` reads ``root/<class>/<image>`` trees.
-"""
+"""The LightningDataModule that batches a data set of ``ddpm.data`` for training: the same shuffle on every resume,
+optionally the whole set on the device."""
 
 from __future__ import annotations
 
-import os
-
-from pathlib import Path
-
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, random_split
-from torchvision import datasets, transforms
+from torch.utils.data import DataLoader, Sampler
 
 from ddpm.core.errors import ConfigError
+from ddpm.data import ImageData, stack_dataset
 
 
 class EpochShuffle(Sampler[int]):
@@ -41,249 +33,66 @@ class EpochShuffle(Sampler[int]):
         return self.num_samples
 
 
-def to_rgb(image):
-    """Module-level (not a lambda) so data loader workers can pickle the transform."""
-    return image.convert("RGB")
+class DataModule(L.LightningDataModule):
+    """Training batches of ``data`` (an ``ImageData``, built by the ``data`` group); callbacks read the data set itself
+    as ``trainer.datamodule.data``."""
 
-
-def stack_dataset(dataset: Dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``limit`` (all) images and labels of ``dataset`` as two tensors. A private generator: creating a
-    loader's iterator otherwise draws a seed from the global RNG, shifting a training run's stream."""
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    return next(iter(DataLoader(dataset, batch_size=n, shuffle=False, generator=torch.Generator())))
-
-
-class ImageDataModule(L.LightningDataModule):
-    """What every dataset shares: the keys users set (``data.batch_size`` ...) and the train loader."""
-
-    name = "images"  # names the dataset in evaluation protocols and cached reference statistics
-
-    def __init__(self, root: str, batch_size: int, num_workers: int, image_size: int, channels: int, num_classes: int,
-                 on_device: bool = False):
+    def __init__(self, data: ImageData):
         super().__init__()
-        self.root, self.batch_size, self.num_workers = Path(root).expanduser(), batch_size, num_workers
-        self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
-        self.on_device = on_device
-        self.train_set: Dataset | None = None
-        self.test_set: Dataset | None = None
+        self.data = data
         self._device_data: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def check(self) -> None:
+        self.data.check()
+
+    def prepare_data(self) -> None:
+        self.data.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the splits (once); before fitting, refuse a batch size that would train nothing."""
+        self.data.setup()
+        if stage == "fit":
+            self.check_batches()
+
     def train_dataloader(self) -> DataLoader:
+        data = self.data
         # drop_last keeps every step's batch the same size, so the loss curve is comparable across steps.
         seed = torch.initial_seed()  # the run's `seed`, as set by seed_everything
         # The loader's own generator seeds its workers, so starting an epoch draws nothing from the global RNG
         # (whose stream, saved in checkpoints, drives t, noise and label dropout).
-        if self.on_device:  # batches of indices; on_after_batch_transfer gathers the images where the model is
-            return DataLoader(range(len(self.train_set)), batch_size=self.batch_size, drop_last=True,
-                              sampler=EpochShuffle(len(self.train_set), seed), generator=torch.Generator().manual_seed(seed))
+        if data.on_device:  # batches of indices; on_after_batch_transfer gathers the images where the model is
+            return DataLoader(range(len(data.train_set)), batch_size=data.batch_size, drop_last=True,
+                              sampler=EpochShuffle(len(data.train_set), seed), generator=torch.Generator().manual_seed(seed))
         return DataLoader(
-            self.train_set, batch_size=self.batch_size, sampler=EpochShuffle(len(self.train_set), seed), drop_last=True,
-            num_workers=self.num_workers, generator=torch.Generator().manual_seed(seed),
-            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+            data.train_set, batch_size=data.batch_size, sampler=EpochShuffle(len(data.train_set), seed), drop_last=True,
+            num_workers=data.num_workers, generator=torch.Generator().manual_seed(seed),
+            persistent_workers=data.num_workers > 0, pin_memory=torch.cuda.is_available(),
         )
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """With ``data.on_device``: the whole training set lives as one tensor on the model's device (copied once), and
         a batch is an index gather there: no worker processes, no host-to-device copy per step. The indices come
         from the same shuffle as the ordinary loader, so the batches are the same."""
-        if not self.on_device or not torch.is_tensor(batch):
+        if not self.data.on_device or not torch.is_tensor(batch):
             return batch
         if self._device_data is None or self._device_data[0].device != batch.device:
-            images, labels = stack_dataset(self.train_set_unaugmented())
+            images, labels = stack_dataset(self.data.train_set_unaugmented())
             self._device_data = images.to(batch.device), labels.to(batch.device)
         images, labels = self._device_data[0][batch], self._device_data[1][batch]
-        if getattr(self, "random_flip", False):
+        if getattr(self.data, "random_flip", False):
             flip = torch.rand(len(batch), device=batch.device) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         return images, labels
-
-    def train_set_unaugmented(self) -> Dataset:
-        """The training images without random augmentation (flips are then applied per batch on the device)."""
-        return getattr(self, "train_reference", self.train_set)
-
-    def check(self) -> None:
-        """Fail fast, before any model is built, when the data cannot be had (missing or empty paths)."""
-
-    def setup(self, stage: str | None = None) -> None:
-        """Load the splits (once); before fitting, refuse a batch size that would train nothing."""
-        if self.train_set is None:
-            self.load()
-        if stage == "fit":
-            self.check_batches()
-
-    def load(self) -> None:
-        """Set ``train_set`` and ``test_set`` (and ``train_reference``, the training images without augmentation)."""
-        raise NotImplementedError
 
     def check_batches(self, world: int | None = None) -> None:
         """drop_last keeps only full batches: a training set (per process) smaller than one batch yields no step at
         all, and the run would end "successfully" having trained nothing. ``world``: the number of processes
         (default: the trainer's)."""
         world = world or (self.trainer.world_size if self.trainer is not None else 1)
-        per_process = -(-len(self.train_set) // world)
-        if per_process < self.batch_size:
+        data = self.data
+        per_process = -(-len(data.train_set) // world)
+        if per_process < data.batch_size:
             each = f", {per_process} per process on {world}" if world > 1 else ""
-            raise ConfigError(f"data.batch_size={self.batch_size}: larger than the training set ({len(self.train_set)} "
+            raise ConfigError(f"data.batch_size={data.batch_size}: larger than the training set ({len(data.train_set)} "
                               f"images{each}), so no full batch is ever drawn and nothing would train; "
                               f"use data.batch_size <= {per_process}")
-
-    def reference_set(self, split: str) -> Dataset:
-        """The ``train`` or ``test`` split without augmentation: the real images sample quality is measured against."""
-        self.setup()
-        sets = {"train": getattr(self, "train_reference", self.train_set), "test": self.test_set}
-        if sets.get(split) is None:
-            available = [name for name, dataset in sets.items() if dataset is not None]
-            raise ValueError(f"metrics.reference_split={split!r}: {self.name} has the splits {available}")
-        return sets[split]
-
-    def to_unit_range(self) -> list:
-        """Transforms from a PIL image to a tensor in [-1, 1] of ``image_size`` and ``channels``."""
-        return [
-            transforms.Grayscale(1) if self.channels == 1 else transforms.Lambda(to_rgb),
-            transforms.Resize(self.image_size),
-            transforms.CenterCrop(self.image_size),
-            transforms.ToTensor(),
-            transforms.Normalize([0.5] * self.channels, [0.5] * self.channels),
-        ]
-
-
-class DigitsDataModule(ImageDataModule):
-    """scikit-learn's 1,797 8x8 digits (grey levels 0..16), split once with a fixed seed into train and test."""
-
-    name = "digits"
-
-    def __init__(self, test_fraction: float = 0.1, split_seed: int = 0, **kwargs):
-        super().__init__(**kwargs)
-        self.test_fraction, self.split_seed = test_fraction, split_seed
-
-    def load(self) -> None:
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0 * 2.0 - 1.0
-        if self.image_size != images.shape[-1]:
-            images = torch.nn.functional.interpolate(images, size=self.image_size, mode="bilinear", align_corners=False)
-        full = TensorDataset(images, torch.tensor(digits.target, dtype=torch.long))
-        n_test = round(len(full) * self.test_fraction)
-        split = torch.Generator().manual_seed(self.split_seed)
-        self.train_set, self.test_set = random_split(full, [len(full) - n_test, n_test], generator=split)
-
-
-class TorchvisionDataModule(ImageDataModule):
-    """MNIST, Fashion-MNIST or CIFAR-10 from torchvision, downloaded into ``root`` when ``download`` is set."""
-
-    DATASETS = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
-
-    def __init__(self, name: str, download: bool = True, random_flip: bool = False, **kwargs):
-        super().__init__(**kwargs)
-        if name not in self.DATASETS:
-            raise ValueError(f"data.name={name!r}: must be one of {sorted(self.DATASETS)}")
-        self.name, self.download, self.random_flip = name, download, random_flip  # instance name shadows the class's
-
-    def check(self) -> None:
-        if not self.download:
-            try:
-                self.DATASETS[self.name](str(self.root), train=True, download=False)
-            except RuntimeError:
-                raise ConfigError(f"data.root={str(self.root)!r}: no {self.name} files there and data.download=false; "
-                                  f"put the dataset there, set data.download=true, or use data=digits") from None
-
-    def prepare_data(self) -> None:
-        for train in (True, False):
-            try:
-                self.DATASETS[self.name](str(self.root), train=train, download=self.download)
-            except (OSError, RuntimeError) as error:  # URLError is an OSError
-                reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-                raise ConfigError(f"data.root={str(self.root)!r}: could not get {self.name} ({reason}); without internet "
-                                  "use data=digits, or copy the files under data.root (DDPM_DATA)") from None
-
-    def load(self) -> None:
-        flip = [transforms.RandomHorizontalFlip()] if self.random_flip else []
-        make = self.DATASETS[self.name]
-        self.train_set = make(str(self.root), train=True, transform=transforms.Compose(flip + self.to_unit_range()))
-        self.train_reference = make(str(self.root), train=True, transform=transforms.Compose(self.to_unit_range()))
-        self.test_set = make(str(self.root), train=False, transform=transforms.Compose(self.to_unit_range()))
-
-
-class ImageFolderDataModule(ImageDataModule):
-    """Images under ``root/<class name>/``; classes are the sorted subfolder names. No test split."""
-
-    name = "image_folder"
-
-    def __init__(self, random_flip: bool = False, **kwargs):
-        super().__init__(**kwargs)
-        self.random_flip = random_flip
-
-    def check(self) -> None:
-        self.setup()
-
-    def load(self) -> None:
-        expected = "class folders root/<class>/<image> of png/jpg/... images"
-        if not self.root.is_dir():
-            raise ConfigError(f"data.root={str(self.root)!r}: no such directory; expected {expected}")
-        flip = [transforms.RandomHorizontalFlip()] if self.random_flip else []
-        try:
-            train_set = ImageFolder(str(self.root), transform=transforms.Compose(flip + self.to_unit_range()), loader=read_image)
-        except (FileNotFoundError, PermissionError) as error:
-            raise ConfigError(f"data.root={str(self.root)!r}: {str(error).splitlines()[0]}; expected {expected}") from None
-        found = len(train_set.classes)
-        if found != self.num_classes:
-            raise ConfigError(f"data.num_classes={self.num_classes}: {self.root} has {found} class folders {train_set.classes[:20]}")
-        for path, _ in train_set.samples:  # every file, before the first step rather than when a batch reaches it
-            check_image(path)
-        self.train_set = train_set
-        self.train_reference = ImageFolder(str(self.root), transform=transforms.Compose(self.to_unit_range()), loader=read_image)
-
-
-class ImageFolder(datasets.ImageFolder):
-    """torchvision's ImageFolder without following directory symlinks (its walk follows them, so a link to a parent
-    folder indexes the same images again and again): class folders and the folders below them are real folders;
-    an image that is a symlink to a file is read as usual."""
-
-    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir(follow_symlinks=False))
-        if not classes:
-            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
-        return classes, {name: i for i, name in enumerate(classes)}
-
-    @staticmethod
-    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        samples = []
-        for name, index in sorted(class_to_idx.items()):
-            for folder, _, files in sorted(os.walk(os.path.join(directory, name), followlinks=False)):
-                samples += [(os.path.join(folder, f), index) for f in sorted(files)
-                            if f.lower().endswith(datasets.folder.IMG_EXTENSIONS)]
-        present = {index for _, index in samples}
-        empty = sorted(name for name, index in class_to_idx.items() if index not in present)
-        if empty and not allow_empty:
-            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}. "
-                                    f"Supported extensions are: {', '.join(datasets.folder.IMG_EXTENSIONS)}")
-        return samples
-
-
-def check_image(path: str) -> None:
-    """Open ``path`` as PIL would and verify it (header and, for PNG, its checksums) without decoding it: zero bytes,
-    text, a truncated file or one of more than PIL's MAX_IMAGE_PIXELS (a decompression bomb) is refused, naming it."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            if image.width * image.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
-                raise ValueError(f"{image.width}x{image.height} pixels, over PIL's limit of {Image.MAX_IMAGE_PIXELS}")
-            image.verify()
-    except Exception as error:  # PIL raises many kinds
-        raise ConfigError(f"data.root: cannot read image {path} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-                          "fix or remove the file") from None
-
-
-def read_image(path: str):
-    """PIL's loader, with the path in the error when a file is corrupt or unreadable."""
-    from PIL import Image
-
-    try:
-        with open(path, "rb") as f:
-            image = Image.open(f)
-            image.load()
-            return image
-    except Exception as error:  # PIL raises many kinds
-        raise ConfigError(f"data.root: cannot read image {path} ({type(error).__name__}: {error}); fix or remove the file") from None
