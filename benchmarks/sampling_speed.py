@@ -46,12 +46,12 @@ def main() -> None:
         batch = args.batch or batch
         module = build_module(compose([*overrides, "logger=none"], output_dir=tempfile.mkdtemp())).to(device).eval()
         run = instantiate(sampler)
-        labels = torch.arange(batch) % module.net.num_classes
+        model = module.model()
+        labels = torch.arange(batch) % model.num_classes
         baseline = None
         for precision, compiled in SETTINGS:
             def draw():
-                module.sample(labels, guidance_scale=1.0, generator=torch.Generator(device).manual_seed(0), sampler=run,
-                              precision=precision, compile_net=compiled)
+                model.sample(labels, guidance=1.0, seed=0, sampler=run, precision=precision, compile=compiled)
                 if device == "cuda":
                     torch.cuda.synchronize()
             draw()  # warm-up (and compilation)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ddpm.config import compose
-from ddpm.training.snapshots import SNAPSHOT_DTYPES, posthoc_state_dict
+from ddpm.snapshots import SNAPSHOT_DTYPES, posthoc_state_dict
 from ddpm.train import train
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import run_cli
 
-from ddpm.build import build_module, load_module
+from ddpm.build import build_module
+from ddpm.inference import load
 from ddpm.core.schedules import rescale_zero_terminal_snr
 from ddpm.train import train
 
@@ -35,9 +36,9 @@ def test_every_new_option_trains_five_steps_and_writes_a_grid(name, tiny_cfg, tm
     module = train(cfg)
     assert (tmp_path / "run" / "samples" / "final.png").is_file()
     assert all(torch.isfinite(p).all() for p in module.state_dict().values() if p.is_floating_point())
-    loaded = load_module(tmp_path / "run" / "checkpoints" / "last.ckpt")  # what it means travels in the checkpoint
+    loaded = load(tmp_path / "run" / "checkpoints" / "last.ckpt")  # what it means travels in the checkpoint
     assert loaded.denoiser.prediction == cfg.diffusion.prediction
-    assert (loaded.diffusion.alphas_cumprod[-1] == 0) == cfg.schedule.zero_terminal_snr
+    assert (loaded.process.alphas_cumprod[-1] == 0) == cfg.schedule.zero_terminal_snr
 
 
 def test_zero_terminal_snr_with_eps_is_refused_before_training(tmp_path):
@@ -103,4 +104,4 @@ def test_a_checkpoint_from_before_the_core_samples_as_it_did(sampler, tmp_path):
     got = np.load(tmp_path / "out" / "samples.npz")["images"].astype(int)
     before = np.load(DATA / "checkpoint_before_core_samples.npz")[sampler].astype(int)
     assert np.abs(got - before).max() <= 1 and (got == before).mean() > 0.99
-    assert load_module(DATA / "checkpoint_before_core.ckpt").denoiser.prediction == "eps"
+    assert load(DATA / "checkpoint_before_core.ckpt").denoiser.prediction == "eps"

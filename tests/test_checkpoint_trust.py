@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import TINY, run_cli
 
-from ddpm.build import load_module
+from ddpm.inference import load as load_module
 from ddpm.checkpoints import load_checkpoint, rebuild_config
 from ddpm.options import shipped_targets
 from ddpm.config import compose

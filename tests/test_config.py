@@ -64,9 +64,11 @@ def test_data_options(option, tiny_cfg, image_folder):
 @pytest.mark.parametrize("option", options("model"))
 def test_model_options(option, tiny_cfg):
     cfg = tiny_cfg(f"model={option}", "data.image_size=32", "model.norm_groups=8")
-    from ddpm.build import build_net
+    from omegaconf import OmegaConf
 
-    net = build_net(cfg.model)
+    from ddpm.builders import build_net
+
+    net = build_net(OmegaConf.to_container(cfg.model, resolve=True))
     x = torch.randn(2, cfg.data.channels, 32, 32)
     with torch.no_grad():
         assert net(x, torch.tensor([0, 99]), torch.tensor([1, 10])).shape == x.shape
@@ -74,10 +76,12 @@ def test_model_options(option, tiny_cfg):
 
 @pytest.mark.parametrize("option", options("schedule"))
 def test_schedule_options(option, tiny_cfg):
-    from ddpm.build import build_diffusion
+    from omegaconf import OmegaConf
+
+    from ddpm.builders import build_diffusion
 
     cfg = tiny_cfg(f"schedule={option}", *(["diffusion.prediction=v"] if "zero_terminal_snr" in option else []))
-    betas = build_diffusion(cfg).betas
+    betas = build_diffusion(OmegaConf.to_container(cfg.schedule, resolve=True)).betas
     assert betas.dtype == torch.float64 and len(betas) == 100 and ((betas > 0) & (betas < 1))[:-1].all()
     assert (betas[-1] == 1) == cfg.schedule.zero_terminal_snr and 0 < betas[-1] <= 1
 
@@ -96,14 +100,14 @@ def test_guidance_options(option, tiny_cfg):
     module = build_module(tiny_cfg(f"guidance={option}"))
     assert module.conditional == (option != "none")
     labels = torch.arange(10) if module.conditional else None
-    images = module.sample(labels, num_samples=3, generator=torch.Generator().manual_seed(0), sampler=None)
+    images = module.model().sample(labels, num_samples=3, seed=0)
     assert images.shape[0] == (10 if module.conditional else 3)
 
 
 @pytest.mark.parametrize("option", options("sampler"))
 def test_sampler_options(option, tiny_cfg):
     module = build_module(tiny_cfg(f"sampler={option}", "sampler.steps=5"))
-    images = module.sample(torch.arange(4), generator=torch.Generator().manual_seed(0))
+    images = module.model().sample(torch.arange(4), seed=0)
     assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()
 
 

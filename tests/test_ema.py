@@ -11,7 +11,7 @@ from conftest import run_cli
 from ddpm.core.ema import (PowerEMA, ema_warmup_decay, gamma_to_sigma_rel, posthoc_coefficients, profile_fit_error,
                            profile_inner_product, sigma_rel_to_gamma)
 from ddpm.train import train
-from ddpm.training.snapshots import posthoc_state_dict
+from ddpm.snapshots import posthoc_state_dict
 
 
 def test_sigma_rel_to_gamma_matches_edm2():

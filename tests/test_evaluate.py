@@ -3,6 +3,7 @@ stand-in feature extractor (no Inception weights offline), the digits metric's s
 callback, and the CLI's guidance sweep."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from ddpm.training.callbacks import SampleQuality
 from ddpm.config import compose, native_bf16
 from ddpm.data import Digits
 from ddpm.evaluate import evaluate
+from ddpm.images import to_uint8
 from ddpm.evaluation.metrics import load_digits_classifier, metric_name, reference_statistics, sample_metrics
 from ddpm.train import train
 
@@ -222,3 +224,42 @@ def test_precision_and_recall_carry_their_sample_count_in_logged_names():
 
     assert sized({"fd_digits": 1, "precision": 0.9, "recall": 0.8, "diversity": 1.0}, 500) == \
         {"fd_digits_n500": 1, "precision_n500": 0.9, "recall_n500": 0.8, "diversity": 1.0}
+
+
+BEFORE_API = Path(__file__).parent / "data" / "inference_before_api.json"
+SAMPLE_FLAGS = ["sampler.steps=7", "num_samples=20", "guidance.scale=1.5", "seed=3", "trajectory=2", "device=cpu",
+                "sampler.precision=float32"]
+
+
+@classifier_group
+def test_sample_and_evaluate_give_what_they_gave_before_the_python_api(cache_dir, tmp_path):
+    """Issue 22's acceptance 3: since ``ddpm.sample`` and ``ddpm.evaluate`` go through ``ddpm.load`` and ``Model.draw``,
+    they draw the same images and measure the same numbers as the commit before (f777b58, which stored them in
+    tests/data/inference_before_api.json), for every sampler; and the Python API gives exactly what the CLI gives."""
+    from ddpm.core.guidance import Guidance
+    from ddpm.inference import load
+
+    before = json.loads(BEFORE_API.read_text())
+    checkpoint = Path(__file__).parent / "data" / "checkpoint_before_core.ckpt"
+    model = load(checkpoint, device="cpu")
+    for name, stored in before["samples"].items():
+        out = tmp_path / name
+        result = run_cli("ddpm.sample", f"ckpt_path={checkpoint}", f"sampler={name}", *SAMPLE_FLAGS,
+                         f"hydra.run.dir={out}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        got = np.load(out / "samples.npz")
+        assert got["images"].reshape(20, -1).tolist() == stored["images"], name
+        assert got["labels"].tolist() == stored["labels"] and (out / "trajectory.png").is_file()
+        images = model.sample(None, num_samples=20, sampler=name, steps=7, guidance=Guidance(1.5), seed=3)
+        assert np.array_equal(to_uint8(images), got["images"]), name
+    result = run_cli("ddpm.evaluate", f"ckpt_path={checkpoint}", "sampler=ddim", "sampler.steps=5", "num_samples=60",
+                     "batch_size=25", "guidance.scale=1", "seed=1", "device=cpu", "sampler.precision=float32", "logger=none",
+                     f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for key, value in before["metrics"].items():
+        # the digits classifier is retrained in this cache: the same to float32 rounding (threads), not bit for bit
+        assert record["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert {k: v for k, v in record["protocol"].items() if k != "checkpoint"} == before["protocol"]
+    python = model.evaluate(60, sampler="ddim", steps=5, guidance=1.0, seed=1, batch_size=25, cache_dir=str(cache_dir))
+    assert {k: python["metrics"][k] for k in before["metrics"]} == {k: record["metrics"][k] for k in before["metrics"]}

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import TINY, run_cli
 
-from ddpm.build import load_module
+from ddpm.inference import load as load_module
 from ddpm.config import compose
 from ddpm.training.module import NonFiniteLossError
 from ddpm.sample import sample

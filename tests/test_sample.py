@@ -6,7 +6,7 @@ import pytest
 from conftest import TINY, run_cli
 
 from ddpm.config import compose
-from ddpm.training.callbacks import even_labels
+from ddpm.inference import even_labels
 from ddpm.sample import sample
 from ddpm.train import train
 
@@ -30,7 +30,9 @@ def test_same_seed_same_checkpoint_identical_npz(checkpoint, tmp_path, sampler):
         cfg = compose([f"ckpt_path={checkpoint}", f"sampler={sampler}", "sampler.steps=8", "num_samples=20",
                        "batch_size=8", "trajectory=2"], config_name="sample", output_dir=tmp_path / run)
         out = sample(cfg)
-        assert out["nfe"] == 3 * 8  # three batches of 8 steps each
+        # network evaluations per image, as metrics.json counts them (premise changed, issue 22: sample's total over the
+        # three batches was 3 * 8; it now draws through Model.draw, which counts per batch for both)
+        assert out["nfe"] == 8
         outputs.append(np.load(tmp_path / run / "samples.npz"))
         assert (tmp_path / run / "grid.png").is_file() and (tmp_path / run / "trajectory.png").is_file()
     a, b = outputs
@@ -56,7 +58,7 @@ def test_sampling_precision_bf16_runs_the_network_in_bf16(tiny_cfg):
         torch.nn.init.normal_(p, std=0.05)
     seen = []
     module.ema.module.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
-    images = {p: module.sample(torch.arange(4), generator=torch.Generator().manual_seed(0), precision=p)
+    images = {p: module.model().sample(torch.arange(4), seed=0, precision=p)
               for p in ("float32", "bf16")}
     assert seen[0] == torch.float32 and seen[-1] == torch.bfloat16
     assert images["bf16"].dtype == torch.float32 and torch.isfinite(images["bf16"]).all()
@@ -68,7 +70,8 @@ def test_sampling_with_a_compiled_network_matches_eager(tiny_cfg):
     from ddpm.build import build_module
 
     module = build_module(tiny_cfg())
-    eager = module.sample(torch.arange(4), generator=torch.Generator().manual_seed(0))
-    compiled = module.sample(torch.arange(4), generator=torch.Generator().manual_seed(0), compile_net=True)
+    model = module.model()
+    eager = model.sample(torch.arange(4), seed=0)
+    compiled = model.sample(torch.arange(4), seed=0, compile=True)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
     assert not any(k.startswith("_compiled") for k in module.state_dict())

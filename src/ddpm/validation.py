@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from omegaconf import DictConfig, OmegaConf
-
 from ddpm.core.errors import ConfigError  # noqa: F401  (re-exported: the core owns it, the entry points catch it)
 from ddpm.core.ema import MAX_SIGMA_REL
 from ddpm.core.guidance import guidance_usable
@@ -23,13 +21,32 @@ from ddpm.core.samplers import MAX_LAMBDA_MIN, SPACINGS, X0_CLIPS, check_lambda_
 from ddpm.core.samplers.ddpm import VARIANCES
 from ddpm.evaluation.metrics import EXTRACTORS, REFERENCE_SPLITS
 from ddpm.training.loggers import WANDB_MODES
-from ddpm.training.snapshots import EMA_SOURCES, SNAPSHOT_DTYPES
+from ddpm.snapshots import EMA_SOURCES, SNAPSHOT_DTYPES
+
+
+Config = Any  # a composed DictConfig (the entry points) or the plain dict of a checkpoint (ddpm.load): no omegaconf here
+_ABSENT = "__missing__"
+
+
+def select(cfg: Config, key: str, default: Any = None) -> Any:
+    """The plain value at a dotted key of a plain dict or a Config (resolving only that key), else ``default``."""
+    if isinstance(cfg, dict):
+        node = cfg
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+    from omegaconf import OmegaConf  # a DictConfig: omegaconf is loaded already
+
+    value = OmegaConf.select(cfg, key, default=default, throw_on_missing=False)
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 @dataclass(frozen=True)
 class Rule:
     key: str
-    check: Callable[[Any, DictConfig], bool]
+    check: Callable[[Any, Config], bool]
     allowed: str
 
 
@@ -62,24 +79,24 @@ def positive(v, _=None) -> bool:
     return _is_num(v) and v > 0
 
 
-def one_of(*values) -> Callable[[Any, DictConfig], bool]:
+def one_of(*values) -> Callable[[Any, Config], bool]:
     return lambda v, _=None: v in values
 
 
-def optional(check) -> Callable[[Any, DictConfig], bool]:
+def optional(check) -> Callable[[Any, Config], bool]:
     return lambda v, cfg=None: v is None or check(v, cfg)
 
 
-def _downsampling(cfg: DictConfig) -> int:
-    return 2 ** (len(cfg.model.channel_mult) - 1)
+def _downsampling(cfg: Config) -> int:
+    return 2 ** (len(select(cfg, "model.channel_mult")) - 1)
 
 
-def _resolutions(cfg: DictConfig) -> list[int]:
-    return [cfg.data.image_size // 2**level for level in range(len(cfg.model.channel_mult))]
+def _resolutions(cfg: Config) -> list[int]:
+    return [select(cfg, "data.image_size") // 2**level for level in range(len(select(cfg, "model.channel_mult")))]
 
 
-def _timesteps(cfg: DictConfig) -> int | None:
-    return OmegaConf.select(cfg, "schedule.timesteps")
+def _timesteps(cfg: Config) -> int | None:
+    return select(cfg, "schedule.timesteps")
 
 
 def _steps_ok(v, cfg) -> bool:
@@ -98,11 +115,11 @@ def _raises_no_config_error(check: Callable, *args) -> bool:
         return False
 
 
-def _build_schedule(cfg: DictConfig) -> None:
+def _build_schedule(cfg: Config) -> None:
     """The schedule's betas, built as training would and checked by ``GaussianDiffusion`` (its rule's one home)."""
-    from ddpm.build import build_diffusion
+    from ddpm.builders import build_diffusion
 
-    build_diffusion(cfg)
+    build_diffusion(select(cfg, "schedule"))
 
 
 def _cuda_index(device: str) -> int:
@@ -171,29 +188,29 @@ TRAIN_RULES = [
     Rule("model.channels_last", lambda v, _: isinstance(v, bool), "true or false"),
     Rule("model.sdpa", lambda v, _: isinstance(v, bool), "true or false"),
     Rule("optim.optimizer.fused", lambda v, _: v is None or isinstance(v, bool), "true, false or null"),
-    Rule("model.norm_groups", lambda v, cfg: positive_int(v) and cfg.model.base_channels % v == 0,
+    Rule("model.norm_groups", lambda v, cfg: positive_int(v) and select(cfg, "model.base_channels") % v == 0,
          "an integer > 0 dividing model.base_channels"),
     Rule("schedule.timesteps", positive_int, "an integer > 0"),
     Rule("schedule.beta_start", lambda v, _: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
-    Rule("schedule.beta_end", lambda v, cfg: _is_num(v) and cfg.schedule.beta_start < v < 1,
+    Rule("schedule.beta_end", lambda v, cfg: _is_num(v) and select(cfg, "schedule.beta_start") < v < 1,
          "a number in (schedule.beta_start, 1)"),
     Rule("schedule.s", positive, "a number > 0"),
     Rule("schedule.max_beta", lambda v, _: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
     Rule("guidance.conditional", lambda v, _: isinstance(v, bool), "true or false"),
     Rule("guidance.p_uncond", probability, "a probability in [0, 1)"),
     Rule("guidance.scale", nonneg, "a number >= 0 (w; 0 = purely conditional)"),
-    Rule("guidance.scale", lambda v, cfg: not (nonneg(v) and probability(cfg.guidance.p_uncond)) or guidance_usable(cfg.guidance.p_uncond, v, cfg.guidance.conditional),
+    Rule("guidance.scale", lambda v, cfg: not (nonneg(v) and probability(select(cfg, "guidance.p_uncond"))) or guidance_usable(select(cfg, "guidance.p_uncond"), v, select(cfg, "guidance.conditional")),
          "0 when guidance.p_uncond=0 (the model never sees the null label); or train with guidance.p_uncond > 0"),
     *GUIDANCE_VARIANT_RULES,
     Rule("diffusion.prediction", one_of(*PREDICTIONS), f"one of {list(PREDICTIONS)}"),
-    Rule("diffusion.prediction", lambda v, cfg: OmegaConf.select(cfg, 'schedule.zero_terminal_snr') is not True or v in ZERO_TERMINAL_SNR_PREDICTIONS,
+    Rule("diffusion.prediction", lambda v, cfg: select(cfg, 'schedule.zero_terminal_snr') is not True or v in ZERO_TERMINAL_SNR_PREDICTIONS,
          f"one of {list(ZERO_TERMINAL_SNR_PREDICTIONS)} with schedule.zero_terminal_snr=true: at alpha_T = 0 an eps model's "
          "x_0 = (x_T - eps) / alpha_T is undefined (Lin et al. 2024 train v: diffusion.prediction=v)"),
     Rule("diffusion.loss_weight", one_of(*LOSS_WEIGHTS), f"one of {list(LOSS_WEIGHTS)}"),
     Rule("diffusion.min_snr_gamma", positive, "a number > 0 (Hang et al.: 5)"),
     Rule("schedule.zero_terminal_snr", lambda v, _: isinstance(v, bool), "true or false"),
     Rule("schedule.start", lambda v, _: _is_num(v), "a number"),
-    Rule("schedule.end", lambda v, cfg: _is_num(v) and v > cfg.schedule.start, "a number > schedule.start"),
+    Rule("schedule.end", lambda v, cfg: _is_num(v) and v > select(cfg, "schedule.start"), "a number > schedule.start"),
     Rule("schedule.tau", positive, "a number > 0"),
     Rule("schedule", lambda v, cfg: _raises_no_config_error(_build_schedule, cfg),
          "settings whose betas are all in (0, 1) (beta_T = 1 with zero terminal SNR); these give NaN or out-of-range betas"),
@@ -206,7 +223,7 @@ TRAIN_RULES = [
     Rule("ema.snapshot_count", nonneg_int, "an integer >= 0 (snapshots per run; 0: none)"),
     Rule("ema.snapshot_every", optional(nonneg_int), "null (from ema.snapshot_count) or an integer >= 0 (0: no snapshots)"),
     Rule("ema.snapshot_dtype", one_of(*SNAPSHOT_DTYPES), f"one of {list(SNAPSHOT_DTYPES)}"),
-    Rule("trainer.max_steps", lambda v, cfg: positive_int(v) or (v == -1 and positive_int(OmegaConf.select(cfg, "trainer.max_epochs"))),
+    Rule("trainer.max_steps", lambda v, cfg: positive_int(v) or (v == -1 and positive_int(select(cfg, "trainer.max_epochs"))),
          "an integer > 0, or -1 together with trainer.max_epochs > 0 (else training never ends)"),
     Rule("trainer.devices", lambda v, _: positive_int(v) or v in ("auto", -1) or isinstance(v, (list, str)), "an integer > 0, a list of ids, or auto"),
     Rule("trainer.num_nodes", positive_int, "an integer > 0"),
@@ -239,7 +256,7 @@ SAMPLE_RULES = [
     Rule("use_ema", lambda v, _: isinstance(v, bool), "true or false"),
     Rule("ema.sigma_rel", optional(lambda v, _: _sigma_rel_ok(v)),
          f"null (the classic EMA) or a relative EMA width in (0, {MAX_SIGMA_REL:.4f}), e.g. 0.05 or 0.10"),
-    Rule("ema.sigma_rel", lambda v, cfg: v is None or cfg.use_ema is not False,
+    Rule("ema.sigma_rel", lambda v, cfg: v is None or select(cfg, "use_ema") is not False,
          "null with use_ema=false (the raw weights have no EMA length; drop one of the two)"),
     Rule("ema.source", one_of(*EMA_SOURCES), f"one of {list(EMA_SOURCES)}"),
     Rule("ema.sources", optional(lambda v, _: isinstance(v, list) and len(v) > 0 and all(_sigma_rel_ok(s) for s in v)),
@@ -262,16 +279,15 @@ EVALUATE_RULES = [
 RULES = {"train": TRAIN_RULES, "sample": SAMPLE_RULES, "evaluate": EVALUATE_RULES}
 
 
-def problems(cfg: DictConfig, rules: list[Rule]) -> list[str]:
+def problems(cfg: Config, rules: list[Rule]) -> list[str]:
     """One line per broken rule (a key with several broken rules is reported once)."""
     lines, seen, raised = [], set(), []
     for rule in rules:
         if rule.key in seen or any(key.startswith(rule.key + ".") for key in seen):
             continue  # a node's own rule (schedule) is moot once one of its keys (schedule.timesteps) is reported
-        value = OmegaConf.select(cfg, rule.key, default="__missing__", throw_on_missing=False)
-        if isinstance(value, str) and value == "__missing__":
+        plain = select(cfg, rule.key, default=_ABSENT)
+        if isinstance(plain, str) and plain == _ABSENT:
             continue  # a key of another option of the group (sampler.eta only exists for ddim)
-        plain = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
         try:
             ok = rule.check(plain, cfg)
         except Exception:  # this value, or a malformed neighbour it depends on: decided below
@@ -299,9 +315,11 @@ def _missing(node, prefix: str = "") -> list[str]:
 FREE_KEYS = ("trainer", "optim.optimizer", "logger", "callbacks", "hydra")
 
 
-def appended_keys(cfg: DictConfig, overrides: list[str]) -> list[str]:
+def appended_keys(cfg: Config, overrides: list[str]) -> list[str]:
     """One line per ``+key=value`` override that adds a key no code reads (``+guidance.puncond=0.1``, a typo that
     Hydra accepts because of the +). ``+group=option`` (a config group, e.g. ``+data=cifar10``) is fine."""
+    from omegaconf import OmegaConf
+
     from ddpm.options import config_dir
 
     groups = {p.name for p in config_dir().iterdir() if p.is_dir()} | {"experiments", "evaluations"}
@@ -327,7 +345,7 @@ CHECKPOINT_KEYS = ("model", "schedule", "diffusion", "guidance", "sampler", "ema
                    "data.num_classes")
 
 
-def check_checkpoint_config(cfg: DictConfig, source: str) -> None:
+def check_checkpoint_config(cfg: Config, source: str) -> None:
     """ConfigError, one line, when a checkpoint's (rebuilt) config holds a value its model could not be built from."""
     rules = [r for r in TRAIN_RULES if any(r.key == k or r.key.startswith(k + ".") for k in CHECKPOINT_KEYS)]
     found = problems(cfg, rules)
@@ -335,10 +353,11 @@ def check_checkpoint_config(cfg: DictConfig, source: str) -> None:
         raise ConfigError(f"{source}: its config holds " + "; ".join(found) + " (was the file altered?)")
 
 
-def validate(cfg: DictConfig, entry: str) -> None:
+def validate(cfg: Config, entry: str) -> None:
     """Raise ConfigError listing every broken rule of ``entry`` (train | sample | evaluate), and every appended key
     (``+key=value``) that nothing reads."""
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
 
     missing = sorted(key for key in _missing(OmegaConf.to_container(cfg, resolve=False)) if not key.startswith("hydra."))
     found = [f"{key}=???: must be set (it has no default); e.g. {key}=..." for key in missing]

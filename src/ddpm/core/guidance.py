@@ -11,6 +11,8 @@ network predicts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ddpm.core.denoiser import Denoiser
@@ -99,3 +101,16 @@ def check_guidance(p_uncond: float, guidance_scale: float, conditional: bool = T
     if interval is not None and not (len(interval) == 2 and 0 <= interval[0] < interval[1]):
         raise ConfigError(f"guidance.interval={list(interval)}: must be null or [sigma_lo, sigma_hi] with "
                           "0 <= sigma_lo < sigma_hi (EDM noise levels sigma_t / alpha_t, e.g. [0.28, 5.42])")
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """How to guide at sampling time: w (``scale``), rescaled CFG's phi (``rescale``) and the sigma ``interval``."""
+
+    scale: float = 0.0
+    rescale: float = 0.0
+    interval: tuple[float, float] | None = None
+
+    def check(self, p_uncond: float, conditional: bool = True) -> None:
+        """ConfigError, one line, when this guidance cannot work on a model trained with ``p_uncond``."""
+        check_guidance(p_uncond, self.scale, conditional, self.rescale, self.interval)

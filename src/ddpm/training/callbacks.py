@@ -6,30 +6,21 @@ import logging
 import signal
 import shutil
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import OmegaConf
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 
 from ddpm.core.guidance import guidance_usable
+from ddpm.images import class_rows, to_grid
 
 log = logging.getLogger(__name__)
-
-
-def even_labels(num_samples: int, num_classes: int) -> torch.Tensor:
-    """Labels 0..num_classes-1 in contiguous runs of (nearly) equal length: one grid row per class."""
-    return torch.arange(num_samples) * num_classes // num_samples
-
-
-def class_rows(num_images: int, num_classes: int | None) -> int:
-    """Images per grid row: a row per class for conditional samples, a square grid otherwise."""
-    return -(-num_images // num_classes) if num_classes else max(1, round(num_images**0.5))
 
 
 def completed(trainer: L.Trainer) -> bool:
@@ -54,16 +45,6 @@ class timed:
     def __exit__(self, *exc) -> None:
         if exc[0] is None:
             log.info("%s: done in %.1f s", self.what, time.perf_counter() - self.start)
-
-
-def to_grid(images: torch.Tensor, nrow: int, min_size: int = 32) -> torch.Tensor:
-    """A [0, 1] image grid; images smaller than ``min_size`` are enlarged with nearest-neighbour so the
-    8x8 digits stay sharp and legible."""
-    images = ((images.float() + 1) / 2).clamp(0, 1)
-    factor = max(1, -(-min_size // images.shape[-1]))
-    if factor > 1:
-        images = F.interpolate(images, scale_factor=factor, mode="nearest")
-    return make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
 
 
 class SampleGrid(L.Callback):
@@ -95,15 +76,13 @@ class SampleGrid(L.Callback):
     def write(self, trainer: L.Trainer, pl_module, name: str) -> Path | None:
         if not trainer.is_global_zero:
             return None
-        num_classes = pl_module.net.num_classes
-        labels = even_labels(num_classes * self.per_class, num_classes) if num_classes is not None else None
-        # A private generator: the grid is the same noise every time, and the training RNG stream is untouched.
-        generator = torch.Generator(pl_module.device).manual_seed(self.seed)
-        sampler = partial(pl_module.sampler, steps=self.steps) if self.steps else None
+        model = pl_module.model()  # the EMA weights, the configured sampler and guidance
+        num_classes = model.num_classes
+        n = num_classes * self.per_class if num_classes is not None else self.num_samples
         path = self.dirpath / f"{name}.png"
-        with timed(f"step {trainer.global_step}: drawing {path.name} ({len(labels) if labels is not None else self.num_samples} "
-                   f"images, {self.steps or 'all'} sampler steps)"):
-            images = pl_module.sample(labels, num_samples=self.num_samples, generator=generator, sampler=sampler)
+        with timed(f"step {trainer.global_step}: drawing {path.name} ({n} images, {self.steps or 'all'} sampler steps)"):
+            # A private generator (seed): the grid is the same noise every time, and the training RNG stream is untouched.
+            images = model.sample(n, steps=self.steps, seed=self.seed, batch_size=n)
         grid = to_grid(images, nrow=class_rows(len(images), num_classes), min_size=self.min_size)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         save_image(grid, path)
@@ -155,13 +134,11 @@ class SampleQuality(L.Callback):
 
         if self._extractor is None:
             self._prepare(trainer, pl_module)
-        num_classes = pl_module.net.num_classes
-        labels = even_labels(self.num_samples, num_classes) if num_classes is not None else None
-        generator = torch.Generator(pl_module.device).manual_seed(self.seed)
-        sampler = self.sampler or (partial(pl_module.sampler, steps=self.steps) if self.steps else None)
-        images = pl_module.sample(labels, num_samples=self.num_samples, guidance_scale=guidance_scale,
-                                  generator=generator, sampler=sampler)
-        return sample_metrics(self._extractor, self._reference, images, labels)
+        model = pl_module.model()
+        guidance = None if guidance_scale is None else replace(model.guidance, scale=guidance_scale)
+        out = model.draw(self.num_samples, sampler=self.sampler, steps=None if self.sampler else self.steps,
+                         guidance=guidance, seed=self.seed, batch_size=self.num_samples)
+        return sample_metrics(self._extractor, self._reference, out["images"], out["labels"])
 
 
 def sized(metrics: dict, num_samples: int) -> dict:

@@ -17,7 +17,8 @@ import torch
 from omegaconf import DictConfig
 
 from ddpm.core.errors import ConfigError
-from ddpm.training.snapshots import SNAPSHOT_DTYPES, snapshot_interval
+from ddpm.snapshots import SNAPSHOT_DTYPES
+from ddpm.training.snapshots import snapshot_interval
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,13 @@ def _size(n: float) -> str:
 
 def count_parameters(cfg: DictConfig) -> int:
     """The network's parameters and buffers, built on the meta device."""
-    from ddpm.build import build_net
+    from omegaconf import OmegaConf
+
+    from ddpm.builders import build_net
 
     num_classes = cfg.data.num_classes if cfg.guidance.conditional else None
     with torch.device("meta"):
-        net = build_net(cfg.model, num_classes=num_classes)
+        net = build_net(OmegaConf.to_container(cfg.model, resolve=True), num_classes=num_classes)
     return sum(t.numel() for t in (*net.parameters(), *net.buffers()) if t.is_floating_point())
 
 

@@ -7,11 +7,14 @@ import logging
 import netrc
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from lightning.pytorch.loggers import WandbLogger
 
 from ddpm.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lightning.pytorch.loggers import WandbLogger
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,7 @@ def wandb_logger(project: str, save_dir: str, mode: str = "auto", group: str | N
     """A WandbLogger whose run lives under the run directory (``save_dir/wandb``). ``auto`` group and name come from
     the Hydra job (see ``sweep_identity``); the job's overrides are logged as config fields under ``sweep``."""
     import wandb
+    from lightning.pytorch.loggers import WandbLogger  # here, not above: validation reads WANDB_MODES without Lightning
 
     os.makedirs(save_dir, exist_ok=True)
     auto_group, auto_name, overrides = sweep_identity(experiment)

@@ -2,12 +2,12 @@
 
 It owns no math and builds nothing: ``ddpm.build`` makes every part from the config and hands them over (the
 lightning-hydra-template habit). The composed config travels inside every checkpoint (``checkpoint["config"]``),
-so ``ddpm.build.load_module`` rebuilds the model from the file alone.
+so ``ddpm.load`` rebuilds the model from the file alone; ``module.model()`` is the same ``ddpm.Model`` over the live
+weights, which the callbacks sample with.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 from functools import partial
@@ -21,8 +21,8 @@ from torch.optim.swa_utils import AveragedModel
 
 from ddpm.core.denoiser import Denoiser
 from ddpm.core.ema import PowerEMA, ema_warmup_decay
-from ddpm.core.guidance import check_guidance, drop_labels, guided
-from ddpm.core.samplers import randn_like
+from ddpm.core.guidance import Guidance, drop_labels
+from ddpm.inference import Model
 
 log = logging.getLogger(__name__)
 
@@ -169,35 +169,13 @@ class DiffusionModule(L.LightningModule):
         random.setstate(states["python"])
 
     # --- sampling -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample(
-        self, labels: torch.Tensor | None, num_samples: int | None = None, guidance_scale: float | None = None,
-        generator: torch.Generator | None = None, use_ema: bool = True, sampler: Callable | None = None,
-        progress: bool = False, callback: Callable | None = None, rescale: float | None = None,
-        interval: tuple[float, float] | None = None, precision: str = "float32", compile_net: bool = False,
-    ) -> torch.Tensor:
-        """Images in [-1, 1] for ``labels`` (or ``num_samples`` unconditional ones), with classifier-free
-        guidance at ``guidance_scale`` (the paper's w), its ``rescale`` phi and its sigma ``interval`` (each None:
-        the configured ``guidance.*``). ``precision``: float32, or bf16 autocast of the network; ``compile_net``:
-        run a torch.compile'd network (compiled once per module and weights)."""
-        scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        rescale = self.guidance_rescale if rescale is None else rescale
-        interval = self.guidance_interval if interval is None else interval
-        check_guidance(self.p_uncond, scale, self.conditional, rescale, interval)
+    def model(self, use_ema: bool = True) -> Model:
+        """The module as a ``ddpm.Model`` over its live weights (the EMA copy, or the raw ones), its sampler and its
+        guidance: callbacks sample through the same path as ``ddpm.sample``. Nothing is copied."""
         net = self.ema.module if use_ema else self.net
-        n = len(labels) if labels is not None else num_samples
-        shape = (n, net.in_channels, net.image_size, net.image_size)
-        noise = randn_like(torch.empty(shape, device=self.device), generator)
-        labels = labels.to(self.device) if labels is not None else None
-        if compile_net:
-            cache = self.__dict__.setdefault("_compiled_for_sampling", {})  # off the module tree: no checkpoint keys
-            if id(net) not in cache:
-                cache[id(net)] = torch.compile(net)
-            net = cache[id(net)]
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-        with evaluating(net), autocast:
-            model_fn = guided(self.denoiser.with_net(net), labels if self.conditional else None, scale, rescale, interval)
-            return (sampler or self.sampler)(model_fn, self.diffusion, noise, generator=generator, progress=progress, callback=callback)
+        return Model(self.denoiser.with_net(net), p_uncond=self.p_uncond if self.conditional else 0.0,
+                     guidance=Guidance(self.guidance_scale, self.guidance_rescale, self.guidance_interval),
+                     sampler=self.sampler, config=self.config, weights="ema" if use_ema else "raw", step=self.global_step)
 
 
 @torch.no_grad()
@@ -251,14 +229,3 @@ def _numpy_rng_state() -> tuple:
 
 def _linear_warmup(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-
-
-@contextlib.contextmanager
-def evaluating(net: nn.Module):
-    """Eval mode (no dropout) for the duration, restoring the previous mode after."""
-    was_training = net.training
-    net.eval()
-    try:
-        yield net
-    finally:
-        net.train(was_training)

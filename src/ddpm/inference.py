@@ -1,0 +1,366 @@
+"""A trained model as a Python object: ``ddpm.load(path)`` and ``Model.sample`` / ``Model.evaluate``.
+
+    import ddpm
+    model = ddpm.load("outputs/.../checkpoints/last.ckpt", ema=True, device="auto")
+    images = model.sample([3, 3, 7], sampler="dpmpp_2m", steps=20, guidance=2.0, seed=0)   # (3, C, H, W) in [-1, 1]
+    record = model.evaluate(num_samples=1000)                                              # {"metrics", "protocol"}
+
+This is the one inference path: ``ddpm.sample``, ``ddpm.evaluate`` and the training callbacks sample through
+``Model.draw``, and ``Model.evaluate`` makes every metrics record. No Lightning, Hydra, omegaconf or wandb is imported
+on this path (tests/test_layout.py checks it): a checkpoint is read by ``ddpm.checkpoints`` (which never lets a file
+choose what code runs) and built by ``ddpm.builders``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ddpm.builders import build, build_denoiser, build_sampler
+from ddpm.checkpoints import load_checkpoint
+from ddpm.core.denoiser import Denoiser
+from ddpm.core.errors import ConfigError
+from ddpm.core.guidance import Guidance, guided
+from ddpm.core.samplers import check_steps, randn_like
+from ddpm.options import read_option
+from ddpm.snapshots import EMA_SOURCES, posthoc_state_dict, snapshot_dir
+
+log = logging.getLogger(__name__)
+
+# Where the digits classifier and reference statistics are cached (paths.cache_dir of conf/paths/default.yaml).
+DEFAULT_CACHE_DIR = os.environ.get("DDPM_CACHE", str(Path.home() / ".cache" / "ddpm"))
+
+
+def even_labels(num_samples: int, num_classes: int) -> torch.Tensor:
+    """Labels 0..num_classes-1 in contiguous runs of (nearly) equal length: one grid row per class."""
+    return torch.arange(num_samples) * num_classes // num_samples
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto``: cuda when available, else cpu."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@contextlib.contextmanager
+def evaluating(net: nn.Module):
+    """Eval mode (no dropout) for the duration, restoring the previous mode after."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was_training)
+
+
+def sampler_name(sampler: Callable) -> str:
+    """``ddim`` for a partial of ``sample_ddim`` (the name of its option in conf/sampler/)."""
+    func = sampler.func if isinstance(sampler, partial) else sampler
+    return getattr(func, "__name__", type(func).__name__).removeprefix("sample_")
+
+
+class Model:
+    """A denoiser over chosen weights, with what sampling it needs to know about its training: whether it saw the null
+    label (``p_uncond``), its guidance and sampler defaults, and where it came from (``config``, ``weights``, ``step``).
+
+    Built by ``load`` from a checkpoint, or by the LightningModule over its live weights (``DiffusionModule.model``),
+    so a training run samples exactly as ``ddpm.sample`` does."""
+
+    def __init__(self, denoiser: Denoiser, *, p_uncond: float, guidance: Guidance = Guidance(), sampler: Callable | None = None,
+                 config: dict | None = None, weights: Any = "ema", step: int | None = None, path: str | None = None):
+        self.denoiser, self.p_uncond, self.guidance, self.default_sampler = denoiser, p_uncond, guidance, sampler
+        self.config, self.weights, self.step, self.path = config, weights, step, path
+        self._compiled: dict[int, nn.Module] = {}
+
+    @property
+    def net(self) -> nn.Module:
+        return self.denoiser.net
+
+    @property
+    def process(self):
+        """The diffusion process (its schedule's alphas_cumprod, ...) the samplers walk."""
+        return self.denoiser.diffusion
+
+    @property
+    def num_classes(self) -> int | None:
+        return getattr(self.net, "num_classes", None)
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes is not None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def to(self, device: str | torch.device) -> "Model":
+        self.net.to(resolve_device(device))
+        self.process.to(resolve_device(device))
+        return self
+
+    # --- what to sample, and how ------------------------------------------------------------------------------------
+    def labels_for(self, labels: int | Sequence[int] | torch.Tensor | None, num_samples: int | None = None) -> tuple[torch.Tensor | None, int]:
+        """(labels, n): a count gives that many images (spread evenly over the classes of a conditional model), a list
+        gives one image per label; ConfigError for labels the model does not have."""
+        if isinstance(labels, int) and not isinstance(labels, bool):
+            labels, num_samples = None, labels
+        if labels is not None:
+            labels = torch.as_tensor(labels, dtype=torch.long).flatten().cpu()
+            bad = not self.conditional or len(labels) == 0 or labels.min() < 0 or labels.max() >= self.num_classes
+            if bad:
+                allowed = f"class ids below {self.num_classes}" if self.conditional else "null (the model is unconditional)"
+                raise ConfigError(f"labels={labels.tolist()[:20]}: must be {allowed}")
+            return labels, len(labels)
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ConfigError(f"num_samples={num_samples!r}: must be an integer > 0")
+        return (even_labels(num_samples, self.num_classes) if self.conditional else None), num_samples
+
+    def sampler_for(self, sampler: str | Callable | None = None, steps: int | None = None, **options) -> Callable:
+        """A sampler by option name of conf/sampler/ (``"dpmpp_2m"``, its defaults there, ``options`` over them), a
+        sampler callable as it is, or None: the one the model was trained with. ``steps`` overrides its steps."""
+        if sampler is None:
+            sampler = self.default_sampler if self.default_sampler is not None else "ddpm"
+        if isinstance(sampler, str):
+            try:
+                node = read_option("sampler", sampler)
+            except KeyError as error:
+                raise ConfigError(f"sampler={sampler!r}: {error.args[0].split(': ', 1)[1]}") from None
+            unknown = sorted(set(options) - set(node))
+            if unknown:
+                known = sorted(k for k in node if not k.startswith("_"))
+                raise ConfigError(f"sampler={sampler}: no option {unknown} (its options: {known})")
+            # an interpolation (ddpm's steps: ${oc.select:schedule.timesteps,null}) means the sampler's own default
+            node = {k: v for k, v in {**node, **options}.items() if not (isinstance(v, str) and "${" in v)}
+            sampler = build_sampler(node)
+        elif options:
+            sampler = partial(sampler, **options)
+        if steps is not None:
+            check_steps(steps, self.process.num_timesteps)
+            sampler = partial(sampler, steps=steps)
+        return sampler
+
+    def guidance_for(self, guidance: float | Guidance | None = None) -> Guidance:
+        """None: the model's own (the checkpoint's guidance.scale); a number: that w with no rescale or interval; a
+        ``Guidance`` as it is. Checked against how the model was trained (w > 0 needs p_uncond > 0)."""
+        if guidance is None:
+            guidance = self.guidance
+        elif not isinstance(guidance, Guidance):
+            guidance = Guidance(scale=float(guidance))
+        guidance.check(self.p_uncond, self.conditional)
+        return guidance
+
+    # --- sampling ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def draw(self, labels: int | Sequence[int] | torch.Tensor | None = None, *, num_samples: int | None = None,
+             sampler: str | Callable | None = None, steps: int | None = None, guidance: float | Guidance | None = None,
+             seed: int = 0, batch_size: int = 500, precision: str = "float32", compile: bool = False,
+             progress: bool = False, trajectory: int = 0, trajectory_steps: int = 10, **sampler_options) -> dict:
+        """Images in [-1, 1] for ``labels`` (or ``num_samples`` / an int: that many, spread over the classes), in
+        batches of ``batch_size`` from one generator seeded with ``seed`` on the model's device: the same seed gives the
+        same images. Returns ``images``, ``labels``, ``trajectory`` (x_T ... x_0 of the first ``trajectory`` images, or
+        None), ``nfe`` (network evaluations per batch) and ``seconds``. ``precision``: float32, or bf16 autocast of the
+        network; ``compile``: a torch.compile'd network (compiled once per weights)."""
+        from tqdm.auto import tqdm
+
+        labels, n = self.labels_for(labels, num_samples)
+        run = self.sampler_for(sampler, steps, **sampler_options)
+        guidance = self.guidance_for(guidance)
+        if precision not in ("float32", "bf16"):
+            raise ConfigError(f"sampler.precision={precision!r}: must be one of ['float32', 'bf16']")
+        device, net = self.device, self.net
+        if compile:
+            net = self._compiled.setdefault(id(net), torch.compile(net))
+        denoiser = self.denoiser.with_net(net)
+        generator = torch.Generator(device).manual_seed(seed)
+        evaluations, frames, chunks = 0, [], []
+
+        def counted(model_fn):
+            def call(x, t):
+                nonlocal evaluations
+                evaluations += 1
+                return model_fn(x, t)
+            return call
+
+        batches = range(0, n, batch_size)
+        # One bar over all images when there are several batches; the sampler's own bar over its steps when there is one.
+        overall = tqdm(total=n, desc="sampling", unit="img", disable=not progress or len(batches) == 1, leave=False)
+        start = time.perf_counter()
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        with evaluating(net), autocast:
+            for first in batches:
+                size = min(batch_size, n - first)
+                batch_labels = labels[first:first + size].to(device) if labels is not None else None
+                shape = (size, net.in_channels, net.image_size, net.image_size)
+                noise = randn_like(torch.empty(shape, device=device), generator)
+                keep = trajectory if first == 0 else 0
+                callback = (lambda i, x, x0: frames.append(x[:keep].clone())) if keep else None  # noqa: E731
+                model_fn = guided(denoiser, batch_labels, guidance.scale, guidance.rescale, guidance.interval)
+                chunks.append(run(counted(model_fn), self.process, noise, generator=generator,
+                                  progress=progress and len(batches) == 1, callback=callback))
+                overall.update(size)
+        overall.close()
+        seconds = time.perf_counter() - start
+        path = None
+        if frames:
+            every = max(1, len(frames) // trajectory_steps)
+            path = torch.stack(frames[::every][: trajectory_steps - 1] + [frames[-1]], dim=1)  # (k, steps, C, H, W)
+        return {"images": torch.cat(chunks), "labels": labels, "trajectory": path,
+                "nfe": evaluations / len(batches), "seconds": seconds}
+
+    def sample(self, labels: int | Sequence[int] | torch.Tensor | None = None, **options) -> torch.Tensor:
+        """``draw(...)["images"]``: e.g. ``model.sample(16)``, ``model.sample([3, 3, 7], guidance=2, steps=20)``."""
+        return self.draw(labels, **options)["images"]
+
+    # --- evaluation -------------------------------------------------------------------------------------------------
+    def data(self, root: str | None = None):
+        """The data set the model was trained on (its config's ``data`` node), optionally read from another ``root``."""
+        if self.config is None or "data" not in self.config:
+            raise ConfigError("this model carries no data config: pass data=... (a ddpm.data data set)")
+        node = dict(self.config["data"])
+        if root is not None:
+            node["root"] = root
+        return build(node, "data")
+
+    def check_data(self, data) -> None:
+        """Refuse to measure a model against images of another shape or label set."""
+        net, lines = self.net, []
+        for key, model_value in (("channels", net.in_channels), ("image_size", net.image_size), ("num_classes", net.num_classes)):
+            if model_value is not None and getattr(data, key, None) != model_value:
+                lines.append(f"data.{key}={getattr(data, key, None)!r}: the checkpoint's model has {key}={model_value}")
+        if lines:
+            raise ConfigError("; ".join(lines) + " (evaluate against the dataset the model was trained on)")
+
+    def evaluate(self, num_samples: int = 1000, *, data=None, feature_extractor: str = "auto", reference_split: str = "train",
+                 reference_size: int | None = None, cache_dir: str | None = None, inception_score: bool = True,
+                 labels=None, sampler: str | Callable | None = None, steps: int | None = None,
+                 guidance: float | Guidance | None = None, seed: int = 0, **draw_options) -> dict:
+        """Sample ``num_samples`` images (or one per label of ``labels``) and measure them against the real images of
+        ``reference_split`` (``data``: a ``ddpm.data`` data set; default the one the model was trained on). Returns the
+        metrics record ``{"metrics": ..., "protocol": ...}``, the protocol being everything that makes two numbers
+        comparable: reference set, feature space, sample count, sampler, guidance, weights, seed and checkpoint."""
+        from ddpm.evaluation.metrics import inception_score as measure_inception, metric_name, prepare, sample_metrics
+
+        data = self.data() if data is None else data
+        self.check_data(data)
+        data.check()
+        extractor, extractor_info, reference = prepare(feature_extractor, data, reference_split, cache_dir or DEFAULT_CACHE_DIR,
+                                                       reference_size, self.device)
+        run = self.sampler_for(sampler, steps)
+        guidance = self.guidance_for(guidance)
+        out = self.draw(labels, num_samples=num_samples, sampler=run, guidance=guidance, seed=seed, **draw_options)
+        images, drawn_labels = out["images"], out["labels"]
+        metrics = sample_metrics(extractor, reference, images, drawn_labels)
+        if inception_score and drawn_labels is not None and images.shape[1] == 3 and metric_name(extractor) == "fid":
+            metrics.update(measure_inception(images))
+        # One evaluation is one network call on a batch; a guided one carries the conditional and the unconditional
+        # halves together. nfe counts them per image (the sampler's steps).
+        metrics.update(nfe=out["nfe"], sampling_seconds=out["seconds"], images_per_second=len(images) / out["seconds"])
+        return {"metrics": metrics,
+                "protocol": self.protocol(run, guidance, seed, len(images), reference.info, extractor_info,
+                                          precision=draw_options.get("precision", "float32"),
+                                          compile=draw_options.get("compile", False))}
+
+    def protocol(self, sampler: Callable, guidance: Guidance, seed: int, num_samples: int, reference_info: dict,
+                 extractor_info: dict, **sampler_extra) -> dict:
+        """What ``evaluate`` records beside its numbers: compare runs only when their protocols agree."""
+        options = dict(sampler.keywords) if isinstance(sampler, partial) else {}
+        if options.get("steps") is None:
+            options["steps"] = self.process.num_timesteps
+        return {
+            "reference": reference_info,
+            "feature_extractor": extractor_info,
+            "num_samples": num_samples,
+            "sampler": {"name": sampler_name(sampler), **options, **sampler_extra},
+            "guidance_scale": float(guidance.scale),
+            "guidance_rescale": float(guidance.rescale),
+            "guidance_interval": None if guidance.interval is None else [float(v) for v in guidance.interval],
+            "prediction": self.denoiser.prediction,
+            "weights": self.weights,
+            "seed": seed,
+            "checkpoint": {"path": str(Path(self.path).resolve()) if self.path else None, "global_step": self.step},
+        }
+
+
+# --- loading --------------------------------------------------------------------------------------------------------
+def _weights(state: dict, prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load(path: str | Path, ema: bool | float = True, device: str | torch.device = "auto", *, snapshots: str | Path | None = None,
+         ema_source: str = "auto", ema_sources: Sequence[float] | None = None) -> Model:
+    """The model of a checkpoint written by ``python -m ddpm.train``, through the same trust checks as the CLI.
+
+    ``ema``: True, the classic EMA (``ema.decay``); False, the raw weights; a number, the power EMA of that relative
+    width (Karras et al. 2024), the one tracked in the checkpoint if there is one (``ema_source``: auto | tracked |
+    posthoc), else rebuilt from the run's snapshots (``snapshots``: their folder, default ``<run>/ema_snapshots``;
+    ``ema_sources``: rebuild from these tracked widths only). ConfigError, one line, for anything that is not a ddpm
+    checkpoint of a model this project can build."""
+    source = f"ckpt_path={str(path)!r}"
+    if ema_source not in EMA_SOURCES:
+        raise ConfigError(f"ema.source={ema_source!r}: must be one of {list(EMA_SOURCES)}")
+    checkpoint = load_checkpoint(path, "cpu")
+    config = checkpoint["config"]
+    from ddpm.validation import check_checkpoint_config  # the rules of the model's keys (no Hydra: plain dicts too)
+
+    check_checkpoint_config(config, source)
+    try:
+        denoiser = build_denoiser(config)
+        default_sampler = build_sampler({k: v for k, v in config["sampler"].items() if k not in ("precision", "compile")})
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    except Exception as error:  # a value the rules let through that the constructors refuse
+        raise ConfigError(f"{source}: its config does not build a model ({type(error).__name__}: "
+                          f"{(str(error).splitlines() or [''])[0][:200]})") from None
+    state = checkpoint["state_dict"]
+    weights: Any = "ema" if ema is True else "raw"
+    prefix = "ema.module." if ema is True else "net."
+    tracked_widths = [float(s) for s in (config.get("ema", {}).get("sigma_rels") or [])]
+    sigma_rel = None if isinstance(ema, bool) else float(ema)
+    if sigma_rel is not None:
+        index = next((i for i, s in enumerate(tracked_widths) if abs(s - sigma_rel) < 1e-9), None)
+        present = index is not None and any(k.startswith(f"power_ema.averages.{index}.") for k in state)
+        if ema_source == "tracked" and not present:
+            raise ConfigError(f"ema.sigma_rel={sigma_rel}: the checkpoint tracks no power EMA of that width (it has "
+                              f"{tracked_widths}); use ema.source=auto or posthoc to rebuild it from the snapshots")
+        if present and ema_source != "posthoc":
+            prefix, weights = f"power_ema.averages.{index}.", {"power_ema": {"sigma_rel": sigma_rel, "source": "tracked"}}
+        else:
+            prefix = "ema.module."  # the shapes every snapshot must have; replaced by the rebuild below
+    _load_weights(denoiser.net, _weights(state, prefix), source)
+    if sigma_rel is not None and not isinstance(weights, dict):
+        directory = Path(snapshots).expanduser() if snapshots else snapshot_dir(path)
+        sources = None if ema_sources is None else [float(s) for s in ema_sources]
+        # the EMA at this checkpoint's step, from the snapshots up to it only
+        rebuilt, info = posthoc_state_dict(directory, sigma_rel, step=checkpoint.get("global_step"), sources=sources,
+                                           reference=denoiser.net.state_dict())
+        _load_weights(denoiser.net, rebuilt, f"ema.snapshots={str(directory)!r}")
+        log.info("power EMA sigma_rel=%g at step %d rebuilt from %d snapshots in %s", sigma_rel, info["step"],
+                 info["snapshots"], directory)
+        weights = {"power_ema": {"source": "posthoc", **info}}
+    guidance_node = config["guidance"]
+    model = Model(denoiser.with_net(denoiser.net.requires_grad_(False).eval()),
+                  p_uncond=float(guidance_node.get("p_uncond", 0.0)) if guidance_node.get("conditional") else 0.0,
+                  guidance=Guidance(float(guidance_node.get("scale", 0.0)), float(guidance_node.get("rescale", 0.0)),
+                                    None if guidance_node.get("interval") is None else tuple(guidance_node["interval"])),
+                  sampler=default_sampler, config=config, weights=weights, step=checkpoint.get("global_step"), path=str(path))
+    return model.to(device)
+
+
+def _load_weights(net: nn.Module, state: dict, source: str) -> None:
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as error:  # missing or unexpected keys, other shapes
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ConfigError(f"{source}: its weights do not fit the model its config describes ({reason})") from None
+
+
+__all__ = ["Guidance", "Model", "load"]
