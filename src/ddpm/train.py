@@ -31,7 +31,7 @@ from ddpm.config import cli_main, resolve_precision, run_cli
 from ddpm.options import config_dir
 from ddpm.build import instantiate_loggers
 from ddpm.training.disk import check_disk
-from ddpm.training.loggers import finish_wandb
+from ddpm.training.loggers import RULES as LOGGER_RULES, finish_wandb
 from ddpm.training.module import DiffusionModule, NonFiniteLossError
 from ddpm.validation import ConfigError, validate
 
@@ -46,7 +46,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Diffus
     Stops with ConfigError before anything is built when a value is out of range, the data are missing, the
     checkpoint is unreadable or of another model, or the disk cannot hold what the run will write (``check_disk``);
     with SystemExit(128 + signal) after SIGINT/SIGTERM, once last.ckpt is written."""
-    validate(cfg, "train")
+    validate(cfg, "train", LOGGER_RULES)
     resolve_precision(cfg)
     ckpt_path = resume_checkpoint(cfg)
     check_disk(cfg)

@@ -20,7 +20,6 @@ from ddpm.core.prediction import LOSS_WEIGHTS, PREDICTIONS, ZERO_TERMINAL_SNR_PR
 from ddpm.core.samplers import MAX_LAMBDA_MIN, SPACINGS, X0_CLIPS, check_lambda_min
 from ddpm.core.samplers.ddpm import VARIANCES
 from ddpm.evaluation.metrics import EXTRACTORS, REFERENCE_SPLITS
-from ddpm.training.loggers import WANDB_MODES
 from ddpm.snapshots import EMA_SOURCES, SNAPSHOT_DTYPES
 
 
@@ -240,7 +239,6 @@ TRAIN_RULES = [
     Rule("callbacks.sample_quality.steps", _steps_ok, "null or an integer between 1 and schedule.timesteps"),
     Rule("callbacks.sample_quality.feature_extractor", one_of(*EXTRACTORS), f"one of {list(EXTRACTORS)}"),
     Rule("callbacks.sample_quality.reference_split", one_of(*REFERENCE_SPLITS), f"one of {list(REFERENCE_SPLITS)}"),
-    Rule("logger.mode", one_of(*WANDB_MODES), f"one of {list(WANDB_MODES)}"),
     *SAMPLER_RULES,
 ]
 
@@ -353,9 +351,9 @@ def check_checkpoint_config(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: its config holds " + "; ".join(found) + " (was the file altered?)")
 
 
-def validate(cfg: Config, entry: str) -> None:
-    """Raise ConfigError listing every broken rule of ``entry`` (train | sample | evaluate), and every appended key
-    (``+key=value``) that nothing reads."""
+def validate(cfg: Config, entry: str, rules: tuple[Rule, ...] = ()) -> None:
+    """Raise ConfigError listing every broken rule of ``entry`` (train | sample | evaluate) and of ``rules`` (those an
+    entry point's own parts bring, e.g. the logger's), and every appended key (``+key=value``) that nothing reads."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
@@ -367,6 +365,6 @@ def validate(cfg: Config, entry: str) -> None:
         if entry == "evaluate" and preset is not None and str(HydraConfig.get().mode) == "RunMode.RUN":
             found.append(f"evaluations={preset}: a grid of evaluations, run with --multirun (python -m ddpm.evaluate "
                          f"--multirun evaluations={preset} ckpt_path=...); without it only one default evaluation would run")
-    found += problems(cfg, RULES[entry]) if not missing else []
+    found += problems(cfg, [*RULES[entry], *rules]) if not missing else []
     if found:
         raise ConfigError("\n".join(found))

@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 
 
 from ddpm.core.errors import ConfigError
+from ddpm.validation import Rule, one_of
 
 if TYPE_CHECKING:
     from lightning.pytorch.loggers import WandbLogger
@@ -54,6 +55,8 @@ def wandb_credentials_available() -> bool:
 
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")  # logger.mode
+# Its rule, checked with the training config's before anything is built (ddpm.train passes it to validate).
+RULES = (Rule("logger.mode", one_of(*WANDB_MODES), f"one of {list(WANDB_MODES)}"),)
 
 
 def resolve_wandb_mode(mode: str = "auto") -> str:
