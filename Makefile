@@ -25,7 +25,7 @@ train:
 # Training/sampling throughput against diffusers (installs the bench extra first).
 bench:
 	$(PYTHON) -m pip install -e ".[bench]"
-	$(PYTHON) -m ddpm.bench
+	$(PYTHON) benchmarks/throughput.py
 
 # Quality against NFE for one checkpoint: make bench-samplers CKPT=outputs/<date>/<time>/checkpoints/last.ckpt
 bench-samplers:

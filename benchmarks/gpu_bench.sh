@@ -10,5 +10,5 @@ OUT=${OUT:-.}
 # unet_cifar10 at batch 128: ddpm's default (bf16 on an H200), its fp32 version and bf16 + compile, against diffusers
 # eager bf16; MFU vs 989 TFLOP/s. Training is the target; ddpm samples in float32 (as ddpm.sample does) while
 # diffusers samples in bf16 here, so the sampling ratio understates ddpm.
-timeout 280 python -m ddpm.bench --device cuda --networks cifar10 --batch 128 --compile --diffusers-bf16 \
+timeout 280 python benchmarks/throughput.py --device cuda --networks cifar10 --batch 128 --compile --diffusers-bf16 \
     --sample-batch 64 --steps 20 --warmup 5 --peak-tflops 989 --out "$OUT/bench_gpu.json" | tee "$OUT/bench_gpu.md"

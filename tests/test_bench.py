@@ -1,9 +1,14 @@
-"""The benchmark's building blocks (the full run is `make bench`, never a test)."""
+"""The benchmark's building blocks (benchmarks/throughput.py; the full run is `make bench`, never a test)."""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from ddpm.bench import NETWORKS, Options, ddpm_impl, default_options, diffusers_impl, matmul_roof
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import throughput  # noqa: E402  (a script of benchmarks/, outside the package)
+from throughput import NETWORKS, Options, ddpm_impl, default_options, diffusers_impl, matmul_roof  # noqa: E402
 
 
 @pytest.mark.parametrize("options", [Options(), Options(channels_last=False, sdpa=False, fused=False, batched_guidance=False, bf16=True)])
@@ -16,10 +21,8 @@ def test_ddpm_side_runs_a_training_step_and_a_guided_sample(options):
 
 
 def test_matmul_roof_is_the_products_flops_over_its_median_time(monkeypatch):
-    import ddpm.bench
-
     clock = iter([0.0, 0.1, 1.0, 1.5, 2.0, 2.25])  # three timed products: 0.1 s, 0.5 s, 0.25 s; median 0.25 s
-    monkeypatch.setattr(ddpm.bench.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock))
     assert matmul_roof(torch.float32, "cpu", n=64, repeats=3) == pytest.approx(2 * 64**3 / 0.25 / 1e9)
 
 
@@ -43,10 +46,9 @@ def test_diffusers_network_has_the_same_layout(network):
 
 
 def test_data_path_rows_are_batches_over_the_median_time(monkeypatch):
-    import ddpm.bench
-    from ddpm.bench import bench_data
+    from throughput import bench_data
 
     times = iter([2.0, 4.0, 3.0, 1.0, 9.0, 5.0])  # medians 3.0 (loader), 5.0 (on device)
-    monkeypatch.setattr(ddpm.bench, "_time", lambda fn, device: (fn(), next(times))[1])
+    monkeypatch.setattr(throughput, "_time", lambda fn, device: (fn(), next(times))[1])
     rows = bench_data("cpu", batches=3, batch=16)
     assert rows == [{"data.on_device": False, "batches_s": 1.0}, {"data.on_device": True, "batches_s": 0.6}]

@@ -24,7 +24,7 @@ LAYERS = [
     ("rules", lambda m: m == "ddpm.validation"),
     ("inference", lambda m: m in ("ddpm", "ddpm.inference")),
     ("training", lambda m: m == "ddpm.training" or m.startswith("ddpm.training.")),
-    ("entry points", lambda m: True),  # config, build, train, sample, evaluate, report, bench
+    ("entry points", lambda m: True),  # config, build, train, sample, evaluate, report
 ]
 FORBIDDEN_ON_THE_PYTHON_PATH = ("lightning", "lightning_fabric", "pytorch_lightning", "hydra", "omegaconf", "wandb")
 

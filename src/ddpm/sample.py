@@ -4,12 +4,10 @@ images from a checkpoint, as a PNG grid and as raw uint8 arrays (samples.npz).""
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import hydra
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 

@@ -1,4 +1,4 @@
-"""`python -m ddpm.bench`: training and sampling throughput of ddpm's U-Net against HuggingFace diffusers'
+"""`python benchmarks/throughput.py`: training and sampling throughput of ddpm's U-Net against HuggingFace diffusers'
 ``UNet2DModel`` built with the same layout, measured side by side in one process.
 
 For each network (``tiny``: unet_tiny on 1x8x8 digits; ``cifar10``: the DDPM CIFAR-10 U-Net on 3x32x32) it times
