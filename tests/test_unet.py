@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from ddpm.core.errors import ConfigError
+
 from ddpm.core.unet import AttentionBlock, GroupNorm32, UNet
 
 
@@ -39,10 +41,41 @@ def test_labels_and_time_change_the_output():
 
 
 def test_bad_sizes_name_the_config_key():
-    with pytest.raises(ValueError, match="data.image_size=10 must be divisible"):
+    """The U-Net owns its shape rules (ConfigError, a ValueError); validation reaches them by building the network on
+    the meta device (premise changed, issue 22: the wording is now the one message both paths print)."""
+    with pytest.raises(ConfigError, match="data.image_size=10: must be a multiple of the U-Net's downsampling factor 4"):
         UNet(10, 1, 16, (1, 2, 2), 1, ())
-    with pytest.raises(ValueError, match=r"model.attention_resolutions=\[3\]"):
+    with pytest.raises(ConfigError, match=r"model.attention_resolutions=\[3\]"):
         UNet(8, 1, 16, (1, 2), 1, (3,))
+    with pytest.raises(ConfigError, match=r"model.norm_groups=5: must divide every level's channels \[16, 32\]"):
+        UNet(8, 1, 16, (1, 2), 1, (), norm_groups=5)
+
+
+@pytest.mark.parametrize("overrides,line", [
+    (["data.image_size=9"], "data.image_size=9: must be a multiple of the U-Net's downsampling factor 2"),
+    (["model.attention_resolutions=[3]"], "model.attention_resolutions=[3]: [3] not in the network's resolutions [8, 4]"),
+    (["model.norm_groups=5"], "model.norm_groups=5: must divide every level's channels"),
+])
+def test_validation_reports_the_networks_own_rule_in_one_line(overrides, line, tiny_cfg):
+    from ddpm.validation import validate
+
+    with pytest.raises(ConfigError) as error:
+        validate(tiny_cfg(*overrides), "train")
+    assert str(error.value).startswith(line) and "\n" not in str(error.value)
+
+
+def test_another_backbone_is_checked_by_its_own_constructor_not_the_unets(tiny_cfg, monkeypatch):
+    """A model option whose network has no channel_mult: no U-Net rule applies to it; its own constructor's ConfigError
+    is the one line."""
+    from ddpm import validation
+
+    def constructor(model, **kwargs):
+        raise ConfigError("model.width=3: my network wants an even width")
+
+    monkeypatch.setattr("ddpm.builders.build_net", constructor)
+    cfg = tiny_cfg("data.image_size=9")  # not a multiple of the U-Net's 2: irrelevant to this network
+    with pytest.raises(ConfigError, match=r"\Amodel.width=3: my network wants an even width\Z"):
+        validation.validate(cfg, "train")
 
 
 def test_both_attention_paths_compute_softmax_qk_v():

@@ -15,9 +15,10 @@ from typing import Any, Callable
 
 from ddpm.core.errors import ConfigError  # noqa: F401  (re-exported: the core owns it, the entry points catch it)
 from ddpm.core.ema import MAX_SIGMA_REL
-from ddpm.core.guidance import guidance_usable
-from ddpm.core.prediction import LOSS_WEIGHTS, PREDICTIONS, ZERO_TERMINAL_SNR_PREDICTIONS
-from ddpm.core.samplers import MAX_LAMBDA_MIN, SPACINGS, X0_CLIPS, check_lambda_min
+from ddpm.core.guidance import check_interval, check_rescale, guidance_usable
+from ddpm.core.prediction import LOSS_WEIGHTS, PREDICTIONS, ZERO_TERMINAL_SNR_PREDICTIONS, check_min_snr_gamma, check_terminal_snr
+from ddpm.core.samplers import MAX_LAMBDA_MIN, SPACINGS, X0_CLIPS, check_lambda_min, check_steps
+from ddpm.core.samplers.ddim import check_eta
 from ddpm.core.samplers.ddpm import VARIANCES
 from ddpm.evaluation.metrics import EXTRACTORS, REFERENCE_SPLITS
 from ddpm.snapshots import EMA_SOURCES, SNAPSHOT_DTYPES
@@ -47,6 +48,9 @@ class Rule:
     key: str
     check: Callable[[Any, Config], bool]
     allowed: str
+    # A rule owned by the code it governs: ``check`` calls that code's own check, which raises ConfigError with its
+    # own one line (the U-Net its shapes); ``allowed`` then only words a value the check could not even look at.
+    owned: bool = False
 
 
 # --- predicates -------------------------------------------------------------------------------------------
@@ -86,14 +90,6 @@ def optional(check) -> Callable[[Any, Config], bool]:
     return lambda v, cfg=None: v is None or check(v, cfg)
 
 
-def _downsampling(cfg: Config) -> int:
-    return 2 ** (len(select(cfg, "model.channel_mult")) - 1)
-
-
-def _resolutions(cfg: Config) -> list[int]:
-    return [select(cfg, "data.image_size") // 2**level for level in range(len(select(cfg, "model.channel_mult")))]
-
-
 def _timesteps(cfg: Config) -> int | None:
     return select(cfg, "schedule.timesteps")
 
@@ -102,7 +98,9 @@ def _steps_ok(v, cfg) -> bool:
     t = _timesteps(cfg)
     if t is not None and not positive_int(t):
         return True  # schedule.timesteps is wrong (its own rule says so); steps often just follow it
-    return v is None or (positive_int(v) and (t is None or v <= t))
+    if v is None:
+        return True
+    return _raises_no_config_error(check_steps, v, t) if t is not None else positive_int(v)  # t: the checkpoint's
 
 
 def _raises_no_config_error(check: Callable, *args) -> bool:
@@ -112,6 +110,28 @@ def _raises_no_config_error(check: Callable, *args) -> bool:
         return True
     except ConfigError:
         return False
+
+
+def _build_network(cfg: Config) -> None:
+    """The network, built on the meta device (no memory, no compute): its constructor owns its rules (the U-Net its
+    downsampling, attention resolutions and group norms), so another backbone brings its own."""
+    import torch
+
+    from ddpm.builders import build_net
+
+    num_classes = select(cfg, "data.num_classes") if select(cfg, "guidance.conditional") else None
+    with torch.device("meta"):
+        build_net(select(cfg, "model"), num_classes=num_classes)
+
+
+def _terminal_alpha_bar(cfg: Config) -> float:
+    """alpha_bar_T of the configured schedule (1.0 when it cannot be built: the schedule's own rule reports that)."""
+    try:
+        from ddpm.builders import build_diffusion
+
+        return float(build_diffusion(select(cfg, "schedule")).alphas_cumprod[-1])
+    except Exception:
+        return 1.0
 
 
 def _build_schedule(cfg: Config) -> None:
@@ -146,14 +166,14 @@ PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true
 
 # --- the tables -------------------------------------------------------------------------------------------
 GUIDANCE_VARIANT_RULES = [
-    Rule("guidance.rescale", lambda v, _: _is_num(v) and 0 <= v <= 1, "a number in [0, 1] (0: off; Lin et al. use 0.7)"),
-    Rule("guidance.interval", optional(lambda v, _: isinstance(v, list) and len(v) == 2 and all(_is_num(x) for x in v) and 0 <= v[0] < v[1]),
+    Rule("guidance.rescale", lambda v, _: _raises_no_config_error(check_rescale, v), "a number in [0, 1] (0: off; Lin et al. use 0.7)"),
+    Rule("guidance.interval", lambda v, _: _raises_no_config_error(check_interval, v),
          "null or [sigma_lo, sigma_hi] with 0 <= sigma_lo < sigma_hi (EDM noise levels, e.g. [0.28, 5.42])"),
 ]
 
 SAMPLER_RULES = [
     Rule("sampler.steps", _steps_ok, "an integer between 1 and schedule.timesteps (null: all T for ddpm)"),
-    Rule("sampler.eta", nonneg, "a number >= 0 (0: deterministic DDIM, 1: DDPM posterior variance)"),
+    Rule("sampler.eta", lambda v, _: _raises_no_config_error(check_eta, v), "a number >= 0 (0: deterministic DDIM, 1: DDPM posterior variance)"),
     Rule("sampler.variance", one_of(*VARIANCES), f"one of {list(VARIANCES)}"),
     Rule("sampler.x0_clip", one_of(*X0_CLIPS), f"one of {list(X0_CLIPS)}"),
     Rule("sampler.spacing", one_of(*SPACINGS), f"one of {list(SPACINGS)}"),
@@ -174,21 +194,17 @@ TRAIN_RULES = [
     Rule("data.test_fraction", lambda v, _: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
     Rule("data.image_size", positive_int, "an integer > 0"),
     Rule("data.on_device", lambda v, _: isinstance(v, bool), "true or false"),
-    Rule("data.image_size", lambda v, cfg: not _is_int(v) or v % _downsampling(cfg) == 0,
-         "a multiple of the U-Net's downsampling factor 2^(len(model.channel_mult)-1)"),
     Rule("model.base_channels", positive_int, "an integer > 0"),
     Rule("model.channel_mult", lambda v, _: len(v) > 0 and all(positive_int(m) for m in v), "a non-empty list of integers > 0"),
     Rule("model.num_res_blocks", positive_int, "an integer > 0"),
-    Rule("model.attention_resolutions", lambda v, cfg: all(r in _resolutions(cfg) for r in v),
-         "feature-map sizes the network has: data.image_size / 2^level for each level of model.channel_mult"),
     Rule("model.dropout", probability, "a probability in [0, 1)"),
     Rule("model.num_heads", positive_int, "an integer > 0"),
     Rule("model.compile", lambda v, _: isinstance(v, bool), "true or false"),
     Rule("model.channels_last", lambda v, _: isinstance(v, bool), "true or false"),
     Rule("model.sdpa", lambda v, _: isinstance(v, bool), "true or false"),
     Rule("optim.optimizer.fused", lambda v, _: v is None or isinstance(v, bool), "true, false or null"),
-    Rule("model.norm_groups", lambda v, cfg: positive_int(v) and select(cfg, "model.base_channels") % v == 0,
-         "an integer > 0 dividing model.base_channels"),
+    Rule("model.norm_groups", positive_int, "an integer > 0"),
+    Rule("model", lambda v, cfg: _build_network(cfg), "settings the network's constructor accepts", owned=True),
     Rule("schedule.timesteps", positive_int, "an integer > 0"),
     Rule("schedule.beta_start", lambda v, _: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
     Rule("schedule.beta_end", lambda v, cfg: _is_num(v) and select(cfg, "schedule.beta_start") < v < 1,
@@ -202,11 +218,11 @@ TRAIN_RULES = [
          "0 when guidance.p_uncond=0 (the model never sees the null label); or train with guidance.p_uncond > 0"),
     *GUIDANCE_VARIANT_RULES,
     Rule("diffusion.prediction", one_of(*PREDICTIONS), f"one of {list(PREDICTIONS)}"),
-    Rule("diffusion.prediction", lambda v, cfg: select(cfg, 'schedule.zero_terminal_snr') is not True or v in ZERO_TERMINAL_SNR_PREDICTIONS,
+    Rule("diffusion.prediction", lambda v, cfg: v not in PREDICTIONS or _raises_no_config_error(check_terminal_snr, v, _terminal_alpha_bar(cfg)),
          f"one of {list(ZERO_TERMINAL_SNR_PREDICTIONS)} with schedule.zero_terminal_snr=true: at alpha_T = 0 an eps model's "
          "x_0 = (x_T - eps) / alpha_T is undefined (Lin et al. 2024 train v: diffusion.prediction=v)"),
     Rule("diffusion.loss_weight", one_of(*LOSS_WEIGHTS), f"one of {list(LOSS_WEIGHTS)}"),
-    Rule("diffusion.min_snr_gamma", positive, "a number > 0 (Hang et al.: 5)"),
+    Rule("diffusion.min_snr_gamma", lambda v, _: _raises_no_config_error(check_min_snr_gamma, v), "a number > 0 (Hang et al.: 5)"),
     Rule("schedule.zero_terminal_snr", lambda v, _: isinstance(v, bool), "true or false"),
     Rule("schedule.start", lambda v, _: _is_num(v), "a number"),
     Rule("schedule.end", lambda v, cfg: _is_num(v) and v > select(cfg, "schedule.start"), "a number > schedule.start"),
@@ -288,10 +304,17 @@ def problems(cfg: Config, rules: list[Rule]) -> list[str]:
             continue  # a key of another option of the group (sampler.eta only exists for ddim)
         try:
             ok = rule.check(plain, cfg)
+        except ConfigError as error:
+            if not rule.owned:
+                raised.append((rule, plain))
+                continue
+            seen.add(rule.key)
+            lines.append(str(error).splitlines()[0])
+            continue
         except Exception:  # this value, or a malformed neighbour it depends on: decided below
             raised.append((rule, plain))
             continue
-        if not ok:
+        if not ok and not rule.owned:
             seen.add(rule.key)
             lines.append(f"{rule.key}={plain!r}: must be {rule.allowed}")
     # A rule that could not even be evaluated is moot when a neighbour is reported broken (its own rule says so);

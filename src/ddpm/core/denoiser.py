@@ -11,8 +11,7 @@ from torch import nn
 
 from ddpm.core.backbone import check_backbone
 from ddpm.core.diffusion import GaussianDiffusion, extract
-from ddpm.core.errors import ConfigError
-from ddpm.core.prediction import ZERO_TERMINAL_SNR_PREDICTIONS, check_prediction, loss_weight, to_x0_eps
+from ddpm.core.prediction import check_min_snr_gamma, check_prediction, check_terminal_snr, loss_weight, to_x0_eps
 
 
 class Denoiser:
@@ -25,10 +24,7 @@ class Denoiser:
                  loss_weight: str = "uniform", min_snr_gamma: float = 5.0):
         check_backbone(net)
         check_prediction(prediction)
-        if prediction not in ZERO_TERMINAL_SNR_PREDICTIONS and diffusion.alphas_cumprod[-1] == 0:
-            raise ConfigError(f"diffusion.prediction={prediction} with a zero-terminal-SNR schedule: at t = T, x_0 = (x_T - eps) / "
-                              "alpha_T divides by alpha_T = 0, so an eps model cannot be sampled from there. Use "
-                              "diffusion.prediction=v (Lin et al. 2024) or x0, or schedule.zero_terminal_snr=false")
+        check_terminal_snr(prediction, float(diffusion.alphas_cumprod[-1]))
         _weight(loss_weight, prediction, min_snr_gamma)  # on a dummy SNR: a typo fails now, not at the first step
         self.net, self.diffusion, self.prediction = net, diffusion, prediction
         self.loss_weight, self.min_snr_gamma = loss_weight, min_snr_gamma
@@ -60,6 +56,5 @@ class Denoiser:
 
 
 def _weight(kind: str, prediction: str, gamma: float, snr: torch.Tensor | None = None) -> torch.Tensor:
-    if not isinstance(gamma, (int, float)) or gamma <= 0:
-        raise ConfigError(f"diffusion.min_snr_gamma={gamma!r}: must be a number > 0 (Hang et al. use 5)")
+    check_min_snr_gamma(gamma)
     return loss_weight(kind, prediction, torch.ones(1, dtype=torch.float64) if snr is None else snr, gamma)

@@ -96,10 +96,27 @@ def check_guidance(p_uncond: float, guidance_scale: float, conditional: bool = T
             f"guidance.scale={guidance_scale} needs a model trained with guidance.p_uncond > 0; with p_uncond=0 "
             "it never saw the null label. Set guidance.scale=0 or train with e.g. guidance.p_uncond=0.1"
         )
-    if not 0 <= rescale <= 1:
+    check_rescale(rescale)
+    check_interval(interval)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_rescale(rescale: float) -> None:
+    """The one rule of rescaled CFG's phi (``guidance.rescale``): a number in [0, 1]."""
+    if not (_number(rescale) and 0 <= rescale <= 1):
         raise ConfigError(f"guidance.rescale={rescale}: must be in [0, 1] (0: off; Lin et al. use 0.7)")
-    if interval is not None and not (len(interval) == 2 and 0 <= interval[0] < interval[1]):
-        raise ConfigError(f"guidance.interval={list(interval)}: must be null or [sigma_lo, sigma_hi] with "
+
+
+def check_interval(interval) -> None:
+    """The one rule of the guidance interval (``guidance.interval``): null, or [sigma_lo, sigma_hi] with
+    0 <= sigma_lo < sigma_hi."""
+    ok = interval is None or (isinstance(interval, (list, tuple)) and len(interval) == 2 and all(_number(v) for v in interval)
+                              and 0 <= interval[0] < interval[1])
+    if not ok:
+        raise ConfigError(f"guidance.interval={interval}: must be null or [sigma_lo, sigma_hi] with "
                           "0 <= sigma_lo < sigma_hi (EDM noise levels sigma_t / alpha_t, e.g. [0.28, 5.42])")
 
 

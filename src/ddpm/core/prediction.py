@@ -25,6 +25,20 @@ def check_prediction(prediction: str) -> None:
         raise ConfigError(f"diffusion.prediction={prediction!r}: must be one of {list(PREDICTIONS)}")
 
 
+def check_min_snr_gamma(gamma: float) -> None:
+    """The one rule of ``diffusion.min_snr_gamma``: a number > 0 (Hang et al. use 5)."""
+    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or gamma <= 0:
+        raise ConfigError(f"diffusion.min_snr_gamma={gamma!r}: must be a number > 0 (Hang et al. use 5)")
+
+
+def check_terminal_snr(prediction: str, alpha_bar_T: float) -> None:
+    """The one rule of targets at zero terminal SNR: at alpha_bar_T = 0, eps gives x_0 = (x_T - eps) / 0."""
+    if prediction not in ZERO_TERMINAL_SNR_PREDICTIONS and alpha_bar_T == 0:
+        raise ConfigError(f"diffusion.prediction={prediction} with a zero-terminal-SNR schedule: at t = T, x_0 = (x_T - eps) / "
+                          "alpha_T divides by alpha_T = 0, so an eps model cannot be sampled from there. Use "
+                          "diffusion.prediction=v (Lin et al. 2024) or x0, or schedule.zero_terminal_snr=false")
+
+
 def network_target(prediction: str, x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """What the network is trained to output for the pair (x_0, eps) at noise level (alpha, sigma)."""
     if prediction == "eps":

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ddpm.core.errors import ConfigError
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of the timestep (Vaswani et al. 2017, sec. 3.5), as used by DDPM."""
@@ -104,8 +106,29 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def check_layout(image_size: int, base_channels: int, channel_mult: Sequence[int], attention_resolutions: Sequence[int],
+                 norm_groups: int) -> None:
+    """The U-Net's own shape rules, ConfigError naming the key: the image halves at each level but the last, attention
+    goes at resolutions it has, and GroupNorm's groups divide every level's channels. (Validation builds the network on
+    the meta device to check a config, so these are the only copy.)"""
+    downsampling = 2 ** (len(channel_mult) - 1)
+    if image_size % downsampling:
+        raise ConfigError(f"data.image_size={image_size}: must be a multiple of the U-Net's downsampling factor {downsampling} "
+                          "(2 ** (len(model.channel_mult) - 1))")
+    resolutions = [image_size // 2**level for level in range(len(channel_mult))]
+    unknown = sorted(set(attention_resolutions) - set(resolutions))
+    if unknown:
+        raise ConfigError(f"model.attention_resolutions={list(attention_resolutions)}: {unknown} not in the network's "
+                          f"resolutions {resolutions} (data.image_size / 2^level for each level of model.channel_mult)")
+    widths = sorted({base_channels * m for m in (1, *channel_mult)})
+    if any(w % norm_groups for w in widths):
+        raise ConfigError(f"model.norm_groups={norm_groups}: must divide every level's channels {widths} "
+                          "(model.base_channels * model.channel_mult)")
+
+
 class UNet(nn.Module):
-    """eps_theta(x_t, t, y) of DDPM; ``forward(x, t, labels)`` returns a tensor shaped like ``x``."""
+    """The network of DDPM: ``forward(x, t, labels)`` returns a tensor shaped like ``x``, which the denoiser reads as
+    eps, x_0 or v (``diffusion.prediction``)."""
 
     def __init__(
         self,
@@ -125,15 +148,8 @@ class UNet(nn.Module):
         super().__init__()
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
         self.downsampling = 2 ** (len(channel_mult) - 1)
-        if image_size % self.downsampling:
-            raise ValueError(
-                f"data.image_size={image_size} must be divisible by the U-Net's downsampling factor "
-                f"{self.downsampling} (2 ** (len(model.channel_mult) - 1))"
-            )
+        check_layout(image_size, base_channels, channel_mult, attention_resolutions, norm_groups)
         resolutions = [image_size // 2**level for level in range(len(channel_mult))]
-        unknown = sorted(set(attention_resolutions) - set(resolutions))
-        if unknown:
-            raise ValueError(f"model.attention_resolutions={list(attention_resolutions)}: {unknown} not in the network's resolutions {resolutions}")
 
         emb_dim = 4 * base_channels
         self.base_channels = base_channels

@@ -65,7 +65,7 @@ def check_lambda_min(lambda_min: float | None) -> None:
 
 def check_steps(steps: int, num_timesteps: int) -> None:
     """The one range check of ``sampler.steps`` against the schedule's T."""
-    if not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= num_timesteps:
         raise ConfigError(f"sampler.steps={steps}: must be between 1 and schedule.timesteps={num_timesteps}")
 
 

@@ -28,14 +28,19 @@ def ddim_step(
     return x_prev, x0
 
 
+def check_eta(eta: float) -> None:
+    """The one rule of ``sampler.eta``: a number >= 0 (0 deterministic DDIM, 1 the DDPM posterior's variance)."""
+    if not (isinstance(eta, (int, float)) and not isinstance(eta, bool) and eta >= 0):
+        raise ConfigError(f"sampler.eta={eta}: must be >= 0 (0 = deterministic, 1 = DDPM)")
+
+
 def sample_ddim(
     model_fn: ModelFn, diffusion: GaussianDiffusion, noise: torch.Tensor, *, steps: int = 50, eta: float = 0.0,
     x0_clip: str = "clip", percentile: float = 0.995, generator: torch.Generator | None = None,
     callback: Callable | None = None, progress: bool = False,
 ) -> torch.Tensor:
     """DDIM over ``steps`` evenly spaced timesteps; one model evaluation per step."""
-    if eta < 0:
-        raise ConfigError(f"sampler.eta={eta}: must be >= 0 (0 = deterministic, 1 = DDPM)")
+    check_eta(eta)
     timesteps = sampling_timesteps(diffusion.alphas_cumprod, steps).to(noise.device)
     ones = torch.ones(1, dtype=torch.float64, device=diffusion.alphas_cumprod.device)
     alphas_cumprod = torch.cat([ones, diffusion.alphas_cumprod[timesteps.to(ones.device)]])  # [1, abar_t0, ...]
