@@ -13,7 +13,7 @@ from conftest import TINY, run_cli
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ddpm.training.callbacks import SampleQuality
+from ddpm.training.sampling import SampleQuality
 from ddpm.config import compose, native_bf16
 from ddpm.data import Digits
 from ddpm.evaluate import evaluate
@@ -220,7 +220,7 @@ def test_precision_recall_edge_cases():
 
 
 def test_precision_and_recall_carry_their_sample_count_in_logged_names():
-    from ddpm.training.callbacks import sized
+    from ddpm.training.sampling import sized
 
     assert sized({"fd_digits": 1, "precision": 0.9, "recall": 0.8, "diversity": 1.0}, 500) == \
         {"fd_digits_n500": 1, "precision_n500": 0.9, "recall_n500": 0.8, "diversity": 1.0}

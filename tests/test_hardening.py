@@ -696,3 +696,21 @@ def test_ctrl_c_during_evaluate_is_one_line_and_exit_130(checkpoint, tmp_path):
     assert lines[-1].startswith("interrupted (Ctrl+C)") and "Traceback" not in stderr, stderr[-3000:]
     assert all("sampling" in line or "dpmpp" in line for line in lines[:-1]), lines  # progress bars, cleared
     assert not (out / "metrics.json").exists() and not (out / ".evaluate.claim").exists()
+
+
+class _SigtermAfterLastCheckpoint(L.Callback):
+    """Sends this process SIGTERM from a hook that runs after LastCheckpoint's in the same step (as a snapshot write
+    does): Lightning then stops the run at its own check, and LastCheckpoint must save from ``on_exception``."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_sigterm_landing_after_the_last_checkpoint_hook_still_saves_that_step(tmp_path):
+    cfg = compose([*TINY, "trainer.max_steps=20", "~callbacks.sample_grid", "callbacks.model_checkpoint.every_n_train_steps=0"],
+                  output_dir=tmp_path / "run")
+    with pytest.raises(SystemExit) as stopped:
+        train(cfg, extra_callbacks=[_SigtermAfterLastCheckpoint()])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3

@@ -49,11 +49,16 @@ MOVED_MODULES = {
     **{f"ddpm.{m}": f"ddpm.core.{m}" for m in ("schedules", "diffusion", "guidance", "unet", "samplers")},
     **{f"ddpm.{m}": f"ddpm.training.{m}" for m in ("module", "callbacks", "checkpoint", "loggers", "rundirs")},
 }
-# Targets that were renamed (the data sets became plain datasets in ddpm.data, which training wraps).
+# Targets that were renamed or moved one by one (the data sets became plain datasets in ddpm.data, which training
+# wraps; training's callbacks went to one module per concept).
 RENAMED_TARGETS = {
     **{f"{module}.{old}": f"ddpm.data.{new}" for module in ("ddpm.data", "ddpm.training.data")
        for old, new in (("DigitsDataModule", "Digits"), ("TorchvisionDataModule", "Torchvision"),
                         ("ImageFolderDataModule", "ImageFolderData"))},
+    **{f"ddpm.training.callbacks.{name}": f"ddpm.training.{module}.{name}" for name, module in (
+        ("SampleGrid", "sampling"), ("SampleQuality", "sampling"), ("EvaluateAtEnd", "sampling"),
+        ("SaveResolvedConfig", "checkpoint"), ("LastCheckpoint", "checkpoint"), ("ProgressBar", "progress"),
+        ("ProgressLog", "progress"))},
 }
 
 
@@ -92,7 +97,7 @@ def upgrade_targets(config: Any) -> Any:
         old = next((m for m in MOVED_MODULES if target.startswith(m + ".")), None)
         if old is not None:
             out["_target_"] = MOVED_MODULES[old] + target[len(old):]
-        out["_target_"] = RENAMED_TARGETS.get(target, out["_target_"])
+        out["_target_"] = RENAMED_TARGETS.get(out["_target_"], out["_target_"])
     return out
 
 

@@ -23,9 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ddpm.build import build_module
-from ddpm.training.callbacks import LastCheckpoint, duration
+from ddpm.training.progress import duration
 from ddpm.checkpoints import load_checkpoint
-from ddpm.training.checkpoint import CheckpointWriteError, config_differences, recorded_choices
+from ddpm.training.checkpoint import CheckpointWriteError, LastCheckpoint, config_differences, recorded_choices
 from ddpm.training.data import DataModule
 from ddpm.config import cli_main, resolve_precision, run_cli
 from ddpm.options import config_dir

@@ -1,24 +1,22 @@
-"""Training callbacks: sample grids and the resolved config (checkpoints use Lightning's ModelCheckpoint)."""
+"""Callbacks that sample the model while it trains, through ``module.model()`` (the same ``ddpm.Model`` path as
+``ddpm.sample``): sample grids, quality curves, and the final evaluation that ``ddpm.report`` tabulates."""
 
 from __future__ import annotations
 
+import json
 import logging
-import signal
 import shutil
-import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import lightning as L
-import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import OmegaConf
 from torchvision.utils import save_image
 
 from ddpm.core.guidance import guidance_usable
 from ddpm.images import class_rows, to_grid
+from ddpm.training.progress import timed
 
 log = logging.getLogger(__name__)
 
@@ -29,22 +27,6 @@ def completed(trainer: L.Trainer) -> bool:
     if trainer.max_steps is not None and trainer.max_steps > 0:
         return trainer.global_step >= trainer.max_steps
     return trainer.max_epochs is not None and trainer.max_epochs > 0 and trainer.current_epoch >= trainer.max_epochs
-
-
-class timed:
-    """Log a line as a slow piece of work starts (so a frozen progress bar says why) and one with its duration."""
-
-    def __init__(self, what: str):
-        self.what = what
-
-    def __enter__(self):
-        log.info("%s ...", self.what)
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if exc[0] is None:
-            log.info("%s: done in %.1f s", self.what, time.perf_counter() - self.start)
 
 
 class SampleGrid(L.Callback):
@@ -170,8 +152,6 @@ class EvaluateAtEnd(SampleQuality):
         if not completed(trainer):  # no metrics.json for an interrupted model: a report would read it as finished
             log.info("no final evaluation: training stopped early at step %d", trainer.global_step)
             return
-        import json
-
         results = []
         for w in self.guidance_scales if pl_module.conditional else [0.0]:
             usable = guidance_usable(pl_module.p_uncond, w, pl_module.conditional)
@@ -196,148 +176,3 @@ def _describe(sampler, steps) -> dict:
     if isinstance(sampler, partial):
         return {"name": sampler.func.__name__.removeprefix("sample_"), **sampler.keywords}
     return {"name": "configured", "steps": steps}
-
-
-class ProgressBar(TQDMProgressBar):
-    """One bar for the whole run, counted in optimizer steps (``step 500/2000``, with its rate and time left), not
-    Lightning's bar per epoch; with the training loss, read from the device only when the bar redraws (every
-    ``refresh_rate`` steps). Logging the loss with ``prog_bar=True`` instead makes Lightning convert it to a Python
-    number after every step: a host-device synchronisation per step on a GPU."""
-
-    @property
-    def train_description(self) -> str:
-        return "step"
-
-    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
-        self.train_progress_bar = self.init_train_tqdm()
-        bar = self.train_progress_bar
-        bar.total = trainer.max_steps if trainer.max_steps > 0 else None
-        bar.initial = bar.n = trainer.global_step  # a resumed run counts (and times) from where it resumed
-        bar.refresh()
-
-    def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
-        pass  # epochs of a small dataset are a few steps each: the bar spans the run
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        bar, step = self.train_progress_bar, trainer.global_step
-        if bar is not None and self._should_update(step, bar.total):
-            bar.n = step
-            bar.set_postfix(self.get_metrics(trainer, pl_module))  # redraws
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
-        pass
-
-    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)  # the logger's version number: not progress
-        loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None:
-            metrics["loss"] = f"{loss.item():.4f}"
-        return metrics
-
-
-class ProgressLog(L.Callback):
-    """A log line every ``every_n_steps`` steps (``step 500/2000 (25%) loss 0.0412, 14.2 steps/s, 1m46s left``): the
-    progress record that reaches train.log and cluster logs, where a progress bar does not."""
-
-    def __init__(self, every_n_steps: int = 250):
-        self.every_n_steps = every_n_steps
-
-    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
-        self._start, self._start_step = time.perf_counter(), trainer.global_step
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        step = trainer.global_step
-        if self.every_n_steps <= 0 or step % self.every_n_steps or not trainer.is_global_zero:
-            return
-        rate = (step - self._start_step) / max(time.perf_counter() - self._start, 1e-9)
-        loss = trainer.callback_metrics.get("train/loss")
-        total = trainer.max_steps if trainer.max_steps > 0 else None
-        left = f", {duration((total - step) / rate)} left" if total and rate > 0 else ""
-        log.info("step %d%s%s, %.1f steps/s%s", step, f"/{total} ({100 * step / total:.0f}%)" if total else "",
-                 f" loss {loss.item():.4f}" if loss is not None else "", rate, left)
-
-
-def duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
-
-
-class SaveResolvedConfig(L.Callback):
-    """Write the resolved config (the one every checkpoint also carries) to ``dirpath/config.yaml`` as fitting
-    starts, so the checkpoints' folder says how they were made."""
-
-    def __init__(self, dirpath: str):
-        self.dirpath = Path(dirpath)
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
-        if trainer.is_global_zero and pl_module.config is not None:
-            self.dirpath.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(OmegaConf.create(pl_module.config), self.dirpath / "config.yaml")
-
-
-class LastCheckpoint(L.Callback):
-    """``dirpath/last.ckpt`` always holds the newest state. It is written at the end of training (ModelCheckpoint
-    only writes on its step interval) and when a signal asks the run to stop: the current step is finished,
-    last.ckpt written, training stopped, and the run resumes from it (``resume=auto``). Signals:
-
-    - SIGINT (Ctrl+C) and SIGTERM (``kill``, scancel; Lightning turns SIGTERM into a stop at the step boundary);
-    - the preemption/time-limit signal submitit asks SLURM for (``preempt_signal``, USR2 by default): after the
-      save, submitit's own handler requeues the job, and the requeued job, whose directory is the same, resumes.
-    ``received`` names the signal that stopped the run."""
-
-    def __init__(self, dirpath: str, preempt_signal: str = "USR2"):
-        self.dirpath, self.preempt = Path(dirpath), f"SIG{preempt_signal.removeprefix('SIG')}"
-        self.received: str | None = None
-        self._previous: dict[int, object] = {}
-        self._saved_step: int | None = None
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
-        self.received = None
-        if threading_main():
-            for name in ("SIGINT", self.preempt):
-                signum = getattr(signal, name)
-                self._previous[signum] = signal.signal(signum, self._on_signal)
-
-    def _on_signal(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if name == "SIGINT" and self.received == "SIGINT":  # a second Ctrl+C: stop now, the old way
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
-        self.received = name
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if trainer.received_sigterm and self.received is None:
-            self.received = "SIGTERM"
-        if self.received is None or self._saved_step == trainer.global_step:
-            return
-        path = self.dirpath / "last.ckpt"
-        trainer.save_checkpoint(path, weights_only=False)  # the whole state; every rank joins, rank 0 writes
-        self._saved_step = trainer.global_step
-        log.warning("%s at step %d: saved %s; the same command resumes from it", self.received, trainer.global_step, path)
-        trainer.should_stop = True  # SIGINT; for SIGTERM Lightning raises SIGTERMException right after this hook
-        previous = self._previous.get(getattr(signal, self.received))
-        if self.received == self.preempt and callable(previous):
-            previous(getattr(signal, self.received), None)  # submitit: requeue this job, then exit
-
-    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        path = self.dirpath / "last.ckpt"
-        if self._saved_step == trainer.global_step:
-            return
-        if path.is_file() and torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"] == trainer.global_step:
-            return  # ModelCheckpoint just wrote this step
-        trainer.save_checkpoint(path, weights_only=False)
-
-    def teardown(self, trainer: L.Trainer, pl_module, stage: str) -> None:
-        if threading_main():
-            for signum, previous in self._previous.items():
-                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-        self._previous = {}
-
-
-def threading_main() -> bool:
-    """Signal handlers can only be installed from the main thread."""
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
