@@ -263,3 +263,25 @@ def test_sample_and_evaluate_give_what_they_gave_before_the_python_api(cache_dir
     assert {k: v for k, v in record["protocol"].items() if k != "checkpoint"} == before["protocol"]
     python = model.evaluate(60, sampler="ddim", steps=5, guidance=1.0, seed=1, batch_size=25, cache_dir=str(cache_dir))
     assert {k: python["metrics"][k] for k in before["metrics"]} == {k: record["metrics"][k] for k in before["metrics"]}
+
+
+@classifier_group
+def test_trainings_final_evaluation_records_each_w_with_ddpm_evaluates_protocol(cache_dir, tmp_path):
+    """One metrics.json writer (evaluation/records.py): training's final evaluation writes one entry per w, each with
+    the protocol ddpm.evaluate records (Model.protocol), and the report's reader takes both shapes."""
+    from ddpm.evaluation.records import evaluations
+
+    cfg = compose([*[o for o in TINY if "evaluate_at_end" not in o], "trainer.max_steps=4", "~callbacks.sample_grid",
+                   "callbacks.evaluate_at_end.num_samples=20", "callbacks.evaluate_at_end.guidance_scales=[0,1]",
+                   "callbacks.evaluate_at_end.sampler.steps=3", f"callbacks.evaluate_at_end.cache_dir={cache_dir}"],
+                  output_dir=tmp_path / "run")
+    train(cfg)
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [w for w, _ in evaluations(record)] == [0.0, 1.0] and record["global_step"] == 4
+    for entry, w in zip(record["evaluations"], (0.0, 1.0)):
+        protocol = entry["protocol"]
+        assert protocol["guidance_scale"] == w and protocol["num_samples"] == 20 and protocol["weights"] == "ema"
+        assert protocol["sampler"]["name"] == "dpmpp_2m" and protocol["sampler"]["steps"] == 3
+        assert protocol["checkpoint"]["global_step"] == 4
+        assert protocol["feature_extractor"]["name"] == "digits_classifier" and "fd_digits" in entry["metrics"]
+    assert not list((tmp_path / "run").glob(".metrics.json*"))  # written atomically, no temporary left

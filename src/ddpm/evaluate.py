@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddpm.config import cli_main, run_cli
 from ddpm.options import config_dir
 from ddpm.build import instantiate_loggers
-from ddpm.files import atomic_write
+from ddpm.evaluation.records import write_metrics
 from ddpm.builders import build
 from ddpm.evaluation.metrics import PREPARATIONS
 from ddpm.training.loggers import finish_wandb
@@ -45,8 +45,7 @@ def evaluate(cfg: DictConfig) -> dict:
     # evaluations in one process: uses N, built 1)
     record["process"] = {"extractor_and_reference_uses": PREPARATIONS["uses"],
                          "extractor_and_reference_built": PREPARATIONS["built"]}
-    text = json.dumps(record, indent=2) + "\n"
-    atomic_write(Path(cfg.paths.output_dir) / "metrics.json", lambda f: f.write(text.encode()), what="metrics")
+    write_metrics(Path(cfg.paths.output_dir) / "metrics.json", record)
     log.info("%s", json.dumps(record["metrics"]))
     loggers = instantiate_loggers(cfg.get("logger"))
     for logger in loggers or []:

@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from ddpm.evaluation.stats import LEVEL, compare, mean_interval
+from ddpm.evaluation.records import evaluations
 from ddpm.files import WriteError, atomic_write, spreadsheet_safe
 
 QUALITY = ("fd_digits", "fid", "precision", "recall", "guided_accuracy", "diversity", "inception_score")
@@ -69,12 +70,9 @@ def load_run(job_dir: Path) -> dict | None:
     if metrics_file.is_file():
         record = _read(metrics_file, json.loads)
         try:
-            if "evaluations" in record:  # written by training's EvaluateAtEnd: one entry per guidance scale
-                run["evaluations"] = [(e["guidance_scale"], e["metrics"]) for e in record["evaluations"]]
-                if run["final_loss"] is None:
-                    run["final_loss"] = record.get("final_loss")
-            else:  # written by ddpm.evaluate
-                run["evaluations"] = [(record["protocol"]["guidance_scale"], record["metrics"])]
+            run["evaluations"] = evaluations(record)  # training's final evaluation or ddpm.evaluate's
+            if run["final_loss"] is None:
+                run["final_loss"] = record.get("final_loss")
             numbers = [run["final_loss"], *(w for w, _ in run["evaluations"]),
                        *(v for _, m in run["evaluations"] for v in (m or {}).values())]
         except (KeyError, TypeError, AttributeError) as error:

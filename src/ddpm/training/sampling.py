@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import replace
@@ -15,6 +14,7 @@ from lightning.pytorch.loggers import WandbLogger
 from torchvision.utils import save_image
 
 from ddpm.core.guidance import guidance_usable
+from ddpm.evaluation.records import write_metrics
 from ddpm.images import class_rows, to_grid
 from ddpm.training.progress import timed
 
@@ -87,7 +87,7 @@ class SampleQuality(L.Callback):
         self.every_n_steps, self.num_samples, self.steps, self.seed = every_n_steps, num_samples, steps, seed
         self.sampler = sampler  # None: the module's sampler (with ``steps``)
         self.feature_extractor, self.reference_split, self.cache_dir = feature_extractor, reference_split, cache_dir
-        self._extractor = self._reference = None
+        self._extractor = self._reference = self._extractor_info = None
         self.history: list[dict] = []
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
@@ -108,7 +108,7 @@ class SampleQuality(L.Callback):
     def _prepare(self, trainer: L.Trainer, pl_module) -> None:
         from ddpm.evaluation.metrics import prepare
 
-        self._extractor, _, self._reference = prepare(self.feature_extractor, trainer.datamodule.data, self.reference_split,
+        self._extractor, self._extractor_info, self._reference = prepare(self.feature_extractor, trainer.datamodule.data, self.reference_split,
                                                       self.cache_dir, device=pl_module.device)
 
     def measure(self, trainer: L.Trainer, pl_module, guidance_scale: float | None = None) -> dict:
@@ -157,7 +157,11 @@ class EvaluateAtEnd(SampleQuality):
             usable = guidance_usable(pl_module.p_uncond, w, pl_module.conditional)
             with timed(f"final evaluation at w={w:g} on {self.num_samples} samples"):
                 metrics = self.measure(trainer, pl_module, guidance_scale=w) if usable else None
-            results.append({"guidance_scale": w, "metrics": metrics})
+            model = pl_module.model()
+            run = model.sampler_for(self.sampler, None if self.sampler else self.steps)
+            protocol = model.protocol(run, replace(model.guidance, scale=w), self.seed, self.num_samples,
+                                      self._reference.info, self._extractor_info, precision="float32", compile=False)
+            results.append({"guidance_scale": w, "metrics": metrics, "protocol": protocol})
             for logger in trainer.loggers:
                 if metrics:
                     logger.log_metrics({f"eval/w={w:g}/{k}": v for k, v in sized(metrics, self.num_samples).items()},
@@ -167,8 +171,7 @@ class EvaluateAtEnd(SampleQuality):
                   "evaluations": results,
                   "protocol": {"num_samples": self.num_samples, "seed": self.seed, "weights": "ema",
                                "sampler": _describe(self.sampler, self.steps), "reference": self._reference.info}}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(record, indent=2) + "\n")
+        write_metrics(self.path, record)
 
 
 def _describe(sampler, steps) -> dict:
