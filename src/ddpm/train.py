@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ddpm.build import build_module
+from ddpm.builders import build
 from ddpm.training.progress import duration
 from ddpm.checkpoints import load_checkpoint
 from ddpm.training.checkpoint import CheckpointWriteError, LastCheckpoint, config_differences, recorded_choices
@@ -52,7 +53,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Diffus
     check_disk(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = DataModule(instantiate(cfg.data))
+    datamodule = DataModule(build(OmegaConf.to_container(cfg.data, resolve=True), "data"))
     datamodule.check()
     if rank_zero_only.rank == 0:  # a download that fails does so now, before a logger run or a model exists
         datamodule.prepare_data()
