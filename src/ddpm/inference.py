@@ -314,7 +314,7 @@ def load(path: str | Path, ema: bool | float = True, device: str | torch.device 
     check_checkpoint_config(config, source)
     try:
         denoiser = build_denoiser(config)
-        default_sampler = build_sampler({k: v for k, v in config["sampler"].items() if k not in ("precision", "compile")})
+        default_sampler = build_sampler(config["sampler"])
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None
     except Exception as error:  # a value the rules let through that the constructors refuse

@@ -37,7 +37,7 @@ def draw_options(cfg: DictConfig, model: Model) -> dict:
     """``Model.draw``'s arguments from a sample/evaluate config: the sampler node, guidance, seed, batches, precision."""
     node = OmegaConf.to_container(cfg.sampler, resolve=True)
     return {"labels": list(cfg.labels) if cfg.labels else None, "num_samples": cfg.num_samples,
-            "sampler": build_sampler({k: v for k, v in node.items() if k not in ("precision", "compile")}),
+            "sampler": build_sampler(node),  # less precision and compile, which are draw's (builders.NOT_ARGUMENTS)
             "guidance": guidance_of(cfg, model), "seed": cfg.seed, "batch_size": cfg.batch_size,
             "precision": cfg.sampler.precision, "compile": cfg.sampler.compile}
 
