@@ -178,7 +178,9 @@ class Model:
             raise ConfigError(f"sampler.precision={precision!r}: must be one of ['float32', 'bf16']")
         device, net = self.device, self.net
         if compile:
-            net = self._compiled.setdefault(id(net), torch.compile(net))
+            if id(net) not in self._compiled:  # one wrapper per weights: torch.compile compiles on its first call
+                self._compiled[id(net)] = torch.compile(net)
+            net = self._compiled[id(net)]
         denoiser = self.denoiser.with_net(net)
         generator = torch.Generator(device).manual_seed(seed)
         evaluations, frames, chunks = 0, [], []
