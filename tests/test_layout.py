@@ -22,9 +22,9 @@ LAYERS = [
                                    "ddpm.checkpoints", "ddpm.builders")),
     ("evaluation", lambda m: m == "ddpm.evaluation" or m.startswith("ddpm.evaluation.")),
     ("rules", lambda m: m == "ddpm.validation"),
-    ("inference", lambda m: m in ("ddpm", "ddpm.inference")),
+    ("inference", lambda m: m in ("ddpm", "ddpm.inference", "ddpm.diffusers_export")),
     ("training", lambda m: m == "ddpm.training" or m.startswith("ddpm.training.")),
-    ("entry points", lambda m: True),  # config, build, train, sample, evaluate, report
+    ("entry points", lambda m: True),  # config, build, train, sample, evaluate, export, report
 ]
 FORBIDDEN_ON_THE_PYTHON_PATH = ("lightning", "lightning_fabric", "pytorch_lightning", "hydra", "omegaconf", "wandb")
 

@@ -42,6 +42,13 @@ def draw_options(cfg: DictConfig, model: Model) -> dict:
             "precision": cfg.sampler.precision, "compile": cfg.sampler.compile}
 
 
+def weights_of(cfg: DictConfig) -> dict:
+    """``ddpm.load``'s choice of weights from conf/weights.yaml's keys (use_ema, ema.sigma_rel, ema.snapshots, ...)."""
+    return {"ema": cfg.ema.sigma_rel if cfg.use_ema and cfg.ema.sigma_rel is not None else bool(cfg.use_ema),
+            "snapshots": cfg.ema.snapshots, "ema_source": cfg.ema.source,
+            "ema_sources": None if cfg.ema.sources is None else list(cfg.ema.sources)}
+
+
 def load_for_sampling(cfg: DictConfig, entry: str, outputs: tuple[str, ...]) -> Model:
     """Validate ``cfg`` for ``entry`` (sample | evaluate), refuse to overwrite earlier ``outputs`` in the run
     directory, and load the checkpoint (``ddpm.load``), checking the requested labels, steps and guidance against it."""
@@ -57,9 +64,7 @@ def load_for_sampling(cfg: DictConfig, entry: str, outputs: tuple[str, ...]) -> 
     device = resolve_device(cfg.device)
     if cfg.sampler.precision == "auto":  # resolved in place, so the protocol records what ran
         cfg.sampler.precision = "bf16" if native_bf16(device.type) else "float32"
-    ema = cfg.ema.sigma_rel if cfg.use_ema and cfg.ema.sigma_rel is not None else bool(cfg.use_ema)
-    model = load(cfg.ckpt_path, ema=ema, device=device, snapshots=cfg.ema.snapshots, ema_source=cfg.ema.source,
-                 ema_sources=None if cfg.ema.sources is None else list(cfg.ema.sources))
+    model = load(cfg.ckpt_path, device=device, **weights_of(cfg))
     model.labels_for(list(cfg.labels) if cfg.labels else None, cfg.num_samples)
     if cfg.sampler.get("steps") is not None:
         check_steps(cfg.sampler.steps, model.process.num_timesteps)

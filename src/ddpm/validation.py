@@ -258,15 +258,9 @@ TRAIN_RULES = [
     *SAMPLER_RULES,
 ]
 
-SAMPLE_RULES = [
+# conf/weights.yaml: which weights of which checkpoint, on which device (ddpm.sample, ddpm.evaluate, ddpm.export)
+WEIGHT_RULES = [
     Rule("ckpt_path", _existing_file, "an existing checkpoint file written by ddpm.train"),
-    Rule("num_samples", positive_int, "an integer > 0"),
-    Rule("batch_size", positive_int, "an integer > 0"),
-    Rule("seed", lambda v, _: _is_int(v), "an integer"),
-    Rule("guidance.scale", optional(nonneg), "null (the checkpoint's) or a number >= 0"),
-    *GUIDANCE_VARIANT_RULES,
-    Rule("labels", lambda v, _: v is None or (isinstance(v, list) and len(v) > 0 and all(nonneg_int(x) for x in v)),
-         "null or a list of class ids >= 0, e.g. labels=[3] or labels=[3,3,7]"),
     Rule("use_ema", lambda v, _: isinstance(v, bool), "true or false"),
     Rule("ema.sigma_rel", optional(lambda v, _: _sigma_rel_ok(v)),
          f"null (the classic EMA) or a relative EMA width in (0, {MAX_SIGMA_REL:.4f}), e.g. 0.05 or 0.10"),
@@ -275,10 +269,21 @@ SAMPLE_RULES = [
     Rule("ema.source", one_of(*EMA_SOURCES), f"one of {list(EMA_SOURCES)}"),
     Rule("ema.sources", optional(lambda v, _: isinstance(v, list) and len(v) > 0 and all(_sigma_rel_ok(s) for s in v)),
          "null (every snapshot) or a non-empty list of the tracked widths to rebuild from, e.g. [0.05, 0.1]"),
-    Rule("trajectory", nonneg_int, "an integer >= 0"),
     Rule("device", lambda v, _: v in ("auto", "cpu", "cuda") or str(v).startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
     Rule("device", lambda v, _: not str(v).startswith("cuda") or _cuda_index(v) < _cuda_count(),
          "a device this machine has: auto or cpu, or cuda/cuda:N with N below its CUDA device count"),
+]
+
+SAMPLE_RULES = [
+    *WEIGHT_RULES,
+    Rule("num_samples", positive_int, "an integer > 0"),
+    Rule("batch_size", positive_int, "an integer > 0"),
+    Rule("seed", lambda v, _: _is_int(v), "an integer"),
+    Rule("guidance.scale", optional(nonneg), "null (the checkpoint's) or a number >= 0"),
+    *GUIDANCE_VARIANT_RULES,
+    Rule("labels", lambda v, _: v is None or (isinstance(v, list) and len(v) > 0 and all(nonneg_int(x) for x in v)),
+         "null or a list of class ids >= 0, e.g. labels=[3] or labels=[3,3,7]"),
+    Rule("trajectory", nonneg_int, "an integer >= 0"),
     *SAMPLER_RULES,
 ]
 
@@ -290,7 +295,7 @@ EVALUATE_RULES = [
     Rule("metrics.reference_size", optional(lambda v, _: _is_int(v) and v >= 2), "null or an integer >= 2"),
 ]
 
-RULES = {"train": TRAIN_RULES, "sample": SAMPLE_RULES, "evaluate": EVALUATE_RULES}
+RULES = {"train": TRAIN_RULES, "sample": SAMPLE_RULES, "evaluate": EVALUATE_RULES, "export": WEIGHT_RULES}
 
 
 def problems(cfg: Config, rules: list[Rule]) -> list[str]:
@@ -375,7 +380,7 @@ def check_checkpoint_config(cfg: Config, source: str) -> None:
 
 
 def validate(cfg: Config, entry: str, rules: tuple[Rule, ...] = ()) -> None:
-    """Raise ConfigError listing every broken rule of ``entry`` (train | sample | evaluate) and of ``rules`` (those an
+    """Raise ConfigError listing every broken rule of ``entry`` (train | sample | evaluate | export) and of ``rules`` (those an
     entry point's own parts bring, e.g. the logger's), and every appended key (``+key=value``) that nothing reads."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf

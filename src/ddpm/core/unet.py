@@ -147,6 +147,10 @@ class UNet(nn.Module):
     ):
         super().__init__()
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
+        # the layout, for whoever reads the network rather than runs it (ddpm/diffusers_export.py)
+        self.channel_mult, self.num_res_blocks = tuple(channel_mult), num_res_blocks
+        self.attention_resolutions, self.num_heads = tuple(attention_resolutions), num_heads
+        self.norm_groups, self.dropout = norm_groups, dropout
         self.downsampling = 2 ** (len(channel_mult) - 1)
         check_layout(image_size, base_channels, channel_mult, attention_resolutions, norm_groups)
         resolutions = [image_size // 2**level for level in range(len(channel_mult))]

@@ -1,0 +1,53 @@
+"""`python -m ddpm.export ckpt_path=... out=DIR [format=diffusers use_ema=true ema.sigma_rel=0.1]`: a checkpoint's
+model in another library's format. ``format=diffusers`` writes a ``UNet2DModel`` and a ``DDIMScheduler``
+(``ddpm/diffusers_export.py``; docs/export.md shows how to load and sample them)."""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from ddpm.config import cli_main, run_cli
+from ddpm.diffusers_export import FORMATS, check_out, export_diffusers
+from ddpm.inference import load
+from ddpm.options import config_dir
+from ddpm.sample import weights_of
+from ddpm.validation import SAMPLER_RULES, ConfigError, Rule, validate
+
+log = logging.getLogger(__name__)
+
+RULES = (
+    Rule("format", lambda v, _: v in FORMATS, f"one of {list(FORMATS)}"),
+    Rule("out", lambda v, _: isinstance(v, str) and v.strip() != "", "a folder path, e.g. out=exports/digits"),
+    *(rule for rule in SAMPLER_RULES if rule.key in ("sampler.x0_clip", "sampler.percentile")),
+)
+
+
+def export(cfg: DictConfig) -> str:
+    validate(cfg, "export", RULES)
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        raise ConfigError("format=diffusers needs the diffusers package: pip install -e \".[export]\" "
+                          "(or pip install 'diffusers>=0.30')") from None
+    check_out(cfg.out)  # before loading (a post-hoc EMA rebuild takes a while)
+    model = load(cfg.ckpt_path, device=cfg.device, **weights_of(cfg))
+    out = export_diffusers(model, cfg.out, x0_clip=cfg.sampler.x0_clip, percentile=cfg.sampler.percentile)
+    log.info("wrote %s (step %s, %s weights) to %s", cfg.ckpt_path, model.step, model.weights, out)
+    return str(out)
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="export")
+def main(cfg: DictConfig) -> None:
+    run_cli(export, cfg)
+
+
+def cli() -> None:
+    """The command line: ``python -m ddpm.export`` and the ``ddpm-export`` script."""
+    cli_main(main)
+
+
+if __name__ == "__main__":
+    cli()
