@@ -4,6 +4,7 @@ model in another library's format. ``format=diffusers`` writes a ``UNet2DModel``
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import hydra
@@ -27,11 +28,9 @@ RULES = (
 
 def export(cfg: DictConfig) -> str:
     validate(cfg, "export", RULES)
-    try:
-        import diffusers  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("diffusers") is None:
         raise ConfigError("format=diffusers needs the diffusers package: pip install -e \".[export]\" "
-                          "(or pip install 'diffusers>=0.30')") from None
+                          "(or pip install 'diffusers>=0.30')")
     check_out(cfg.out)  # before loading (a post-hoc EMA rebuild takes a while)
     model = load(cfg.ckpt_path, device=cfg.device, **weights_of(cfg))
     out = export_diffusers(model, cfg.out, x0_clip=cfg.sampler.x0_clip, percentile=cfg.sampler.percentile)
