@@ -1,5 +1,7 @@
 """`python -m ddpm.sample`: a checkpoint in, a grid and samples.npz out, reproducibly."""
 
+import re
+
 import numpy as np
 import torch
 import pytest
@@ -75,3 +77,33 @@ def test_sampling_with_a_compiled_network_matches_eager(tiny_cfg):
     compiled = model.sample(torch.arange(4), seed=0, compile=True)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
     assert not any(k.startswith("_compiled") for k in module.state_dict())
+
+
+def test_the_command_lines_guidance_is_the_checkpoints_unless_given(tmp_path):
+    """guidance.scale, rescale and interval default to `checkpoint` (the run's own guidance node, as ddpm.load's model
+    samples by default); each one given replaces only itself. (Premise changed, issue 22: rescale and interval were
+    0 and null whatever the checkpoint held, and scale's null meant the checkpoint's.)"""
+    from types import SimpleNamespace
+
+    from ddpm.core.guidance import Guidance
+    from ddpm.sample import guidance_of
+
+    model = SimpleNamespace(guidance=Guidance(2.0, 0.7, (0.28, 5.42)))
+
+    def chosen(*overrides):
+        return guidance_of(compose(["ckpt_path=x", *overrides], config_name="sample"), model)
+
+    assert chosen() == model.guidance
+    assert chosen("guidance.scale=3") == Guidance(3.0, 0.7, (0.28, 5.42))
+    assert chosen("guidance.interval=null", "guidance.rescale=0") == Guidance(2.0, 0.0, None)
+    assert chosen("guidance.interval=[0.5,2]") == Guidance(2.0, 0.7, (0.5, 2.0))
+
+
+def test_a_guidance_key_must_be_checkpoint_or_a_value(checkpoint, tmp_path):
+    from ddpm.validation import ConfigError, validate
+
+    for override, message in (("guidance.scale=null", "guidance.scale=None: must be checkpoint (the checkpoint's own "
+                                                      "value) or a number >= 0"),
+                              ("guidance.rescale=latest", "guidance.rescale='latest': must be checkpoint")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            validate(compose([f"ckpt_path={checkpoint}", override], config_name="sample"), "sample")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.builders import build_denoiser, build_sampler
+from ddpm.builders import build_denoiser, build_guidance, build_sampler, label_dropout
 from ddpm.training.module import DiffusionModule
 
 
@@ -18,8 +18,6 @@ def build_module(cfg: DictConfig, choices: dict[str, str] | None = None) -> Diff
     """The LightningModule of a composed training config (groups model, schedule, diffusion, guidance, sampler, optim);
     ``choices``: the group options it was composed from, recorded in its checkpoints (``recorded_choices``)."""
     config = OmegaConf.to_container(cfg, resolve=True)
-    guidance = config["guidance"]
-    interval = guidance.get("interval")
     return DiffusionModule(
         denoiser=build_denoiser(config),
         sampler=build_sampler(config["sampler"]),
@@ -28,10 +26,8 @@ def build_module(cfg: DictConfig, choices: dict[str, str] | None = None) -> Diff
         ema_decay=cfg.ema.decay,
         ema_warmup=cfg.ema.get("warmup", False),
         power_ema_sigma_rels=tuple(cfg.ema.get("sigma_rels") or ()),
-        p_uncond=guidance["p_uncond"] if guidance["conditional"] else 0.0,
-        guidance_scale=guidance["scale"],
-        guidance_rescale=guidance.get("rescale", 0.0),
-        guidance_interval=None if interval is None else (float(interval[0]), float(interval[1])),
+        p_uncond=label_dropout(config["guidance"]),
+        guidance=build_guidance(config["guidance"]),
         config=config,
         compile_net=bool(cfg.model.get("compile", False)),
         choices=choices,

@@ -17,6 +17,7 @@ from ddpm.core.backbone import check_backbone
 from ddpm.core.denoiser import Denoiser
 from ddpm.core.diffusion import GaussianDiffusion
 from ddpm.core.errors import ConfigError
+from ddpm.core.guidance import Guidance
 from ddpm.core.schedules import rescale_zero_terminal_snr
 from ddpm.options import shipped_targets
 
@@ -75,3 +76,17 @@ def build_denoiser(config: dict) -> Denoiser:
 def build_sampler(node: dict) -> Callable:
     """A sampler of the ``sampler`` group as a partial (``sampler(model_fn, diffusion, noise, ...)``)."""
     return build(node, "sampler")
+
+
+# The `guidance` node holds two things: how the model is trained (label dropout) and how its run samples by default.
+def label_dropout(guidance: dict) -> float:
+    """Training: p_uncond, the probability a label becomes the null label (0 for an unconditional model)."""
+    return float(guidance.get("p_uncond", 0.0)) if guidance.get("conditional") else 0.0
+
+
+def build_guidance(guidance: dict) -> Guidance:
+    """Sampling: the run's guidance (w, rescale, interval), what its grids, quality curve and final evaluation use and
+    what ``ddpm.load``'s model and ``ddpm.sample`` use unless told otherwise."""
+    interval = guidance.get("interval")
+    return Guidance(float(guidance.get("scale", 0.0)), float(guidance.get("rescale", 0.0)),
+                    None if interval is None else (float(interval[0]), float(interval[1])))

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ddpm.builders import build, build_denoiser, build_sampler
+from ddpm.builders import build, build_denoiser, build_guidance, build_sampler, label_dropout
 from ddpm.checkpoints import load_checkpoint
 from ddpm.core.denoiser import Denoiser
 from ddpm.core.errors import ConfigError
@@ -149,8 +149,9 @@ class Model:
         return sampler
 
     def guidance_for(self, guidance: float | Guidance | None = None) -> Guidance:
-        """None: the model's own (the checkpoint's guidance.scale); a number: that w with no rescale or interval; a
-        ``Guidance`` as it is. Checked against how the model was trained (w > 0 needs p_uncond > 0)."""
+        """None: the model's own (the checkpoint's guidance node: w, rescale, interval); a number: that w with no
+        rescale or interval; a ``Guidance`` as it is. Checked against how the model was trained (w > 0 needs
+        p_uncond > 0)."""
         if guidance is None:
             guidance = self.guidance
         elif not isinstance(guidance, Guidance):
@@ -348,11 +349,8 @@ def load(path: str | Path, ema: bool | float = True, device: str | torch.device 
         log.info("power EMA sigma_rel=%g at step %d rebuilt from %d snapshots in %s", sigma_rel, info["step"],
                  info["snapshots"], directory)
         weights = {"power_ema": {"source": "posthoc", **info}}
-    guidance_node = config["guidance"]
     model = Model(denoiser.with_net(denoiser.net.requires_grad_(False).eval()),
-                  p_uncond=float(guidance_node.get("p_uncond", 0.0)) if guidance_node.get("conditional") else 0.0,
-                  guidance=Guidance(float(guidance_node.get("scale", 0.0)), float(guidance_node.get("rescale", 0.0)),
-                                    None if guidance_node.get("interval") is None else tuple(guidance_node["interval"])),
+                  p_uncond=label_dropout(config["guidance"]), guidance=build_guidance(config["guidance"]),
                   sampler=default_sampler, config=config, weights=weights, step=checkpoint.get("global_step"), path=str(path))
     return model.to(device)
 

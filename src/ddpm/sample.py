@@ -20,17 +20,20 @@ from ddpm.images import class_rows, to_grid, to_uint8
 from ddpm.inference import Model, load, resolve_device
 from ddpm.options import config_dir
 from ddpm.training.rundirs import claim_outputs
-from ddpm.validation import ConfigError, validate
+from ddpm.validation import FROM_CHECKPOINT, ConfigError, validate
 
 log = logging.getLogger(__name__)
 
 
 def guidance_of(cfg: DictConfig, model: Model) -> Guidance:
-    """The command line's guidance: ``guidance.scale`` (null: the checkpoint's), ``guidance.rescale`` and
-    ``guidance.interval`` (sampling choices, never read from the checkpoint)."""
-    interval = None if cfg.guidance.interval is None else (float(cfg.guidance.interval[0]), float(cfg.guidance.interval[1]))
-    scale = model.guidance.scale if cfg.guidance.scale is None else float(cfg.guidance.scale)
-    return Guidance(scale, float(cfg.guidance.rescale), interval)
+    """The command line's guidance: each of ``guidance.scale``, ``rescale`` and ``interval`` as given, or, where it is
+    ``checkpoint`` (the default), the checkpoint's own value, as ``ddpm.load(...).sample()`` uses them all."""
+    own = model.guidance
+    chosen = {key: getattr(own, key) if cfg.guidance[key] == FROM_CHECKPOINT else cfg.guidance[key]
+              for key in ("scale", "rescale", "interval")}
+    interval = chosen["interval"]
+    return Guidance(float(chosen["scale"]), float(chosen["rescale"]),
+                    None if interval is None else (float(interval[0]), float(interval[1])))
 
 
 def draw_options(cfg: DictConfig, model: Model) -> dict:

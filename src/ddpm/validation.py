@@ -171,6 +171,16 @@ GUIDANCE_VARIANT_RULES = [
          "null or [sigma_lo, sigma_hi] with 0 <= sigma_lo < sigma_hi (EDM noise levels, e.g. [0.28, 5.42])"),
 ]
 
+# ddpm.sample / ddpm.evaluate: a guidance key set to this takes the checkpoint's own value (its run's guidance node)
+FROM_CHECKPOINT = "checkpoint"
+
+
+def or_checkpoint(rule: Rule) -> Rule:
+    """``rule`` for a sampling key that may also be FROM_CHECKPOINT."""
+    return Rule(rule.key, lambda v, cfg: v == FROM_CHECKPOINT or rule.check(v, cfg),
+                f"{FROM_CHECKPOINT} (the checkpoint's own value) or {rule.allowed}")
+
+
 SAMPLER_RULES = [
     Rule("sampler.steps", _steps_ok, "an integer between 1 and schedule.timesteps (null: all T for ddpm)"),
     Rule("sampler.eta", lambda v, _: _raises_no_config_error(check_eta, v), "a number >= 0 (0: deterministic DDIM, 1: DDPM posterior variance)"),
@@ -279,8 +289,7 @@ SAMPLE_RULES = [
     Rule("num_samples", positive_int, "an integer > 0"),
     Rule("batch_size", positive_int, "an integer > 0"),
     Rule("seed", lambda v, _: _is_int(v), "an integer"),
-    Rule("guidance.scale", optional(nonneg), "null (the checkpoint's) or a number >= 0"),
-    *GUIDANCE_VARIANT_RULES,
+    *(or_checkpoint(rule) for rule in (Rule("guidance.scale", nonneg, "a number >= 0"), *GUIDANCE_VARIANT_RULES)),
     Rule("labels", lambda v, _: v is None or (isinstance(v, list) and len(v) > 0 and all(nonneg_int(x) for x in v)),
          "null or a list of class ids >= 0, e.g. labels=[3] or labels=[3,3,7]"),
     Rule("trajectory", nonneg_int, "an integer >= 0"),

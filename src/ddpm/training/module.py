@@ -38,9 +38,7 @@ class DiffusionModule(L.LightningModule):
         ema_warmup: bool = False,
         power_ema_sigma_rels: tuple[float, ...] = (),
         p_uncond: float = 0.1,
-        guidance_scale: float = 0.0,
-        guidance_rescale: float = 0.0,
-        guidance_interval: tuple[float, float] | None = None,
+        guidance: Guidance = Guidance(),
         config: dict | None = None,
         compile_net: bool = False,
         choices: dict[str, str] | None = None,
@@ -48,9 +46,9 @@ class DiffusionModule(L.LightningModule):
         super().__init__()
         net = denoiser.net
         self.denoiser, self.net, self.diffusion, self.sampler = denoiser, net, denoiser.diffusion, sampler
-        self.guidance_rescale, self.guidance_interval = guidance_rescale, guidance_interval
         self.optimizer_factory, self.warmup_steps = optimizer, warmup_steps
-        self.p_uncond, self.guidance_scale = p_uncond, guidance_scale
+        # training: label dropout (p_uncond); sampling: the guidance this run's callbacks sample with, saved as its default
+        self.p_uncond, self.guidance = p_uncond, guidance
         self.config, self.choices = config, choices  # the resolved config and its group options, saved in every checkpoint
         # torch.compile'd forward for the training step; kept off the module tree so checkpoints keep plain keys.
         object.__setattr__(self, "_train_net", torch.compile(net) if compile_net else net)
@@ -174,7 +172,7 @@ class DiffusionModule(L.LightningModule):
         guidance: callbacks sample through the same path as ``ddpm.sample``. Nothing is copied."""
         net = self.ema.module if use_ema else self.net
         return Model(self.denoiser.with_net(net), p_uncond=self.p_uncond if self.conditional else 0.0,
-                     guidance=Guidance(self.guidance_scale, self.guidance_rescale, self.guidance_interval),
+                     guidance=self.guidance,
                      sampler=self.sampler, config=self.config, weights="ema" if use_ema else "raw", step=self.global_step)
 
 
