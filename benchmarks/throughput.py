@@ -30,7 +30,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from ddpm.core.diffusion import GaussianDiffusion
+from ddpm.core.diffusion import DDPMProcess
 from ddpm.core.denoiser import Denoiser
 from ddpm.core.guidance import drop_labels, guided
 from ddpm.training.module import ema_step
@@ -144,8 +144,8 @@ def ddpm_impl(network: str, batch: int, device: str, options: Options = Options(
     size, channels, kwargs, _ = NETWORKS[network]
     net = UNet(size, channels, num_classes=NUM_CLASSES, channels_last=options.channels_last, sdpa=options.sdpa, **kwargs).to(device)
     ema = torch.optim.swa_utils.AveragedModel(net, use_buffers=True)
-    diffusion = GaussianDiffusion(linear_betas(T)).to(device)
-    denoiser = Denoiser(net, diffusion)
+    process = DDPMProcess(linear_betas(T)).to(device)
+    denoiser = Denoiser(net, process)
     optimizer = torch.optim.AdamW(net.parameters(), lr=2e-4, fused=options.fused)
     run = torch.compile(net) if options.compile_net else net
     x0 = torch.randn(batch, channels, size, size, device=device)
@@ -169,7 +169,7 @@ def ddpm_impl(network: str, batch: int, device: str, options: Options = Options(
         noise = torch.randn(n, channels, size, size, device=device)
         model_fn = guided(sampling, labels[:n], W) if options.batched_guidance else partial(two_passes, y=labels[:n])
         with torch.no_grad():  # float32, as ddpm.sample and ddpm.evaluate sample
-            sample_ddim(model_fn, diffusion, noise, steps=steps)
+            sample_ddim(model_fn, process, noise, steps=steps)
 
     return net, train_step, sample
 

@@ -70,7 +70,7 @@ def test_zero_terminal_snr_rescale_is_lin_et_al_algorithm_1(tiny_cfg):
         expected = old[0] * (old - old[-1]) / (old[0] - old[-1])
         torch.testing.assert_close(new, expected, rtol=1e-10, atol=1e-12)
     module = build_module(tiny_cfg("schedule.zero_terminal_snr=true", "diffusion.prediction=v"))
-    assert module.diffusion.alphas_cumprod[-1] == 0 and module.diffusion.betas[-1] == 1
+    assert module.process.alphas_cumprod[-1] == 0 and module.process.betas[-1] == 1
 
 
 def test_core_imports_none_of_lightning_hydra_omegaconf_wandb():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ddpm.core.diffusion import GaussianDiffusion, extract, respace
+from ddpm.core.diffusion import DDPMProcess, extract, respace
 from ddpm.core.prediction import to_x0_eps
 from ddpm.core.samplers import sampling_timesteps
 from ddpm.core.schedules import cosine_betas, linear_betas
@@ -15,7 +15,7 @@ T = 1000
 
 @pytest.fixture(params=["linear", "cosine"])
 def diffusion(request):
-    return GaussianDiffusion(linear_betas(T) if request.param == "linear" else cosine_betas(T))
+    return DDPMProcess(linear_betas(T) if request.param == "linear" else cosine_betas(T))
 
 
 def abar(diffusion, t):
@@ -32,7 +32,7 @@ def test_q_mean_variance_closed_form(diffusion):
 
 
 def test_q_sample_has_the_forward_marginal():
-    diffusion = GaussianDiffusion(linear_betas(T))
+    diffusion = DDPMProcess(linear_betas(T))
     x0 = torch.full((200_000,), 0.7, dtype=torch.float64).view(-1, 1, 1, 1)
     t = torch.full((len(x0),), 399)
     xt = diffusion.q_sample(x0, t, torch.randn_like(x0))
@@ -82,7 +82,7 @@ def test_predict_x0_inverts_q_sample(diffusion):
 
 
 def test_training_loss_is_zero_for_the_true_noise_and_draws_t_over_1_to_T():
-    diffusion = GaussianDiffusion(linear_betas(5))
+    diffusion = DDPMProcess(linear_betas(5))
     x0 = torch.randn(4096, 1, 2, 2, dtype=torch.float64)
     seen = []
 

@@ -12,7 +12,7 @@ from conftest import run_cli
 
 from ddpm import load
 from ddpm.core.denoiser import Denoiser
-from ddpm.core.diffusion import GaussianDiffusion
+from ddpm.core.diffusion import DDPMProcess
 from ddpm.core.errors import ConfigError
 from ddpm.core.samplers import clip_x0, sampling_timesteps
 from ddpm.core.samplers.ddim import ddim_step
@@ -57,7 +57,7 @@ def perturbed(layout: dict, seed: int = 0) -> UNet:
 
 
 def model_of(net: UNet, betas: torch.Tensor, schedule: dict, prediction: str = "eps") -> Model:
-    return Model(Denoiser(net, GaussianDiffusion(betas), prediction), p_uncond=0.1 if net.num_classes else 0.0,
+    return Model(Denoiser(net, DDPMProcess(betas), prediction), p_uncond=0.1 if net.num_classes else 0.0,
                  config={"schedule": schedule})
 
 

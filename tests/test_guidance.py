@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ddpm.core.denoiser import Denoiser
-from ddpm.core.diffusion import GaussianDiffusion
+from ddpm.core.diffusion import DDPMProcess
 from ddpm.core.guidance import check_guidance, drop_labels, guided
 from ddpm.core.schedules import linear_betas
 from ddpm.core.unet import UNet
@@ -40,7 +40,7 @@ def net():
 
 @pytest.fixture(params=["eps", "x0", "v"])
 def denoiser(net, request):
-    return Denoiser(net, GaussianDiffusion(linear_betas(1000)), request.param)
+    return Denoiser(net, DDPMProcess(linear_betas(1000)), request.param)
 
 
 def test_guidance_scale_zero_is_exactly_the_conditional_prediction(denoiser):
@@ -86,7 +86,7 @@ def test_rescaled_guidance_is_lin_et_al_eq_15_16(denoiser, phi):
 def test_guidance_interval_guides_only_inside_it(denoiser):
     """Kynkaanniemi et al. 2024: the guided prediction for sigma = sigma_t/alpha_t in (lo, hi], the conditional outside."""
     w, interval = 2.0, (0.5, 3.0)
-    abar = denoiser.diffusion.alphas_cumprod
+    abar = denoiser.process.alphas_cumprod
     sigma = ((1 - abar) / abar).sqrt()
     t = torch.tensor([0, int((sigma <= 0.5).sum()), int((sigma <= 3.0).sum()) - 1, int((sigma <= 3.0).sum()), 999])
     inside = torch.tensor([False, True, True, False, False])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ddpm.core.denoiser import Denoiser
-from ddpm.core.diffusion import GaussianDiffusion
+from ddpm.core.diffusion import DDPMProcess
 from ddpm.core.errors import ConfigError
 from ddpm.core.prediction import PREDICTIONS, loss_weight, network_target, to_x0_eps
 from ddpm.core.samplers.ddim import sample_ddim
@@ -77,7 +77,7 @@ def test_min_snr_makes_every_target_the_same_x0_loss(prediction):
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 @pytest.mark.parametrize("weighting", ["uniform", "min_snr"])
 def test_loss_is_zero_at_a_perfect_prediction(prediction, weighting):
-    diffusion = GaussianDiffusion(linear_betas(50))
+    diffusion = DDPMProcess(linear_betas(50))
     x0 = torch.randn(512, 1, 2, 2, dtype=torch.float64)
 
     def exact(x_t, t):  # knows x_0, so it recovers eps (and hence any target) exactly
@@ -93,7 +93,7 @@ def test_loss_is_zero_at_a_perfect_prediction(prediction, weighting):
 
 def test_min_snr_loss_is_the_weighted_mean_of_the_per_sample_errors():
     """diffusion.training_loss with a weight: mean over the batch of w(SNR_t) * mean-square error, t as drawn."""
-    diffusion = GaussianDiffusion(linear_betas(10))
+    diffusion = DDPMProcess(linear_betas(10))
     x0 = torch.randn(64, 1, 2, 2, dtype=torch.float64)
     seen = {}
 
@@ -109,7 +109,7 @@ def test_min_snr_loss_is_the_weighted_mean_of_the_per_sample_errors():
 
 
 def test_zero_terminal_snr_with_eps_is_refused():
-    diffusion = GaussianDiffusion(rescale_zero_terminal_snr(cosine_betas(100)))
+    diffusion = DDPMProcess(rescale_zero_terminal_snr(cosine_betas(100)))
     oracle = Oracle(lambda x, t: (x, x), diffusion, "eps")
     with pytest.raises(ConfigError, match="diffusion.prediction=eps with a zero-terminal-SNR schedule.*Use diffusion.prediction=v"):
         Denoiser(oracle, diffusion, "eps")
@@ -127,7 +127,7 @@ def test_a_backbone_must_meet_the_contract():
 
             def forward(self, x, t, labels=None):
                 return x
-        Denoiser(Half(), GaussianDiffusion(linear_betas(10)))
+        Denoiser(Half(), DDPMProcess(linear_betas(10)))
 
 
 SAMPLERS = {
@@ -147,7 +147,7 @@ SCHEDULES = {
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_every_target_and_sampler_lands_on_the_one_point_dataset(prediction, sampler, schedule):
-    diffusion = GaussianDiffusion(SCHEDULES[schedule]())
+    diffusion = DDPMProcess(SCHEDULES[schedule]())
     if prediction == "eps" and schedule == "cosine_zero_terminal_snr":
         pytest.skip("refused: eps is undefined at zero terminal SNR (test_zero_terminal_snr_with_eps_is_refused)")
     point = torch.tensor([0.5, -0.25, 0.9, -1.0], dtype=torch.float64).view(1, 1, 2, 2)

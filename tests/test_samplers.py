@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddpm.core.denoiser import Denoiser
-from ddpm.core.diffusion import GaussianDiffusion, respace
+from ddpm.core.diffusion import DDPMProcess, respace
 from ddpm.core.prediction import network_target
 from ddpm.core.samplers import sampling_timesteps
 from ddpm.core.samplers.ddpm import ddpm_step, sample_ddpm
@@ -46,7 +46,7 @@ def oracle_model_fn(exact, diffusion, prediction="eps"):
 
 @pytest.fixture(params=["linear", "cosine"])
 def diffusion(request):
-    return GaussianDiffusion(linear_betas(1000) if request.param == "linear" else cosine_betas(1000))
+    return DDPMProcess(linear_betas(1000) if request.param == "linear" else cosine_betas(1000))
 
 
 @pytest.mark.parametrize("variance", ["beta", "posterior"])
@@ -92,7 +92,7 @@ def gaussian_oracle(diffusion, mu, s, prediction="eps"):
 
 
 def sample_gaussian(schedule, steps, variance, mu=0.3, s=0.2, n=40_000):
-    diffusion = GaussianDiffusion(schedule(1000))
+    diffusion = DDPMProcess(schedule(1000))
     noise = torch.randn(n, 1, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     return sample_ddpm(gaussian_oracle(diffusion, mu, s), diffusion, noise, steps=steps, variance=variance,
                        x0_clip="none", generator=torch.Generator().manual_seed(1)).flatten()
@@ -116,7 +116,7 @@ def test_the_two_variances_bracket_the_truth_with_few_steps():
 
 
 def test_sampler_is_reproducible_given_the_generator():
-    diffusion = GaussianDiffusion(linear_betas(100))
+    diffusion = DDPMProcess(linear_betas(100))
     model_fn = gaussian_oracle(diffusion, 0.0, 0.5)
     noise = torch.randn(8, 1, 2, 2, dtype=torch.float64)
     a = sample_ddpm(model_fn, diffusion, noise, generator=torch.Generator().manual_seed(3))
@@ -126,7 +126,7 @@ def test_sampler_is_reproducible_given_the_generator():
 
 
 def test_ddpm_rejects_unknown_variance():
-    diffusion = GaussianDiffusion(linear_betas(10))
+    diffusion = DDPMProcess(linear_betas(10))
     with pytest.raises(ValueError, match="sampler.variance"):
         sample_ddpm(lambda x, t: (x, x), diffusion, torch.zeros(1, 1, 2, 2), variance="large")
 
@@ -211,7 +211,7 @@ def test_fast_samplers_land_on_the_one_point_dataset(diffusion, name):
 def test_fast_samplers_sample_a_gaussian_with_the_exact_score(name):
     """ddim with eta = 1 over all T steps is DDPM in distribution; eta = 0 and DPM-Solver++(2M) solve the
     probability-flow ODE, which maps N(0, 1) onto the data distribution."""
-    diffusion = GaussianDiffusion(linear_betas(1000))
+    diffusion = DDPMProcess(linear_betas(1000))
     noise = torch.randn(40_000, 1, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     out = SAMPLERS[name](gaussian_oracle(diffusion, 0.3, 0.2), diffusion, noise, generator=torch.Generator().manual_seed(1))
     assert out.mean().item() == pytest.approx(0.3, abs=0.005)
@@ -219,7 +219,7 @@ def test_fast_samplers_sample_a_gaussian_with_the_exact_score(name):
 
 
 def test_ddim_eta_0_is_deterministic_given_the_noise():
-    diffusion = GaussianDiffusion(linear_betas(100))
+    diffusion = DDPMProcess(linear_betas(100))
     noise = torch.randn(8, 1, 2, 2, dtype=torch.float64)
     model_fn = gaussian_oracle(diffusion, 0.0, 0.5)
     a = sample_ddim(model_fn, diffusion, noise, steps=10, generator=torch.Generator().manual_seed(0))
@@ -242,7 +242,7 @@ def test_dynamic_thresholding():
 
 
 def test_logsnr_spacing():
-    diffusion = GaussianDiffusion(linear_betas(1000))
+    diffusion = DDPMProcess(linear_betas(1000))
     ts = sampling_timesteps(diffusion.alphas_cumprod, 20, "logsnr")
     assert ts[0] == 0 and ts[-1] == 999 and (ts[1:] > ts[:-1]).all() and 18 <= len(ts) <= 20
     lam = 0.5 * torch.log(diffusion.alphas_cumprod / (1 - diffusion.alphas_cumprod))[ts]
@@ -253,7 +253,7 @@ def test_logsnr_spacing():
 def test_logsnr_spacing_of_the_cosine_schedule_is_not_eaten_by_its_clipped_last_step():
     """Cosine's beta_T is clipped at 0.999: lambda falls from -6.5 to -9.9 in the last step. Spaced down to -9.9, 20
     steps gave 17 distinct timesteps, 5 of them at t >= 990. With the floor at -5.1: 20 distinct, evenly spread in lambda."""
-    alphas_cumprod = GaussianDiffusion(cosine_betas(1000)).alphas_cumprod
+    alphas_cumprod = DDPMProcess(cosine_betas(1000)).alphas_cumprod
     lam = 0.5 * torch.log(alphas_cumprod / (1 - alphas_cumprod))
     unfloored = sampling_timesteps(alphas_cumprod, 20, 'logsnr')
     assert len(unfloored) == 17 and (unfloored >= 990).sum() == 5  # the defect, as measured
@@ -262,13 +262,13 @@ def test_logsnr_spacing_of_the_cosine_schedule_is_not_eaten_by_its_clipped_last_
     assert lam[ts[-1]] >= -5.1 > lam[ts[-1] + 1]  # it starts at the last timestep above the floor
     gaps = lam[ts][:-1] - lam[ts][1:]
     assert gaps.max() < 1.5 * gaps.mean()
-    linear = GaussianDiffusion(linear_betas(1000)).alphas_cumprod  # lambda_T = -5.06: the floor changes nothing
+    linear = DDPMProcess(linear_betas(1000)).alphas_cumprod  # lambda_T = -5.06: the floor changes nothing
     assert torch.equal(sampling_timesteps(linear, 20, 'logsnr', lambda_min=-5.1), sampling_timesteps(linear, 20, 'logsnr'))
 
 
 @pytest.mark.parametrize("steps", [10, 20])
 def test_dpmpp_2m_is_accurate_in_few_steps(steps):
-    diffusion = GaussianDiffusion(linear_betas(1000))
+    diffusion = DDPMProcess(linear_betas(1000))
     noise = torch.randn(40_000, 1, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     out = sample_dpmpp_2m(gaussian_oracle(diffusion, 0.3, 0.2), diffusion, noise, steps=steps, x0_clip="none")
     assert out.std().item() == pytest.approx(0.2, rel=0.03)
@@ -278,7 +278,7 @@ def test_dpmpp_2m_is_accurate_in_few_steps(steps):
 def test_heun_step_is_edm_algorithm_1():
     """Two levels and the end, written out: sigma = sqrt((1 - abar)/abar), x~ = x_t / alpha; d_i = (x~ - D_i)/sigma_i;
     x~' = x~ + (s_next - s) d_i; x~_next = x~ + (s_next - s)(d_i + d'_next)/2; the last step, to sigma = 0, is Euler's."""
-    diffusion = GaussianDiffusion(linear_betas(1000))
+    diffusion = DDPMProcess(linear_betas(1000))
     calls = []
 
     def model_fn(x, t):  # an arbitrary smooth "denoiser": D(x_t) = 0.3 x_t + 0.1
@@ -306,7 +306,7 @@ def test_heun_converges_at_second_order():
     """Doubling the levels cuts Heun's error about 4x (measured 0.0151 -> 0.0047 in std at 39 -> 79 evaluations), where
     Euler's (DDIM) only halves. Heun is not DPM-Solver++: at 19 evaluations it overshoots the std by a third on this
     Gaussian (0.27 for 0.2), which the quality-vs-NFE table in docs/ shows on digits as well."""
-    diffusion = GaussianDiffusion(linear_betas(1000))
+    diffusion = DDPMProcess(linear_betas(1000))
     noise = torch.randn(40_000, 1, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     error = {steps: abs(sample_heun(gaussian_oracle(diffusion, 0.3, 0.2), diffusion, noise, steps=steps,
                                     x0_clip="none").std().item() - 0.2) for steps in (39, 79)}
@@ -314,7 +314,7 @@ def test_heun_converges_at_second_order():
 
 
 def test_karras_spacing_is_edm_eq_5_rounded_to_the_model_timesteps():
-    diffusion = GaussianDiffusion(linear_betas(1000))
+    diffusion = DDPMProcess(linear_betas(1000))
     abar = diffusion.alphas_cumprod
     ts = sampling_timesteps(abar, 10, "karras")
     sigma = ((1 - abar) / abar).sqrt()
@@ -328,7 +328,7 @@ def test_karras_spacing_is_edm_eq_5_rounded_to_the_model_timesteps():
 def test_zero_terminal_snr_spacing_keeps_t_equal_T():
     from ddpm.core.schedules import rescale_zero_terminal_snr
 
-    abar = GaussianDiffusion(rescale_zero_terminal_snr(linear_betas(1000))).alphas_cumprod
+    abar = DDPMProcess(rescale_zero_terminal_snr(linear_betas(1000))).alphas_cumprod
     for spacing in ("logsnr", "karras"):
         ts = sampling_timesteps(abar, 20, spacing)
         assert ts[-1] == 999 and ts[0] == 0 and 18 <= len(ts) <= 20

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ddpm.core.diffusion import GaussianDiffusion
+from ddpm.core.diffusion import DDPMProcess
 from ddpm.core.schedules import cosine_betas, linear_betas
 
 
@@ -19,7 +19,7 @@ def test_linear_betas_closed_form():
 
 def test_linear_alphas_cumprod_is_product_of_one_minus_beta():
     betas = linear_betas(1000)
-    alphas_cumprod = GaussianDiffusion(betas).alphas_cumprod
+    alphas_cumprod = DDPMProcess(betas).alphas_cumprod
     for t in (1, 10, 300, 1000):
         expected = math.prod(1.0 - (1e-4 + (0.02 - 1e-4) * (s - 1) / 999) for s in range(1, t + 1))
         assert alphas_cumprod[t - 1].item() == pytest.approx(expected, rel=1e-10)
@@ -29,7 +29,7 @@ def test_linear_alphas_cumprod_is_product_of_one_minus_beta():
 
 def test_cosine_alphas_cumprod_follows_eq_17():
     T, s = 1000, 0.008
-    alphas_cumprod = GaussianDiffusion(cosine_betas(T, s)).alphas_cumprod
+    alphas_cumprod = DDPMProcess(cosine_betas(T, s)).alphas_cumprod
     f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
     for t in (1, 100, 500, 900, 990):  # below the clipped tail
         assert alphas_cumprod[t - 1].item() == pytest.approx(f(t) / f(0), rel=1e-10)
@@ -50,7 +50,7 @@ def test_timesteps_sets_length():
 
 def test_diffusion_rejects_betas_outside_unit_interval():
     with pytest.raises(ValueError, match="betas"):
-        GaussianDiffusion(torch.tensor([1.0, 0.1]))  # beta = 1 only as beta_T (zero terminal SNR), never before it
+        DDPMProcess(torch.tensor([1.0, 0.1]))  # beta = 1 only as beta_T (zero terminal SNR), never before it
     with pytest.raises(ValueError, match="betas"):
-        GaussianDiffusion(torch.tensor([0.1, 1.5]))
-    assert GaussianDiffusion(torch.tensor([0.1, 1.0])).alphas_cumprod[-1] == 0
+        DDPMProcess(torch.tensor([0.1, 1.5]))
+    assert DDPMProcess(torch.tensor([0.1, 1.0])).alphas_cumprod[-1] == 0

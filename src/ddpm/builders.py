@@ -15,7 +15,7 @@ from torch import nn
 
 from ddpm.core.backbone import check_backbone
 from ddpm.core.denoiser import Denoiser
-from ddpm.core.diffusion import GaussianDiffusion
+from ddpm.core.diffusion import DDPMProcess
 from ddpm.core.errors import ConfigError
 from ddpm.core.guidance import Guidance
 from ddpm.core.schedules import rescale_zero_terminal_snr
@@ -54,13 +54,13 @@ def build_net(model: dict, **kwargs) -> nn.Module:
     return net
 
 
-def build_diffusion(schedule: dict) -> GaussianDiffusion:
+def build_process(schedule: dict) -> DDPMProcess:
     """The process of the ``schedule`` group, rescaled to zero terminal SNR when ``schedule.zero_terminal_snr`` (a
     rescale of any schedule, so a key of each option, read here rather than passed to the schedule function)."""
     betas = build(schedule, "schedule")
     if schedule.get("zero_terminal_snr", False):
         betas = rescale_zero_terminal_snr(betas)
-    return GaussianDiffusion(betas)
+    return DDPMProcess(betas)
 
 
 def build_denoiser(config: dict) -> Denoiser:
@@ -68,7 +68,7 @@ def build_denoiser(config: dict) -> Denoiser:
     conditional = config["guidance"]["conditional"]
     num_classes = config["data"]["num_classes"] if conditional else None
     diffusion = config.get("diffusion", {})
-    return Denoiser(build_net(config["model"], num_classes=num_classes), build_diffusion(config["schedule"]),
+    return Denoiser(build_net(config["model"], num_classes=num_classes), build_process(config["schedule"]),
                     diffusion.get("prediction", "eps"), diffusion.get("loss_weight", "uniform"),
                     diffusion.get("min_snr_gamma", 5.0))
 

@@ -87,8 +87,8 @@ class Model:
 
     @property
     def process(self):
-        """The diffusion process (its schedule's alphas_cumprod, ...) the samplers walk."""
-        return self.denoiser.diffusion
+        """The process (``DDPMProcess``: its schedule's alphas_cumprod, ...) the samplers walk."""
+        return self.denoiser.process
 
     @property
     def num_classes(self) -> int | None:

@@ -127,18 +127,18 @@ def _build_network(cfg: Config) -> None:
 def _terminal_alpha_bar(cfg: Config) -> float:
     """alpha_bar_T of the configured schedule (1.0 when it cannot be built: the schedule's own rule reports that)."""
     try:
-        from ddpm.builders import build_diffusion
+        from ddpm.builders import build_process
 
-        return float(build_diffusion(select(cfg, "schedule")).alphas_cumprod[-1])
+        return float(build_process(select(cfg, "schedule")).alphas_cumprod[-1])
     except Exception:
         return 1.0
 
 
 def _build_schedule(cfg: Config) -> None:
-    """The schedule's betas, built as training would and checked by ``GaussianDiffusion`` (its rule's one home)."""
-    from ddpm.builders import build_diffusion
+    """The schedule's betas, built as training would and checked by ``DDPMProcess`` (its rule's one home)."""
+    from ddpm.builders import build_process
 
-    build_diffusion(select(cfg, "schedule"))
+    build_process(select(cfg, "schedule"))
 
 
 def _cuda_index(device: str) -> int:

@@ -10,32 +10,32 @@ import torch
 from torch import nn
 
 from ddpm.core.backbone import check_backbone
-from ddpm.core.diffusion import GaussianDiffusion, extract
+from ddpm.core.diffusion import DDPMProcess, extract
 from ddpm.core.prediction import check_min_snr_gamma, check_prediction, check_terminal_snr, loss_weight, to_x0_eps
 
 
 class Denoiser:
     """A network of a given prediction target on a given process: ``denoiser(x_t, t, labels) -> (x_0, eps)``.
 
-    A plain object holding references: the LightningModule owns ``net`` and ``diffusion`` as submodules, and
+    A plain object holding references: the LightningModule owns ``net`` and ``process`` as submodules, and
     ``with_net`` gives the same denoiser over other weights (the EMA copy) without copying anything."""
 
-    def __init__(self, net: nn.Module, diffusion: GaussianDiffusion, prediction: str = "eps",
+    def __init__(self, net: nn.Module, process: DDPMProcess, prediction: str = "eps",
                  loss_weight: str = "uniform", min_snr_gamma: float = 5.0):
         check_backbone(net)
         check_prediction(prediction)
-        check_terminal_snr(prediction, float(diffusion.alphas_cumprod[-1]))
+        check_terminal_snr(prediction, float(process.alphas_cumprod[-1]))
         _weight(loss_weight, prediction, min_snr_gamma)  # on a dummy SNR: a typo fails now, not at the first step
-        self.net, self.diffusion, self.prediction = net, diffusion, prediction
+        self.net, self.process, self.prediction = net, process, prediction
         self.loss_weight, self.min_snr_gamma = loss_weight, min_snr_gamma
 
     def with_net(self, net: nn.Module) -> "Denoiser":
         """The same target, process and loss over other weights (e.g. the EMA copy of the network)."""
-        return Denoiser(net, self.diffusion, self.prediction, self.loss_weight, self.min_snr_gamma)
+        return Denoiser(net, self.process, self.prediction, self.loss_weight, self.min_snr_gamma)
 
     def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """alpha_t = sqrt(alpha_bar_t) and sigma_t = sqrt(1 - alpha_bar_t), shaped to broadcast over ``like``."""
-        return extract(self.diffusion.sqrt_alphas_cumprod, t, like), extract(self.diffusion.sqrt_one_minus_alphas_cumprod, t, like)
+        return extract(self.process.sqrt_alphas_cumprod, t, like), extract(self.process.sqrt_one_minus_alphas_cumprod, t, like)
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         alpha, sigma = self.alpha_sigma(t, x_t)
@@ -50,7 +50,7 @@ class Denoiser:
         """The training loss (Ho et al. Algorithm 1, in this target and weighting): t ~ U{1..T}, eps ~ N(0, I),
         mean over the batch of weight(t) ||target - net(x_t, t)||^2 / d. ``net``: the same weights run differently
         (e.g. torch.compile'd); default ``self.net``."""
-        return self.diffusion.training_loss(self.net if net is None else net, x0, self.prediction,
+        return self.process.training_loss(self.net if net is None else net, x0, self.prediction,
                                             lambda snr: _weight(self.loss_weight, self.prediction, self.min_snr_gamma, snr),
                                             labels=labels)
 

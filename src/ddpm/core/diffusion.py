@@ -39,8 +39,9 @@ def check_betas(betas: torch.Tensor) -> None:
                           "(only beta_T may be 1, at zero terminal SNR): change the schedule's settings")
 
 
-class GaussianDiffusion(nn.Module):
-    """The schedule's derived quantities, computed once in float64 and held as buffers."""
+class DDPMProcess(nn.Module):
+    """The discrete DDPM process of a schedule (Ho et al. 2020): its derived quantities, computed once in float64
+    and held as buffers (not saved: a checkpoint rebuilds them from its schedule)."""
 
     def __init__(self, betas: torch.Tensor):
         super().__init__()
@@ -101,9 +102,9 @@ class GaussianDiffusion(nn.Module):
         return (weight(self.snr(t)).to(error) * error).mean()
 
 
-def respace(diffusion: GaussianDiffusion, timesteps: torch.Tensor) -> GaussianDiffusion:
+def respace(process: DDPMProcess, timesteps: torch.Tensor) -> DDPMProcess:
     """The process restricted to ``timesteps`` (Nichol & Dhariwal 2021, sec. 4):
     alpha_bar is kept at those steps and beta_i = 1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}}."""
-    alphas_cumprod = diffusion.alphas_cumprod.cpu()[timesteps.cpu()]
+    alphas_cumprod = process.alphas_cumprod.cpu()[timesteps.cpu()]
     previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-    return GaussianDiffusion(1.0 - alphas_cumprod / previous).to(diffusion.betas.device)
+    return DDPMProcess(1.0 - alphas_cumprod / previous).to(process.betas.device)

@@ -56,7 +56,7 @@ def guided(denoiser: Denoiser, labels: torch.Tensor | None, guidance_scale: floa
 
     null = torch.full_like(labels, net.null_label)
     both_labels = torch.cat([labels, null])
-    sigmas = (1 - denoiser.diffusion.alphas_cumprod) / denoiser.diffusion.alphas_cumprod  # sigma^2, float64
+    sigmas = (1 - denoiser.process.alphas_cumprod) / denoiser.process.alphas_cumprod  # sigma^2, float64
     w = guidance_scale
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

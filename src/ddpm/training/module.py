@@ -45,7 +45,7 @@ class DiffusionModule(L.LightningModule):
     ):
         super().__init__()
         net = denoiser.net
-        self.denoiser, self.net, self.diffusion, self.sampler = denoiser, net, denoiser.diffusion, sampler
+        self.denoiser, self.net, self.process, self.sampler = denoiser, net, denoiser.process, sampler
         self.optimizer_factory, self.warmup_steps = optimizer, warmup_steps
         # training: label dropout (p_uncond); sampling: the guidance this run's callbacks sample with, saved as its default
         self.p_uncond, self.guidance = p_uncond, guidance

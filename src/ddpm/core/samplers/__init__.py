@@ -1,6 +1,6 @@
 """Samplers: one module each, one shared signature (after k-diffusion)::
 
-    sample(model_fn, diffusion, noise, *, generator=None, callback=None, progress=False, **options) -> x_0
+    sample(model_fn, process, noise, *, generator=None, callback=None, progress=False, **options) -> x_0
 
 ``model_fn(x_t, t) -> (x_0, eps)`` is the (possibly guided) denoiser (``ddpm/core/denoiser.py``), ``t`` the
 timestep index 0..T-1, so no sampler knows the network's prediction target;

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ddpm.core.diffusion import GaussianDiffusion, extract
+from ddpm.core.diffusion import DDPMProcess, extract
 from ddpm.core.errors import ConfigError
 from ddpm.core.samplers import ModelFn, clip_x0, randn_like, sampling_timesteps
 
@@ -35,15 +35,15 @@ def check_eta(eta: float) -> None:
 
 
 def sample_ddim(
-    model_fn: ModelFn, diffusion: GaussianDiffusion, noise: torch.Tensor, *, steps: int = 50, eta: float = 0.0,
+    model_fn: ModelFn, process: DDPMProcess, noise: torch.Tensor, *, steps: int = 50, eta: float = 0.0,
     x0_clip: str = "clip", percentile: float = 0.995, generator: torch.Generator | None = None,
     callback: Callable | None = None, progress: bool = False,
 ) -> torch.Tensor:
     """DDIM over ``steps`` evenly spaced timesteps; one model evaluation per step."""
     check_eta(eta)
-    timesteps = sampling_timesteps(diffusion.alphas_cumprod, steps).to(noise.device)
-    ones = torch.ones(1, dtype=torch.float64, device=diffusion.alphas_cumprod.device)
-    alphas_cumprod = torch.cat([ones, diffusion.alphas_cumprod[timesteps.to(ones.device)]])  # [1, abar_t0, ...]
+    timesteps = sampling_timesteps(process.alphas_cumprod, steps).to(noise.device)
+    ones = torch.ones(1, dtype=torch.float64, device=process.alphas_cumprod.device)
+    alphas_cumprod = torch.cat([ones, process.alphas_cumprod[timesteps.to(ones.device)]])  # [1, abar_t0, ...]
     x = noise
     for i in tqdm(reversed(range(len(timesteps))), total=len(timesteps), disable=not progress, desc="ddim", leave=False):
         t = timesteps[i].expand(x.shape[0])

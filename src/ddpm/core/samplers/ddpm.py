@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ddpm.core.diffusion import GaussianDiffusion, extract, respace
+from ddpm.core.diffusion import DDPMProcess, extract, respace
 from ddpm.core.errors import ConfigError
 from ddpm.core.samplers import ModelFn, clip_x0, randn_like, sampling_timesteps
 
@@ -15,7 +15,7 @@ VARIANCES = ("beta", "posterior")
 
 
 def ddpm_step(
-    spaced: GaussianDiffusion, i: int, x: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor | None,
+    spaced: DDPMProcess, i: int, x: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor | None,
     variance: str = "beta", x0_clip: str = "clip", percentile: float = 0.995,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step x_t -> x_{t-1} of the (respaced) process ``spaced`` at its index ``i``; returns (x_{t-1}, x0_pred).
@@ -34,15 +34,15 @@ def ddpm_step(
 
 
 def sample_ddpm(
-    model_fn: ModelFn, diffusion: GaussianDiffusion, noise: torch.Tensor, *, steps: int | None = None,
+    model_fn: ModelFn, process: DDPMProcess, noise: torch.Tensor, *, steps: int | None = None,
     variance: str = "beta", x0_clip: str = "clip", percentile: float = 0.995, generator: torch.Generator | None = None,
     callback: Callable | None = None, progress: bool = False,
 ) -> torch.Tensor:
     """Algorithm 2 over ``steps`` evenly spaced timesteps (all T when None); one model evaluation per step."""
     if variance not in VARIANCES:
         raise ConfigError(f"sampler.variance={variance!r}: must be one of {list(VARIANCES)}")
-    timesteps = sampling_timesteps(diffusion.alphas_cumprod, steps or diffusion.num_timesteps).to(noise.device)
-    spaced = respace(diffusion, timesteps)
+    timesteps = sampling_timesteps(process.alphas_cumprod, steps or process.num_timesteps).to(noise.device)
+    spaced = respace(process, timesteps)
     x = noise
     for i in tqdm(reversed(range(len(timesteps))), total=len(timesteps), disable=not progress, desc="ddpm", leave=False):
         x0, _ = model_fn(x, timesteps[i].expand(x.shape[0]))

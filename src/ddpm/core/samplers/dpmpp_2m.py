@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ddpm.core.diffusion import GaussianDiffusion
+from ddpm.core.diffusion import DDPMProcess
 from ddpm.core.samplers import ModelFn, clip_x0, sampling_timesteps
 
 
@@ -37,7 +37,7 @@ def dpmpp_2m_step(
 
 
 def sample_dpmpp_2m(
-    model_fn: ModelFn, diffusion: GaussianDiffusion, noise: torch.Tensor, *, steps: int = 20, spacing: str = "logsnr",
+    model_fn: ModelFn, process: DDPMProcess, noise: torch.Tensor, *, steps: int = 20, spacing: str = "logsnr",
     lambda_min: float | None = -5.1,
     x0_clip: str = "clip", percentile: float = 0.995, generator: torch.Generator | None = None,
     callback: Callable | None = None, progress: bool = False,
@@ -51,8 +51,8 @@ def sample_dpmpp_2m(
     steps); log-SNR spacing keeps it within 2% from 10 steps on (tests/test_samplers.py). ``lambda_min``: the log-SNR
     floor of that spacing (``logsnr_spaced_timesteps``: it keeps the cosine schedule's clipped last step from taking a
     quarter of the steps)."""
-    timesteps = sampling_timesteps(diffusion.alphas_cumprod, steps, spacing, lambda_min).flip(0)  # from T down
-    alphas_cumprod = diffusion.alphas_cumprod[timesteps.to(diffusion.alphas_cumprod.device)].tolist()
+    timesteps = sampling_timesteps(process.alphas_cumprod, steps, spacing, lambda_min).flip(0)  # from T down
+    alphas_cumprod = process.alphas_cumprod[timesteps.to(process.alphas_cumprod.device)].tolist()
     timesteps = timesteps.to(noise.device)
     x, x0_last = noise, None
     for i in tqdm(range(len(timesteps)), disable=not progress, desc="dpmpp_2m", leave=False):

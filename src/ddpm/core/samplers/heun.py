@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ddpm.core.diffusion import GaussianDiffusion
+from ddpm.core.diffusion import DDPMProcess
 from ddpm.core.samplers import ModelFn, clip_x0, sampling_timesteps
 
 
@@ -25,15 +25,15 @@ def noise_levels(steps: int) -> int:
 
 
 def sample_heun(
-    model_fn: ModelFn, diffusion: GaussianDiffusion, noise: torch.Tensor, *, steps: int = 19, spacing: str = "karras",
+    model_fn: ModelFn, process: DDPMProcess, noise: torch.Tensor, *, steps: int = 19, spacing: str = "karras",
     lambda_min: float | None = -5.1, rho: float = 7.0, x0_clip: str = "clip", percentile: float = 0.995,
     generator: torch.Generator | None = None, callback: Callable | None = None, progress: bool = False,
 ) -> torch.Tensor:
     """At most ``steps`` model evaluations, as for the other samplers: N = (steps + 1) // 2 noise levels, 2N - 1
     evaluations (10 -> 9, 20 -> 19). The levels are the model's timesteps chosen by ``spacing`` (``karras``: EDM's
     rho = 7 spacing of sigma; see ``sampling_timesteps``). Deterministic: ``generator`` is unused."""
-    timesteps = sampling_timesteps(diffusion.alphas_cumprod, noise_levels(steps), spacing, lambda_min, rho).flip(0)
-    alphas_cumprod = diffusion.alphas_cumprod[timesteps.to(diffusion.alphas_cumprod.device)].tolist()
+    timesteps = sampling_timesteps(process.alphas_cumprod, noise_levels(steps), spacing, lambda_min, rho).flip(0)
+    alphas_cumprod = process.alphas_cumprod[timesteps.to(process.alphas_cumprod.device)].tolist()
     alpha = [math.sqrt(a) for a in alphas_cumprod]
     sigma = [math.sqrt((1 - a) / a) if a > 0 else math.inf for a in alphas_cumprod] + [0.0]  # EDM sigma, then 0
     timesteps = timesteps.to(noise.device)
