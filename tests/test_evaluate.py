@@ -260,7 +260,9 @@ def test_sample_and_evaluate_give_what_they_gave_before_the_python_api(cache_dir
     for key, value in before["metrics"].items():
         # the digits classifier is retrained in this cache: the same to float32 rounding (threads), not bit for bit
         assert record["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
-    assert {k: v for k, v in record["protocol"].items() if k != "checkpoint"} == before["protocol"]
+    # (premise changed, issue 19: the protocol also records guidance_method, which was always cfg before)
+    assert record["protocol"]["guidance_method"] == "cfg"
+    assert {k: v for k, v in record["protocol"].items() if k not in ("checkpoint", "guidance_method")} == before["protocol"]
     python = model.evaluate(60, sampler="ddim", steps=5, guidance=1.0, seed=1, batch_size=25, cache_dir=str(cache_dir))
     assert {k: python["metrics"][k] for k in before["metrics"]} == {k: record["metrics"][k] for k in before["metrics"]}
 

@@ -115,3 +115,122 @@ def test_guidance_needs_a_model_trained_with_label_dropout():
         check_guidance(0.1, 1.0, rescale=1.5)
     with pytest.raises(ValueError, match=r"guidance.interval"):
         check_guidance(0.1, 1.0, interval=(3.0, 1.0))
+
+
+# --- guidance methods (issue 19) ------------------------------------------------------------------------------------
+from ddpm.core.guidance import APG, GUIDANCE_METHODS, Guidance  # noqa: E402
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(6, 1, 8, 8, dtype=torch.float64, generator=g), torch.randint(0, 1000, (6,), generator=g),
+            torch.randint(0, 10, (6,), generator=g))
+
+
+def _apg_by_hand(x0_c, x0_u, w, r, eta, previous=None, beta=0.0):
+    """Sadat et al. 2024, Algorithm 1, one sample at a time with plain dot products (not the code under test)."""
+    out, averages = [], []
+    for i in range(len(x0_c)):
+        c, delta = x0_c[i].flatten(), (x0_c[i] - x0_u[i]).flatten()
+        if previous is not None:
+            delta = delta + beta * previous[i].flatten()
+        averages.append(delta.view_as(x0_c[i]))
+        norm = math.sqrt(float(delta @ delta))
+        if r > 0 and norm > r:
+            delta = delta * (r / norm)
+        parallel = float(delta @ c) / float(c @ c) * c
+        out.append((c + w * ((delta - parallel) + eta * parallel)).view_as(x0_c[i]))
+    return torch.stack(out), torch.stack(averages)
+
+
+@pytest.mark.parametrize("r, eta", [(0.0, 0.0), (0.0, 0.5), (1.0, 0.0), (1e6, 1.0)])
+def test_apg_splits_the_update_into_parts_parallel_and_orthogonal_to_the_conditional_prediction(denoiser, r, eta):
+    w = 3.0
+    x, t, y = _inputs()
+    with torch.no_grad():
+        (x0_c, _), (x0_u, _) = denoiser(x, t, y), denoiser(x, t, torch.full_like(y, denoiser.net.null_label))
+        x0, eps = guided(denoiser, y, w, method="apg", apg=APG(momentum=0.0, norm_threshold=r, eta=eta))(x, t)
+    expected, _ = _apg_by_hand(x0_c, x0_u, w, r, eta)
+    torch.testing.assert_close(x0, expected, rtol=1e-10, atol=1e-12)
+    alpha, sigma = denoiser.alpha_sigma(t, x)
+    torch.testing.assert_close(eps, (x - alpha * x0) / sigma, rtol=1e-8, atol=1e-10)  # eps consistent with x0
+    if r == 1.0:  # the cap binds: the update's norm is at most r per sample
+        assert ((x0 - x0_c) / w).flatten(1).norm(dim=1).max() <= 1.0 + 1e-9
+    if r == 1e6 and eta == 1.0:  # no cap, the whole parallel part: plain CFG
+        torch.testing.assert_close(x0, (1 + w) * x0_c - w * x0_u, rtol=1e-10, atol=1e-12)
+
+
+def test_apgs_update_with_eta_zero_is_orthogonal_to_the_conditional_prediction(denoiser):
+    x, t, y = _inputs()
+    with torch.no_grad():
+        x0_c, _ = denoiser(x, t, y)
+        x0, _ = guided(denoiser, y, 2.0, method="apg", apg=APG(momentum=0.0, norm_threshold=0.0, eta=0.0))(x, t)
+    update, c = (x0 - x0_c).flatten(1), x0_c.flatten(1)
+    cosine = (update * c).sum(1) / (update.norm(dim=1) * c.norm(dim=1))
+    assert cosine.abs().max() < 1e-12 and update.abs().max() > 1e-5  # orthogonal, and not zero
+
+
+def test_apgs_momentum_adds_beta_times_the_running_average_of_earlier_steps(denoiser):
+    beta, w, r = -0.75, 2.0, 0.5
+    x, t, y = _inputs()
+    model_fn = guided(denoiser, y, w, method="apg", apg=APG(momentum=beta, norm_threshold=r, eta=0.0))
+    null = torch.full_like(y, denoiser.net.null_label)
+    previous = None
+    with torch.no_grad():
+        for step in range(3):  # three calls of one sampling run, at three noise levels
+            ts = (t - 100 * step).clamp(min=0)
+            (x0_c, _), (x0_u, _) = denoiser(x, ts, y), denoiser(x, ts, null)
+            expected, previous = _apg_by_hand(x0_c, x0_u, w, r, 0.0, previous, beta)
+            torch.testing.assert_close(model_fn(x, ts)[0], expected, rtol=1e-10, atol=1e-12)
+        fresh = guided(denoiser, y, w, method="apg", apg=APG(momentum=beta, norm_threshold=r, eta=0.0))
+        first, _ = _apg_by_hand(*[denoiser(x, t, labels)[0] for labels in (y, null)], w, r, 0.0)
+        torch.testing.assert_close(fresh(x, t)[0], first, rtol=1e-10, atol=1e-12)  # a new model_fn starts a new average
+
+
+def test_autoguidance_is_one_plus_w_main_minus_w_guide(net, denoiser):
+    """Karras et al. 2024, eq. 2 in this project's w: D = (1 + w) D_main(x; y) - w D_guide(x; y), both conditional."""
+    torch.manual_seed(5)
+    weaker = UNet(8, 1, 16, (1, 2), 1, (), 0.0, norm_groups=4, num_classes=10).double().eval()
+    for p in weaker.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    guide = denoiser.with_net(weaker)
+    x, t, y = _inputs()
+    with torch.no_grad():
+        for w in (0.5, 2.0):
+            x0, eps = guided(denoiser, y, w, method="autoguidance", guide=guide)(x, t)
+            (x0_m, eps_m), (x0_g, eps_g) = denoiser(x, t, y), guide(x, t, y)
+            torch.testing.assert_close(x0, (1 + w) * x0_m - w * x0_g, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(eps, (1 + w) * eps_m - w * eps_g, rtol=1e-10, atol=1e-12)
+        # the guide = the model itself: the conditional prediction, for every w
+        for w in (0.5, 2.0, 7.0):
+            x0, eps = guided(denoiser, y, w, method="autoguidance", guide=denoiser)(x, t)
+            x0_c, eps_c = denoiser(x, t, y)
+            torch.testing.assert_close(x0, x0_c, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(eps, eps_c, rtol=1e-10, atol=1e-10)
+
+
+def test_w_zero_is_the_conditional_prediction_for_every_method(denoiser):
+    x, t, y = _inputs()
+    with torch.no_grad():
+        x0_c, eps_c = denoiser(x, t, y)
+        for method in GUIDANCE_METHODS:
+            x0, eps = Guidance(0.0, method=method, guide=denoiser if method == "autoguidance" else None).model_fn(denoiser, y)(x, t)
+            assert torch.equal(x0, x0_c) and torch.equal(eps, eps_c), method
+
+
+def test_guidance_methods_refuse_what_cannot_work(denoiser):
+    with pytest.raises(ValueError, match=r"guidance.method='cfgg': must be one of \['cfg', 'apg', 'autoguidance'\]"):
+        check_guidance(0.1, 1.0, method="cfgg")
+    with pytest.raises(ValueError, match=r"guidance.apg.momentum=1.0: must be in \(-1, 1\)"):
+        check_guidance(0.1, 1.0, method="apg", apg=APG(momentum=1.0))
+    with pytest.raises(ValueError, match=r"guidance.apg.eta=2"):
+        check_guidance(0.1, 1.0, method="apg", apg=APG(eta=2))
+    check_guidance(0.0, 2.0, method="autoguidance")  # no unconditional branch: no label dropout needed
+    with pytest.raises(ValueError, match="needs a guide"):
+        Guidance(1.0, method="autoguidance").check(0.1)
+    small = Denoiser(UNet(16, 1, 16, (1, 2), 1, (), 0.0, norm_groups=4, num_classes=10).double(), denoiser.process)
+    with pytest.raises(ValueError, match="guidance.guide: its image_size is 16, the model's 8"):
+        guided(denoiser, torch.zeros(2, dtype=torch.long), 1.0, method="autoguidance", guide=small)
+    other = Denoiser(denoiser.net, DDPMProcess(linear_betas(500)), denoiser.prediction)
+    with pytest.raises(ValueError, match="its process"):
+        guided(denoiser, torch.zeros(2, dtype=torch.long), 1.0, method="autoguidance", guide=other)

@@ -107,3 +107,66 @@ def test_a_guidance_key_must_be_checkpoint_or_a_value(checkpoint, tmp_path):
                               ("guidance.rescale=latest", "guidance.rescale='latest': must be checkpoint")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             validate(compose([f"ckpt_path={checkpoint}", override], config_name="sample"), "sample")
+
+
+def test_guidance_methods_from_python_and_the_command_line(checkpoint, tmp_path):
+    """guidance.method=apg from the command line; autoguidance from Python with a loaded guide, recorded in the
+    protocol; the model as its own guide gives the conditional samples."""
+    import torch
+
+    from ddpm import Guidance, load
+    from ddpm.validation import ConfigError, validate
+
+    model, raw = load(checkpoint, device="cpu"), load(checkpoint, ema=False, device="cpu")
+    labels = list(range(10))
+    conditional = model.sample(labels, sampler="ddim", steps=5, guidance=0.0)
+    itself = model.sample(labels, sampler="ddim", steps=5, guidance=Guidance(2.0, method="autoguidance", guide=model))
+    torch.testing.assert_close(itself, conditional, rtol=0, atol=1e-5)
+    guided = model.sample(labels, sampler="ddim", steps=5, guidance=Guidance(2.0, method="autoguidance", guide=raw))
+    assert not torch.allclose(guided, conditional)
+    protocol = model.protocol(model.sampler_for("ddim", 5), model.guidance_for(Guidance(2.0, method="autoguidance", guide=raw)),
+                              0, 10, {}, {})
+    assert protocol["guidance_method"] == "autoguidance" and protocol["guide"]["weights"] == "raw"
+
+    def run(name, *overrides):
+        cfg = compose([f"ckpt_path={checkpoint}", "sampler=ddim", "sampler.steps=5", "num_samples=10", "guidance.scale=2",
+                       "sampler.precision=float32", *overrides], config_name="sample", output_dir=tmp_path / name)
+        return sample(cfg)["images"]
+
+    cfg_images, apg_images = run("cfg"), run("apg", "guidance.method=apg")
+    assert not torch.equal(cfg_images, apg_images)
+    assert torch.equal(apg_images, model.sample(labels, sampler="ddim", steps=5, guidance=Guidance(2.0, method="apg")))
+    # autoguidance from the command line: this run's raw weights as the guide... by an EMA it lacks, refused in one line
+    with pytest.raises(ConfigError, match="needs a guide"):
+        run("auto0", "guidance.method=autoguidance")
+    with pytest.raises(ConfigError, match="that is the model itself"):
+        run("auto1", "guidance.method=autoguidance", f"guidance.guide.ckpt_path={checkpoint}")
+    with pytest.raises(ConfigError, match=r"guidance.guide.step=3: no checkpoint .*step_0000003.ckpt"):
+        run("auto2", "guidance.method=autoguidance", "guidance.guide.step=3")
+    with pytest.raises(ConfigError, match="only read with guidance.method=autoguidance"):
+        run("auto3", "guidance.guide.step=3")
+    with pytest.raises(ConfigError, match="cfg or apg for a training run's own samples"):
+        validate(compose(["guidance.method=autoguidance"]), "train")
+
+
+def test_autoguidance_by_an_earlier_step_of_the_same_run(tmp_path):
+    """guidance.guide.step=N guides with this run's checkpoint at step N: the samples are those of the Python API with
+    that checkpoint loaded as the guide."""
+    import torch
+
+    from ddpm import Guidance, load
+
+    run = tmp_path / "train"
+    train(compose([*TINY, "trainer.max_steps=6", "callbacks.model_checkpoint.every_n_train_steps=3",
+                   "~callbacks.sample_grid"], output_dir=run))
+    last, early = run / "checkpoints" / "last.ckpt", run / "checkpoints" / "step_0000003.ckpt"
+    assert early.is_file()
+    cfg = compose([f"ckpt_path={last}", "sampler=ddim", "sampler.steps=4", "num_samples=10", "sampler.precision=float32",
+                   "guidance.method=autoguidance", "guidance.scale=1.5", "guidance.guide.step=3"],
+                  config_name="sample", output_dir=tmp_path / "out")
+    images = sample(cfg)["images"]
+    model = load(last, device="cpu")
+    expected = model.sample(list(range(10)), sampler="ddim", steps=4,
+                            guidance=Guidance(1.5, method="autoguidance", guide=load(early, device="cpu")))
+    assert torch.equal(images, expected)
+    assert not torch.equal(images, model.sample(list(range(10)), sampler="ddim", steps=4, guidance=0.0))

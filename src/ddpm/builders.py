@@ -17,7 +17,7 @@ from ddpm.core.backbone import check_backbone
 from ddpm.core.denoiser import Denoiser
 from ddpm.core.diffusion import DDPMProcess
 from ddpm.core.errors import ConfigError
-from ddpm.core.guidance import Guidance
+from ddpm.core.guidance import APG, Guidance
 from ddpm.core.schedules import rescale_zero_terminal_snr
 from ddpm.options import shipped_targets
 
@@ -87,6 +87,7 @@ def label_dropout(guidance: dict) -> float:
 def build_guidance(guidance: dict) -> Guidance:
     """Sampling: the run's guidance (w, rescale, interval), what its grids, quality curve and final evaluation use and
     what ``ddpm.load``'s model and ``ddpm.sample`` use unless told otherwise."""
-    interval = guidance.get("interval")
+    interval, apg = guidance.get("interval"), guidance.get("apg") or {}
     return Guidance(float(guidance.get("scale", 0.0)), float(guidance.get("rescale", 0.0)),
-                    None if interval is None else (float(interval[0]), float(interval[1])))
+                    None if interval is None else (float(interval[0]), float(interval[1])),
+                    method=guidance.get("method", "cfg"), apg=APG(**{k: float(v) for k, v in apg.items()}))

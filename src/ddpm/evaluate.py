@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def evaluate(cfg: DictConfig) -> dict:
     """Sample ``cfg.num_samples`` images from the checkpoint and measure them against the reference split
     (``Model.evaluate``), then write metrics.json and log it."""
-    model = load_for_sampling(cfg, "evaluate", ("metrics.json",))
+    model, guidance = load_for_sampling(cfg, "evaluate", ("metrics.json",))
     # The checkpoint's own dataset, unless another is chosen (+data=NAME); it must match the model.
     if cfg.get("data"):
         node = OmegaConf.to_container(cfg.data, resolve=True)
@@ -37,7 +37,7 @@ def evaluate(cfg: DictConfig) -> dict:
         data = build(node, "data")
     else:
         data = model.data(root=cfg.data_root)
-    options = draw_options(cfg, model)
+    options = draw_options(cfg, guidance)
     record = model.evaluate(data=data, feature_extractor=cfg.metrics.feature_extractor,
                             reference_split=cfg.metrics.reference_split, reference_size=cfg.metrics.reference_size,
                             cache_dir=cfg.metrics.cache_dir, inception_score=cfg.metrics.inception_score, **options)

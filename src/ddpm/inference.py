@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import time
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,7 +29,7 @@ from ddpm.builders import build, build_denoiser, build_guidance, build_sampler, 
 from ddpm.checkpoints import load_checkpoint
 from ddpm.core.denoiser import Denoiser
 from ddpm.core.errors import ConfigError
-from ddpm.core.guidance import Guidance, guided
+from ddpm.core.guidance import Guidance
 from ddpm.core.samplers import check_steps, randn_like
 from ddpm.options import read_option
 from ddpm.snapshots import EMA_SOURCES, posthoc_state_dict, snapshot_dir
@@ -80,6 +81,7 @@ class Model:
         self.denoiser, self.p_uncond, self.guidance, self.default_sampler = denoiser, p_uncond, guidance, sampler
         self.config, self.weights, self.step, self.path = config, weights, step, path
         self._compiled: dict[int, nn.Module] = {}
+        self._guides: dict[int, dict] = {}  # autoguidance guides given as Models: where each came from, for the protocol
 
     @property
     def net(self) -> nn.Module:
@@ -156,6 +158,14 @@ class Model:
             guidance = self.guidance
         elif not isinstance(guidance, Guidance):
             guidance = Guidance(scale=float(guidance))
+        if isinstance(guidance.guide, Model):  # autoguidance's guide given as a loaded model: its denoiser, and where from
+            guide = guidance.guide
+            self._guides[id(guide.denoiser)] = {"path": str(Path(guide.path).resolve()) if guide.path else None,
+                                                "global_step": guide.step, "weights": guide.weights}
+            guidance = replace(guidance, guide=guide.denoiser)
+        if guidance.guide is not None and next(guidance.guide.net.parameters()).device != self.device:
+            raise ConfigError(f"guidance.guide: the guide is on {next(guidance.guide.net.parameters()).device}, the "
+                              f"model on {self.device}: load both on one device")
         guidance.check(self.p_uncond, self.conditional)
         return guidance
 
@@ -206,7 +216,7 @@ class Model:
                 noise = randn_like(torch.empty(shape, device=device), generator)
                 keep = trajectory if first == 0 else 0
                 callback = (lambda i, x, x0: frames.append(x[:keep].clone())) if keep else None  # noqa: E731
-                model_fn = guided(denoiser, batch_labels, guidance.scale, guidance.rescale, guidance.interval)
+                model_fn = guidance.model_fn(denoiser, batch_labels)
                 chunks.append(run(counted(model_fn), self.process, noise, generator=generator,
                                   progress=progress and len(batches) == 1, callback=callback))
                 overall.update(size)
@@ -286,6 +296,10 @@ class Model:
             "guidance_scale": float(guidance.scale),
             "guidance_rescale": float(guidance.rescale),
             "guidance_interval": None if guidance.interval is None else [float(v) for v in guidance.interval],
+            "guidance_method": guidance.method,
+            **({"apg": asdict(guidance.apg)} if guidance.method == "apg" else {}),
+            **({"guide": self._guides.get(id(guidance.guide), "a Denoiser given from Python")}
+               if guidance.method == "autoguidance" else {}),
             "prediction": self.denoiser.prediction,
             "weights": self.weights,
             "seed": seed,

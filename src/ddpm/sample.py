@@ -4,6 +4,7 @@ images from a checkpoint, as a PNG grid and as raw uint8 arrays (samples.npz).""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -13,7 +14,7 @@ from torchvision.utils import save_image
 
 from ddpm.builders import build_sampler
 from ddpm.config import cli_main, native_bf16, run_cli
-from ddpm.core.guidance import Guidance
+from ddpm.core.guidance import APG, Guidance, check_guide
 from ddpm.core.samplers import check_steps
 from ddpm.files import atomic_write
 from ddpm.images import class_rows, to_grid, to_uint8
@@ -26,22 +27,55 @@ log = logging.getLogger(__name__)
 
 
 def guidance_of(cfg: DictConfig, model: Model) -> Guidance:
-    """The command line's guidance: each of ``guidance.scale``, ``rescale`` and ``interval`` as given, or, where it is
-    ``checkpoint`` (the default), the checkpoint's own value, as ``ddpm.load(...).sample()`` uses them all."""
+    """The command line's guidance: each of ``guidance.scale``, ``rescale``, ``interval``, ``method`` and
+    ``apg.*`` as given, or, where it is ``checkpoint`` (the default), the checkpoint's own value, as
+    ``ddpm.load(...).sample()`` uses them all."""
     own = model.guidance
-    chosen = {key: getattr(own, key) if cfg.guidance[key] == FROM_CHECKPOINT else cfg.guidance[key]
-              for key in ("scale", "rescale", "interval")}
+    pick = lambda given, default: default if given == FROM_CHECKPOINT else given  # noqa: E731
+    chosen = {key: pick(cfg.guidance[key], getattr(own, key)) for key in ("scale", "rescale", "interval", "method")}
+    apg = APG(**{key: float(pick(cfg.guidance.apg[key], getattr(own.apg, key))) for key in ("momentum", "norm_threshold", "eta")})
     interval = chosen["interval"]
     return Guidance(float(chosen["scale"]), float(chosen["rescale"]),
-                    None if interval is None else (float(interval[0]), float(interval[1])))
+                    None if interval is None else (float(interval[0]), float(interval[1])), method=chosen["method"], apg=apg)
 
 
-def draw_options(cfg: DictConfig, model: Model) -> dict:
-    """``Model.draw``'s arguments from a sample/evaluate config: the sampler node, guidance, seed, batches, precision."""
+def guide_for(cfg: DictConfig, model: Model, method: str) -> Model | None:
+    """Autoguidance's guide from ``guidance.guide``: another run's checkpoint (``ckpt_path``), this run's checkpoint at
+    an earlier step (``step``: ``step_NNNNNNN.ckpt`` beside ``ckpt_path``), with the EMA of width ``sigma_rel``
+    (alone: ``ckpt_path``'s own checkpoint with that EMA). Loaded through ``ddpm.load``'s trust checks, on the model's
+    device, and checked to be a model of the same data and process; None for the other methods."""
+    node = cfg.guidance.guide
+    given = {key: node[key] for key in ("ckpt_path", "step", "sigma_rel") if node[key] is not None}
+    if method != "autoguidance":
+        if given:
+            raise ConfigError(f"guidance.guide.{next(iter(given))}: a guide is only read with guidance.method=autoguidance")
+        return None
+    if not given:
+        raise ConfigError("guidance.method=autoguidance needs a guide: guidance.guide.step=N (this run at step N), "
+                          "guidance.guide.ckpt_path=... (another run) and/or guidance.guide.sigma_rel=X (a shorter EMA)")
+    if "ckpt_path" in given and "step" in given:
+        raise ConfigError("guidance.guide.ckpt_path and guidance.guide.step: give one (step names a checkpoint of this run)")
+    path = Path(node.ckpt_path or cfg.ckpt_path).expanduser()
+    if node.step is not None:
+        path = path.parent / f"step_{node.step:07d}.ckpt"
+        if not path.is_file():
+            steps = sorted(p.stem for p in path.parent.glob("step_*.ckpt"))
+            raise ConfigError(f"guidance.guide.step={node.step}: no checkpoint {path} (this run has {steps})")
+    if path.resolve() == Path(cfg.ckpt_path).expanduser().resolve() and node.sigma_rel is None:
+        raise ConfigError("guidance.guide: that is the model itself (autoguidance by it is the conditional model): "
+                          "name an earlier step, another run or a shorter guidance.guide.sigma_rel")
+    guide = load(path, ema=True if node.sigma_rel is None else float(node.sigma_rel), device=model.device)
+    check_guide(model.denoiser, guide.denoiser)
+    return guide
+
+
+def draw_options(cfg: DictConfig, guidance: Guidance) -> dict:
+    """``Model.draw``'s arguments from a sample/evaluate config and its checked guidance: the sampler node, guidance,
+    seed, batches, precision."""
     node = OmegaConf.to_container(cfg.sampler, resolve=True)
     return {"labels": list(cfg.labels) if cfg.labels else None, "num_samples": cfg.num_samples,
             "sampler": build_sampler(node),  # less precision and compile, which are draw's (builders.NOT_ARGUMENTS)
-            "guidance": guidance_of(cfg, model), "seed": cfg.seed, "batch_size": cfg.batch_size,
+            "guidance": guidance, "seed": cfg.seed, "batch_size": cfg.batch_size,
             "precision": cfg.sampler.precision, "compile": cfg.sampler.compile}
 
 
@@ -52,9 +86,10 @@ def weights_of(cfg: DictConfig) -> dict:
             "ema_sources": None if cfg.ema.sources is None else list(cfg.ema.sources)}
 
 
-def load_for_sampling(cfg: DictConfig, entry: str, outputs: tuple[str, ...]) -> Model:
+def load_for_sampling(cfg: DictConfig, entry: str, outputs: tuple[str, ...]) -> tuple[Model, Guidance]:
     """Validate ``cfg`` for ``entry`` (sample | evaluate), refuse to overwrite earlier ``outputs`` in the run
-    directory, and load the checkpoint (``ddpm.load``), checking the requested labels, steps and guidance against it."""
+    directory, load the checkpoint (``ddpm.load``) and, for autoguidance, its guide, and check the requested labels,
+    steps and guidance against it. Returns the model and the checked guidance."""
     validate(cfg, entry)
     run_dir = Path(cfg.paths.output_dir)
     earlier = [name for name in outputs if (run_dir / name).exists()]
@@ -71,13 +106,14 @@ def load_for_sampling(cfg: DictConfig, entry: str, outputs: tuple[str, ...]) -> 
     model.labels_for(list(cfg.labels) if cfg.labels else None, cfg.num_samples)
     if cfg.sampler.get("steps") is not None:
         check_steps(cfg.sampler.steps, model.process.num_timesteps)
-    model.guidance_for(guidance_of(cfg, model))
-    return model
+    guidance = guidance_of(cfg, model)
+    guidance = model.guidance_for(replace(guidance, guide=guide_for(cfg, model, guidance.method)))
+    return model, guidance
 
 
 def sample(cfg: DictConfig) -> dict:
-    model = load_for_sampling(cfg, "sample", ("grid.png", "samples.npz"))
-    out = model.draw(**draw_options(cfg, model), trajectory=cfg.trajectory, progress=True)
+    model, guidance = load_for_sampling(cfg, "sample", ("grid.png", "samples.npz"))
+    out = model.draw(**draw_options(cfg, guidance), trajectory=cfg.trajectory, progress=True)
     run_dir = Path(cfg.paths.output_dir)
     nrow = class_rows(len(out["images"]), model.num_classes)
     grid = to_grid(out["images"], nrow=nrow, min_size=cfg.min_size)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from ddpm.core.errors import ConfigError  # noqa: F401  (re-exported: the core owns it, the entry points catch it)
 from ddpm.core.ema import MAX_SIGMA_REL
-from ddpm.core.guidance import check_interval, check_rescale, guidance_usable
+from ddpm.core.guidance import GUIDANCE_METHODS, APG, check_apg, check_interval, check_method, check_rescale, guidance_usable
 from ddpm.core.prediction import LOSS_WEIGHTS, PREDICTIONS, ZERO_TERMINAL_SNR_PREDICTIONS, check_min_snr_gamma, check_terminal_snr
 from ddpm.core.samplers import MAX_LAMBDA_MIN, SPACINGS, X0_CLIPS, check_lambda_min, check_steps
 from ddpm.core.samplers.ddim import check_eta
@@ -169,6 +169,13 @@ GUIDANCE_VARIANT_RULES = [
     Rule("guidance.rescale", lambda v, _: _raises_no_config_error(check_rescale, v), "a number in [0, 1] (0: off; Lin et al. use 0.7)"),
     Rule("guidance.interval", lambda v, _: _raises_no_config_error(check_interval, v),
          "null or [sigma_lo, sigma_hi] with 0 <= sigma_lo < sigma_hi (EDM noise levels, e.g. [0.28, 5.42])"),
+    Rule("guidance.method", lambda v, _: _raises_no_config_error(check_method, v), f"one of {list(GUIDANCE_METHODS)}"),
+    Rule("guidance.apg.momentum", lambda v, _: _raises_no_config_error(lambda m: check_apg(APG(momentum=m)), v),
+         "a number in (-1, 1) (Sadat et al. use -0.75; 0: off)"),
+    Rule("guidance.apg.norm_threshold", lambda v, _: _raises_no_config_error(lambda r: check_apg(APG(norm_threshold=r)), v),
+         "a number >= 0 (0: no cap)"),
+    Rule("guidance.apg.eta", lambda v, _: _raises_no_config_error(lambda e: check_apg(APG(eta=e)), v),
+         "a number in [0, 1] (0: orthogonal part only; 1: CFG's update)"),
 ]
 
 # ddpm.sample / ddpm.evaluate: a guidance key set to this takes the checkpoint's own value (its run's guidance node)
@@ -197,6 +204,9 @@ SAMPLER_RULES = [
 
 TRAIN_RULES = [
     Rule("seed", lambda v, _: _is_int(v), "an integer"),
+    Rule("guidance.method", lambda v, _: v != "autoguidance",
+         "cfg or apg for a training run's own samples (autoguidance needs a guide: sample or evaluate the checkpoint "
+         "with guidance.method=autoguidance guidance.guide.step=N)"),
     Rule("data.batch_size", positive_int, "an integer > 0"),
     Rule("data.num_workers", nonneg_int, "an integer >= 0"),
     Rule("data.channels", one_of(1, 3), "1 or 3"),
@@ -292,6 +302,10 @@ SAMPLE_RULES = [
     *(or_checkpoint(rule) for rule in (Rule("guidance.scale", nonneg, "a number >= 0"), *GUIDANCE_VARIANT_RULES)),
     Rule("labels", lambda v, _: v is None or (isinstance(v, list) and len(v) > 0 and all(nonneg_int(x) for x in v)),
          "null or a list of class ids >= 0, e.g. labels=[3] or labels=[3,3,7]"),
+    Rule("guidance.guide.ckpt_path", optional(_existing_file), "null or an existing checkpoint file written by ddpm.train"),
+    Rule("guidance.guide.step", optional(nonneg_int), "null or a step with a checkpoint of this run (an integer >= 0)"),
+    Rule("guidance.guide.sigma_rel", optional(lambda v, _: _sigma_rel_ok(v)),
+         f"null (the guide's classic EMA) or a relative EMA width in (0, {MAX_SIGMA_REL:.4f})"),
     Rule("trajectory", nonneg_int, "an integer >= 0"),
     *SAMPLER_RULES,
 ]

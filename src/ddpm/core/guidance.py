@@ -1,9 +1,13 @@
-"""Classifier-free guidance (Ho & Salimans 2022): label dropout at training, the guided prediction at sampling,
-with two variants: rescaled CFG (Lin et al. 2024, sec. 3.4) and a guidance interval (Kynkaanniemi et al. 2024).
+"""Guidance at sampling time, and the label dropout classifier-free guidance needs at training (Ho & Salimans 2022).
+
+Methods (``guidance.method``): ``cfg``, classifier-free guidance; ``apg``, adaptive projected guidance (Sadat et al.
+2024), CFG's update with its part parallel to the conditional prediction scaled down; ``autoguidance`` (Karras et al.
+2024), guiding with a weaker version of the model itself instead of the unconditional branch. On top of any of them:
+rescaled CFG (Lin et al. 2024, sec. 3.4) and a guidance interval (Kynkaanniemi et al. 2024).
 
 Convention: ``guidance_scale`` is the paper's w,
     x0_guided = (1 + w) * x0(x_t, y) - w * x0(x_t, null)     (and the same for eps),
-so w = 0 is the purely conditional model. HuggingFace diffusers writes the same rule as
+so w = 0 is the purely conditional model, for every method. HuggingFace diffusers writes the same rule as
 eps_u + s * (eps_c - eps_u) with s = 1 + w: our w = 2 is their guidance_scale = 3. Guiding x_0 or eps is the same
 thing (at a fixed x_t they are affine in each other, with weights that sum to 1), so it does not depend on what the
 network predicts.
@@ -37,27 +41,78 @@ def rescale_guidance(x0_guided: torch.Tensor, x0_cond: torch.Tensor, phi: float)
     return phi * x0_guided * ratio + (1 - phi) * x0_guided
 
 
+GUIDANCE_METHODS = ("cfg", "apg", "autoguidance")
+
+
+@dataclass(frozen=True)
+class APG:
+    """Adaptive projected guidance's settings (Sadat et al. 2024, Algorithm 1; the defaults of their code)."""
+
+    momentum: float = -0.75      # beta: each update is added to beta times the previous ones (negative: against them)
+    norm_threshold: float = 2.5  # r: the update's norm per sample is capped at r (0: no cap)
+    eta: float = 0.0             # weight of the update's part parallel to the conditional prediction (1: CFG's)
+
+
+def apg_update(x0_cond: torch.Tensor, x0_uncond: torch.Tensor, settings: APG, history: list) -> torch.Tensor:
+    """APG's guidance direction (Sadat et al. 2024, eq. 7-12): Delta = D_cond - D_uncond, plus beta times the running
+    average kept in ``history`` (one entry, updated in place), capped at norm r, then split into its parts parallel and
+    orthogonal to D_cond and recombined as Delta_orth + eta Delta_par. The guided prediction is D_cond + w * this."""
+    delta = x0_cond - x0_uncond
+    if settings.momentum != 0:
+        if history:
+            delta = delta + settings.momentum * history[0]
+        history[:] = [delta]
+    shape = (-1, *([1] * (delta.ndim - 1)))
+    if settings.norm_threshold > 0:
+        norm = delta.flatten(1).norm(dim=1).view(shape)
+        delta = delta * (settings.norm_threshold / norm).clamp(max=1)  # a zero update (norm 0) is kept as it is
+    d, c = delta.double(), x0_cond.double()
+    unit = c / c.flatten(1).norm(dim=1).clamp(min=torch.finfo(torch.float64).tiny).view(shape)
+    parallel = (d * unit).flatten(1).sum(1).view(shape) * unit
+    return ((d - parallel) + settings.eta * parallel).to(delta.dtype)
+
+
+def check_guide(denoiser: Denoiser, guide: Denoiser) -> None:
+    """Autoguidance's guide must be a model of the same data and process: ConfigError, one line, naming what differs."""
+    mine, theirs = denoiser.net, guide.net
+    for name in ("in_channels", "image_size", "num_classes"):
+        if getattr(mine, name, None) != getattr(theirs, name, None):
+            raise ConfigError(f"guidance.guide: its {name} is {getattr(theirs, name, None)}, the model's "
+                              f"{getattr(mine, name, None)}: a guide must be a model of the same data")
+    a, b = denoiser.process.alphas_cumprod, guide.process.alphas_cumprod
+    if a.shape != b.shape or not torch.allclose(a.cpu(), b.cpu(), rtol=0, atol=1e-12):
+        raise ConfigError("guidance.guide: its process (schedule) differs from the model's: a guide must share it")
+
+
 def guided(denoiser: Denoiser, labels: torch.Tensor | None, guidance_scale: float = 0.0, rescale: float = 0.0,
-           interval: tuple[float, float] | None = None) -> ModelFn:
+           interval: tuple[float, float] | None = None, method: str = "cfg", apg: "APG" = APG(),
+           guide: Denoiser | None = None) -> ModelFn:
     """The denoiser as model_fn(x_t, t) -> (x_0, eps), the one function every sampler calls.
 
-    ``rescale``: phi of rescaled CFG. ``interval``: (sigma_lo, sigma_hi); guidance only where the noise level
-    sigma = sigma_t / alpha_t (EDM's) is in (sigma_lo, sigma_hi], the plain conditional prediction elsewhere
-    (Kynkaanniemi et al. 2024). For w > 0 the conditional and unconditional halves run as one batched forward pass
-    (skipped when no sample of the batch is inside the interval). An unconditional network ignores labels and w.
+    ``method``: cfg (x0 = (1 + w) x0_cond - w x0_uncond), apg (x0 = x0_cond + w ``apg_update``; its momentum
+    history lives in this model_fn, so one per sampling run) or autoguidance (x0 = (1 + w) x0_main - w x0_guide, both
+    conditional; ``guide`` is the weaker model). ``rescale``: phi of rescaled CFG. ``interval``: (sigma_lo,
+    sigma_hi); guidance only where the noise level sigma = sigma_t / alpha_t (EDM's) is in (sigma_lo, sigma_hi], the
+    plain conditional prediction elsewhere (Kynkaanniemi et al. 2024). For cfg and apg the conditional and
+    unconditional halves run as one batched forward pass (skipped when no sample of the batch is inside the interval).
+    An unconditional network ignores labels, and w unless guided by a guide.
     """
+    check_method(method)
     net = denoiser.net
-    if getattr(net, "num_classes", None) is None:
-        return lambda x, t: denoiser(x, t)
-    if labels is None:
+    conditional = getattr(net, "num_classes", None) is not None
+    if method == "autoguidance":
+        if guide is None:
+            raise ConfigError("guidance.method=autoguidance needs a guide (guidance.guide): a weaker model of the same run")
+        check_guide(denoiser, guide)
+    if conditional and labels is None:
         raise ConfigError("a class-conditional model needs labels to sample")
-    if guidance_scale == 0:
+    labels = labels if conditional else None
+    if guidance_scale == 0 or (not conditional and method != "autoguidance"):
         return lambda x, t: denoiser(x, t, labels)
 
-    null = torch.full_like(labels, net.null_label)
-    both_labels = torch.cat([labels, null])
+    both_labels = None if labels is None else torch.cat([labels, torch.full_like(labels, net.null_label)])
     sigmas = (1 - denoiser.process.alphas_cumprod) / denoiser.process.alphas_cumprod  # sigma^2, float64
-    w = guidance_scale
+    w, history = guidance_scale, []
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inside = None
@@ -66,9 +121,17 @@ def guided(denoiser: Denoiser, labels: torch.Tensor | None, guidance_scale: floa
             inside = (sigma > interval[0]) & (sigma <= interval[1])
             if not inside.any():
                 return denoiser(x, t, labels)
-        x0_both, eps_both = denoiser(torch.cat([x, x]), torch.cat([t, t]), both_labels)
-        (x0_c, x0_u), (eps_c, eps_u) = x0_both.chunk(2), eps_both.chunk(2)
-        x0, eps = (1 + w) * x0_c - w * x0_u, (1 + w) * eps_c - w * eps_u
+        if method == "autoguidance":  # two different networks: two forward passes
+            (x0_c, eps_c), (x0_g, eps_g) = denoiser(x, t, labels), guide(x, t, labels)
+            x0, eps = (1 + w) * x0_c - w * x0_g, (1 + w) * eps_c - w * eps_g
+        else:
+            x0_both, eps_both = denoiser(torch.cat([x, x]), torch.cat([t, t]), both_labels)
+            (x0_c, x0_u), (eps_c, eps_u) = x0_both.chunk(2), eps_both.chunk(2)
+            if method == "cfg":
+                x0, eps = (1 + w) * x0_c - w * x0_u, (1 + w) * eps_c - w * eps_u
+            else:
+                x0 = x0_c + w * apg_update(x0_c, x0_u, apg, history)
+                eps = denoiser.eps_from_x0(x, t, x0)
         if rescale > 0:
             x0 = rescale_guidance(x0, x0_c, rescale)
             eps = denoiser.eps_from_x0(x, t, x0)
@@ -80,18 +143,38 @@ def guided(denoiser: Denoiser, labels: torch.Tensor | None, guidance_scale: floa
     return model_fn
 
 
-def guidance_usable(p_uncond: float, guidance_scale: float, conditional: bool = True) -> bool:
-    """The rule, written once: guided sampling (w > 0) needs a model trained with label dropout (p_uncond > 0);
-    otherwise its unconditional prediction never saw the null label and is untrained."""
-    return not (conditional and guidance_scale > 0 and p_uncond <= 0)
+def check_method(method: str) -> None:
+    """The one rule of ``guidance.method``."""
+    if method not in GUIDANCE_METHODS:
+        raise ConfigError(f"guidance.method={method!r}: must be one of {list(GUIDANCE_METHODS)}")
+
+
+def check_apg(settings: APG) -> None:
+    """The rules of APG's settings: momentum in (-1, 1) (a running average that cannot grow without bound), r >= 0,
+    eta in [0, 1]."""
+    if not (_number(settings.momentum) and -1 < settings.momentum < 1):
+        raise ConfigError(f"guidance.apg.momentum={settings.momentum}: must be in (-1, 1) (Sadat et al. use -0.75; 0: off)")
+    if not (_number(settings.norm_threshold) and settings.norm_threshold >= 0):
+        raise ConfigError(f"guidance.apg.norm_threshold={settings.norm_threshold}: must be >= 0 (0: no cap)")
+    if not (_number(settings.eta) and 0 <= settings.eta <= 1):
+        raise ConfigError(f"guidance.apg.eta={settings.eta}: must be in [0, 1] (0: orthogonal part only; 1: CFG's update)")
+
+
+def guidance_usable(p_uncond: float, guidance_scale: float, conditional: bool = True, method: str = "cfg") -> bool:
+    """The rule, written once: guiding with the unconditional branch (cfg, apg at w > 0) needs a model trained with
+    label dropout (p_uncond > 0); otherwise its unconditional prediction never saw the null label and is untrained.
+    Autoguidance needs no unconditional branch."""
+    return method == "autoguidance" or not (conditional and guidance_scale > 0 and p_uncond <= 0)
 
 
 def check_guidance(p_uncond: float, guidance_scale: float, conditional: bool = True, rescale: float = 0.0,
-                   interval: tuple[float, float] | None = None) -> None:
+                   interval: tuple[float, float] | None = None, method: str = "cfg", apg: APG = APG()) -> None:
     """ConfigError, one line per problem, for sampling settings that cannot work."""
+    check_method(method)
+    check_apg(apg)
     if guidance_scale < 0:
         raise ConfigError(f"guidance.scale={guidance_scale}: must be >= 0 (0 = purely conditional)")
-    if not guidance_usable(p_uncond, guidance_scale, conditional):
+    if not guidance_usable(p_uncond, guidance_scale, conditional, method):
         raise ConfigError(
             f"guidance.scale={guidance_scale} needs a model trained with guidance.p_uncond > 0; with p_uncond=0 "
             "it never saw the null label. Set guidance.scale=0 or train with e.g. guidance.p_uncond=0.1"
@@ -122,12 +205,22 @@ def check_interval(interval) -> None:
 
 @dataclass(frozen=True)
 class Guidance:
-    """How to guide at sampling time: w (``scale``), rescaled CFG's phi (``rescale``) and the sigma ``interval``."""
+    """How to guide at sampling time: w (``scale``), rescaled CFG's phi (``rescale``), the sigma ``interval``, the
+    ``method`` with its settings (``apg``) and, for autoguidance, the ``guide`` denoiser."""
 
     scale: float = 0.0
     rescale: float = 0.0
     interval: tuple[float, float] | None = None
+    method: str = "cfg"
+    apg: APG = APG()
+    guide: Denoiser | None = None
 
     def check(self, p_uncond: float, conditional: bool = True) -> None:
         """ConfigError, one line, when this guidance cannot work on a model trained with ``p_uncond``."""
-        check_guidance(p_uncond, self.scale, conditional, self.rescale, self.interval)
+        check_guidance(p_uncond, self.scale, conditional, self.rescale, self.interval, self.method, self.apg)
+        if self.method == "autoguidance" and self.guide is None and self.scale > 0:
+            raise ConfigError("guidance.method=autoguidance needs a guide (guidance.guide): a weaker model of the same run")
+
+    def model_fn(self, denoiser: Denoiser, labels: torch.Tensor | None) -> ModelFn:
+        """``guided(denoiser, labels, ...)`` with these settings."""
+        return guided(denoiser, labels, self.scale, self.rescale, self.interval, self.method, self.apg, self.guide)
