@@ -219,7 +219,7 @@ def test_w_zero_is_the_conditional_prediction_for_every_method(denoiser):
 
 
 def test_guidance_methods_refuse_what_cannot_work(denoiser):
-    with pytest.raises(ValueError, match=r"guidance.method='cfgg': must be one of \['cfg', 'apg', 'autoguidance'\]"):
+    with pytest.raises(ValueError, match=r"guidance.method='cfgg': must be one of \['cfg', 'apg', 'cfgpp', 'autoguidance'\]"):
         check_guidance(0.1, 1.0, method="cfgg")
     with pytest.raises(ValueError, match=r"guidance.apg.momentum=1.0: must be in \(-1, 1\)"):
         check_guidance(0.1, 1.0, method="apg", apg=APG(momentum=1.0))
@@ -234,3 +234,41 @@ def test_guidance_methods_refuse_what_cannot_work(denoiser):
     other = Denoiser(denoiser.net, DDPMProcess(linear_betas(500)), denoiser.prediction)
     with pytest.raises(ValueError, match="its process"):
         guided(denoiser, torch.zeros(2, dtype=torch.long), 1.0, method="autoguidance", guide=other)
+
+
+def test_cfgpp_is_ddim_from_the_lambda_x0_renoised_with_the_unconditional_eps(denoiser):
+    """Chung et al. 2024, Algorithm 1: x_prev = sqrt(abar_prev) (x0_u + lambda (x0_c - x0_u)) + sqrt(1 - abar_prev) eps_u,
+    written out here for one DDIM step (no clipping) against what sample_ddim does with the cfgpp model_fn."""
+    from ddpm.core.samplers.ddim import sample_ddim
+
+    lam = 0.6
+    x, _, y = _inputs()
+    null = torch.full_like(y, denoiser.net.null_label)
+    model_fn = guided(denoiser, y, lam, method="cfgpp")
+    assert model_fn.renoise_with_eps
+    t = torch.full((6,), 999)
+    with torch.no_grad():
+        (x0_c, eps_c), (x0_u, eps_u) = denoiser(x, t, y), denoiser(x, t, null)
+        x0, eps = model_fn(x, t)
+        torch.testing.assert_close(x0, x0_u + lam * (x0_c - x0_u), rtol=1e-10, atol=1e-12)
+        assert torch.equal(eps, eps_u)
+        # two DDIM steps over t = 999 -> 0 -> data: the first step is the one CFG++ changes
+        abar = denoiser.process.alphas_cumprod
+        x_prev = abar[0].sqrt() * x0 + (1 - abar[0]).sqrt() * eps_u
+        (x0_c2, _), (x0_u2, _) = denoiser(x_prev, t * 0, y), denoiser(x_prev, t * 0, null)
+        expected = x0_u2 + lam * (x0_c2 - x0_u2)  # the last step goes to alpha_bar = 1: x_0 itself
+        out = sample_ddim(model_fn, denoiser.process, x, steps=2, x0_clip="none")
+        torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
+        plain = sample_ddim(guided(denoiser, y, lam), denoiser.process, x, steps=2, x0_clip="none")
+        assert (plain - out).abs().max() > 1e-6  # cfg at the same scale is another sampler
+
+
+def test_cfgpp_is_refused_where_it_is_not_defined(denoiser):
+    from ddpm.core.guidance import check_sampler_for
+
+    check_sampler_for("cfgpp", "ddim", 0.0)
+    for sampler, eta in (("dpmpp_2m", 0.0), ("heun", 0.0), ("ddpm", 0.0), ("ddim", 1.0)):
+        with pytest.raises(ValueError, match=r"guidance.method=cfgpp with sampler=.*: CFG\+\+ is defined for \['ddim'\]"):
+            check_sampler_for("cfgpp", sampler, eta)
+    with pytest.raises(ValueError, match=r"guidance.scale=2.0 with guidance.method=cfgpp: CFG\+\+'s lambda must be in \[0, 1\]"):
+        check_guidance(0.1, 2.0, method="cfgpp")

@@ -170,3 +170,21 @@ def test_autoguidance_by_an_earlier_step_of_the_same_run(tmp_path):
                             guidance=Guidance(1.5, method="autoguidance", guide=load(early, device="cpu")))
     assert torch.equal(images, expected)
     assert not torch.equal(images, model.sample(list(range(10)), sampler="ddim", steps=4, guidance=0.0))
+
+
+def test_cfgpp_runs_with_ddim_and_is_refused_with_other_samplers(checkpoint, tmp_path):
+    from ddpm import Guidance, load
+    from ddpm.validation import ConfigError, validate
+
+    model = load(checkpoint, device="cpu")
+    images = model.sample(list(range(10)), sampler="ddim", steps=5, guidance=Guidance(0.6, method="cfgpp"))
+    assert images.shape == (10, 1, 8, 8) and images.abs().max() <= 1
+    with pytest.raises(ConfigError, match="CFG\\+\\+ is defined for \\['ddim'\\]"):
+        model.sample(list(range(10)), sampler="dpmpp_2m", steps=5, guidance=Guidance(0.6, method="cfgpp"))
+    for overrides, message in ((["sampler=dpmpp_2m"], "cfgpp needs sampler=ddim sampler.eta=0"),
+                               (["sampler=ddim", "guidance.scale=2"], "at most 1 with guidance.method=cfgpp")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            validate(compose([f"ckpt_path={checkpoint}", "guidance.method=cfgpp", *overrides], config_name="sample"), "sample")
+    cfg = compose([f"ckpt_path={checkpoint}", "sampler=ddim", "sampler.steps=5", "num_samples=10", "sampler.precision=float32",
+                   "guidance.method=cfgpp", "guidance.scale=0.6"], config_name="sample", output_dir=tmp_path / "out")
+    assert torch.equal(sample(cfg)["images"], images)

@@ -14,6 +14,7 @@ choose what code runs) and built by ``ddpm.builders``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -29,7 +30,7 @@ from ddpm.builders import build, build_denoiser, build_guidance, build_sampler, 
 from ddpm.checkpoints import load_checkpoint
 from ddpm.core.denoiser import Denoiser
 from ddpm.core.errors import ConfigError
-from ddpm.core.guidance import Guidance
+from ddpm.core.guidance import Guidance, check_sampler_for
 from ddpm.core.samplers import check_steps, randn_like
 from ddpm.options import read_option
 from ddpm.snapshots import EMA_SOURCES, posthoc_state_dict, snapshot_dir
@@ -185,6 +186,7 @@ class Model:
         labels, n = self.labels_for(labels, num_samples)
         run = self.sampler_for(sampler, steps, **sampler_options)
         guidance = self.guidance_for(guidance)
+        check_sampler_for(guidance.method, sampler_name(run), (run.keywords if isinstance(run, partial) else {}).get("eta", 0.0))
         if precision not in ("float32", "bf16"):
             raise ConfigError(f"sampler.precision={precision!r}: must be one of ['float32', 'bf16']")
         device, net = self.device, self.net
@@ -197,6 +199,7 @@ class Model:
         evaluations, frames, chunks = 0, [], []
 
         def counted(model_fn):
+            @functools.wraps(model_fn)  # keeps what a sampler reads off it (CFG++'s renoise_with_eps)
             def call(x, t):
                 nonlocal evaluations
                 evaluations += 1

@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 from ddpm.core.errors import ConfigError  # noqa: F401  (re-exported: the core owns it, the entry points catch it)
 from ddpm.core.ema import MAX_SIGMA_REL
-from ddpm.core.guidance import GUIDANCE_METHODS, APG, check_apg, check_interval, check_method, check_rescale, guidance_usable
+from ddpm.core.guidance import (GUIDANCE_METHODS, APG, check_apg, check_interval, check_method, check_rescale, check_sampler_for,
+                                 check_scale, guidance_usable)
 from ddpm.core.prediction import LOSS_WEIGHTS, PREDICTIONS, ZERO_TERMINAL_SNR_PREDICTIONS, check_min_snr_gamma, check_terminal_snr
 from ddpm.core.samplers import MAX_LAMBDA_MIN, SPACINGS, X0_CLIPS, check_lambda_min, check_steps
 from ddpm.core.samplers.ddim import check_eta
@@ -170,6 +171,11 @@ GUIDANCE_VARIANT_RULES = [
     Rule("guidance.interval", lambda v, _: _raises_no_config_error(check_interval, v),
          "null or [sigma_lo, sigma_hi] with 0 <= sigma_lo < sigma_hi (EDM noise levels, e.g. [0.28, 5.42])"),
     Rule("guidance.method", lambda v, _: _raises_no_config_error(check_method, v), f"one of {list(GUIDANCE_METHODS)}"),
+    Rule("guidance.method", lambda v, cfg: _raises_no_config_error(check_sampler_for, v, _sampler_name(cfg), select(cfg, "sampler.eta", default=0.0)),
+         "cfg, apg or autoguidance with this sampler: cfgpp needs sampler=ddim sampler.eta=0 (CFG++ is defined for "
+         "the DDIM update)"),
+    Rule("guidance.scale", lambda v, cfg: not _is_num(v) or _raises_no_config_error(check_scale, v, select(cfg, "guidance.method", default="cfg")),
+         "at most 1 with guidance.method=cfgpp (CFG++'s lambda is in [0, 1])"),
     Rule("guidance.apg.momentum", lambda v, _: _raises_no_config_error(lambda m: check_apg(APG(momentum=m)), v),
          "a number in (-1, 1) (Sadat et al. use -0.75; 0: off)"),
     Rule("guidance.apg.norm_threshold", lambda v, _: _raises_no_config_error(lambda r: check_apg(APG(norm_threshold=r)), v),
@@ -177,6 +183,11 @@ GUIDANCE_VARIANT_RULES = [
     Rule("guidance.apg.eta", lambda v, _: _raises_no_config_error(lambda e: check_apg(APG(eta=e)), v),
          "a number in [0, 1] (0: orthogonal part only; 1: CFG's update)"),
 ]
+
+def _sampler_name(cfg: Config) -> str:
+    """``ddim`` for a sampler node whose target is ``...sample_ddim`` (its conf/sampler option's name)."""
+    return str(select(cfg, "sampler._target_", default="")).rsplit(".", 1)[-1].removeprefix("sample_")
+
 
 # ddpm.sample / ddpm.evaluate: a guidance key set to this takes the checkpoint's own value (its run's guidance node)
 FROM_CHECKPOINT = "checkpoint"

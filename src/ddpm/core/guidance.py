@@ -1,8 +1,10 @@
 """Guidance at sampling time, and the label dropout classifier-free guidance needs at training (Ho & Salimans 2022).
 
 Methods (``guidance.method``): ``cfg``, classifier-free guidance; ``apg``, adaptive projected guidance (Sadat et al.
-2024), CFG's update with its part parallel to the conditional prediction scaled down; ``autoguidance`` (Karras et al.
-2024), guiding with a weaker version of the model itself instead of the unconditional branch. On top of any of them:
+2024), CFG's update with its part parallel to the conditional prediction scaled down; ``cfgpp``, CFG++ (Chung et al.
+2024), DDIM from x0_u + lambda (x0_c - x0_u) renoised with the unconditional eps, lambda = w in [0, 1];
+``autoguidance`` (Karras et al. 2024), guiding with a weaker version of the model itself instead of the unconditional
+branch. On top of any of them:
 rescaled CFG (Lin et al. 2024, sec. 3.4) and a guidance interval (Kynkaanniemi et al. 2024).
 
 Convention: ``guidance_scale`` is the paper's w,
@@ -41,7 +43,8 @@ def rescale_guidance(x0_guided: torch.Tensor, x0_cond: torch.Tensor, phi: float)
     return phi * x0_guided * ratio + (1 - phi) * x0_guided
 
 
-GUIDANCE_METHODS = ("cfg", "apg", "autoguidance")
+GUIDANCE_METHODS = ("cfg", "apg", "cfgpp", "autoguidance")
+CFGPP_SAMPLERS = ("ddim",)  # CFG++ is defined for the DDIM (Euler) update, with eta = 0
 
 
 @dataclass(frozen=True)
@@ -90,8 +93,9 @@ def guided(denoiser: Denoiser, labels: torch.Tensor | None, guidance_scale: floa
     """The denoiser as model_fn(x_t, t) -> (x_0, eps), the one function every sampler calls.
 
     ``method``: cfg (x0 = (1 + w) x0_cond - w x0_uncond), apg (x0 = x0_cond + w ``apg_update``; its momentum
-    history lives in this model_fn, so one per sampling run) or autoguidance (x0 = (1 + w) x0_main - w x0_guide, both
-    conditional; ``guide`` is the weaker model). ``rescale``: phi of rescaled CFG. ``interval``: (sigma_lo,
+    history lives in this model_fn, so one per sampling run), cfgpp (x0 = x0_uncond + w (x0_cond - x0_uncond) with
+    eps = eps_uncond, which DDIM renoises with: the model_fn is marked ``renoise_with_eps``) or autoguidance
+    (x0 = (1 + w) x0_main - w x0_guide, both conditional; ``guide`` is the weaker model). ``rescale``: phi of rescaled CFG. ``interval``: (sigma_lo,
     sigma_hi); guidance only where the noise level sigma = sigma_t / alpha_t (EDM's) is in (sigma_lo, sigma_hi], the
     plain conditional prediction elsewhere (Kynkaanniemi et al. 2024). For cfg and apg the conditional and
     unconditional halves run as one batched forward pass (skipped when no sample of the batch is inside the interval).
@@ -129,17 +133,20 @@ def guided(denoiser: Denoiser, labels: torch.Tensor | None, guidance_scale: floa
             (x0_c, x0_u), (eps_c, eps_u) = x0_both.chunk(2), eps_both.chunk(2)
             if method == "cfg":
                 x0, eps = (1 + w) * x0_c - w * x0_u, (1 + w) * eps_c - w * eps_u
+            elif method == "cfgpp":  # Chung et al. 2024, Algorithm 1: x0 at lambda = w, the unconditional eps
+                x0, eps = x0_u + w * (x0_c - x0_u), eps_u
             else:
                 x0 = x0_c + w * apg_update(x0_c, x0_u, apg, history)
                 eps = denoiser.eps_from_x0(x, t, x0)
         if rescale > 0:
             x0 = rescale_guidance(x0, x0_c, rescale)
-            eps = denoiser.eps_from_x0(x, t, x0)
+            eps = eps if method == "cfgpp" else denoiser.eps_from_x0(x, t, x0)
         if inside is not None:
             keep = inside.view(-1, *([1] * (x.ndim - 1)))
             x0, eps = torch.where(keep, x0, x0_c), torch.where(keep, eps, eps_c)
         return x0, eps
 
+    model_fn.renoise_with_eps = method == "cfgpp"
     return model_fn
 
 
@@ -147,6 +154,22 @@ def check_method(method: str) -> None:
     """The one rule of ``guidance.method``."""
     if method not in GUIDANCE_METHODS:
         raise ConfigError(f"guidance.method={method!r}: must be one of {list(GUIDANCE_METHODS)}")
+
+
+def check_scale(scale: float, method: str = "cfg") -> None:
+    """The one rule of ``guidance.scale``: w >= 0, and CFG++'s lambda at most 1."""
+    if not (_number(scale) and scale >= 0):
+        raise ConfigError(f"guidance.scale={scale}: must be >= 0 (0 = purely conditional)")
+    if method == "cfgpp" and scale > 1:
+        raise ConfigError(f"guidance.scale={scale} with guidance.method=cfgpp: CFG++'s lambda must be in [0, 1] "
+                          "(Chung et al. 2024)")
+
+
+def check_sampler_for(method: str, sampler: str, eta: float = 0.0) -> None:
+    """CFG++ is defined for the DDIM update at eta = 0: ConfigError, one line, for any other sampler."""
+    if method == "cfgpp" and (sampler not in CFGPP_SAMPLERS or eta != 0):
+        raise ConfigError(f"guidance.method=cfgpp with sampler={sampler}" + (f" (eta={eta})" if eta else "") +
+                          f": CFG++ is defined for {list(CFGPP_SAMPLERS)} with sampler.eta=0 only (its renoising step)")
 
 
 def check_apg(settings: APG) -> None:
@@ -172,8 +195,7 @@ def check_guidance(p_uncond: float, guidance_scale: float, conditional: bool = T
     """ConfigError, one line per problem, for sampling settings that cannot work."""
     check_method(method)
     check_apg(apg)
-    if guidance_scale < 0:
-        raise ConfigError(f"guidance.scale={guidance_scale}: must be >= 0 (0 = purely conditional)")
+    check_scale(guidance_scale, method)
     if not guidance_usable(p_uncond, guidance_scale, conditional, method):
         raise ConfigError(
             f"guidance.scale={guidance_scale} needs a model trained with guidance.p_uncond > 0; with p_uncond=0 "
