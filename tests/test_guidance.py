@@ -248,7 +248,7 @@ def test_cfgpp_is_ddim_from_the_lambda_x0_renoised_with_the_unconditional_eps(de
     assert model_fn.renoise_with_eps
     t = torch.full((6,), 999)
     with torch.no_grad():
-        (x0_c, eps_c), (x0_u, eps_u) = denoiser(x, t, y), denoiser(x, t, null)
+        (x0_c, _), (x0_u, eps_u) = denoiser(x, t, y), denoiser(x, t, null)
         x0, eps = model_fn(x, t)
         torch.testing.assert_close(x0, x0_u + lam * (x0_c - x0_u), rtol=1e-10, atol=1e-12)
         assert torch.equal(eps, eps_u)
