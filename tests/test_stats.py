@@ -51,3 +51,11 @@ def test_shared_seeds_are_paired_and_pairing_sees_what_welch_cannot():
 
 def test_one_seed_a_side_gives_no_statistics():
     assert compare({0: 1.0}, {0: 2.0}) is None and compare({0: 1.0, 1: 2.0}, {0: 3.0}) is None
+
+
+def test_holm_adjusts_step_down_and_keeps_the_order():
+    from ddpm.evaluation.stats import holm
+
+    # m = 4: sorted 0.01, 0.02, 0.03, 0.5 -> 0.04, 0.06, max(0.06, 0.06) = 0.06, max(0.06, 0.5) = 0.5
+    assert holm([0.03, 0.5, 0.01, 0.02]) == pytest.approx([0.06, 0.5, 0.04, 0.06])
+    assert holm([0.9, 0.8]) == [1.0, 1.0] and holm([]) == [] and holm([0.01]) == [0.01]

@@ -3,6 +3,7 @@ CPU, the report, and wandb grouping."""
 
 import csv
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -289,3 +290,27 @@ def test_slurm_launcher_asks_for_gpus_only_when_the_trainer_uses_them(trainer, g
         cfg = hydra_compose("train", ["hydra/launcher=submitit_slurm", f"trainer={trainer}"], return_hydra_config=True)
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["gpus_per_node"] == gpus and launcher["tasks_per_node"] == cfg.trainer.devices
+
+
+def test_every_cell_of_every_evaluation_preset_is_a_valid_evaluation():
+    """Each evaluations=NAME preset's grid, cell by cell as Hydra's sweeper expands it, passes ddpm.evaluate's checks
+    (a sweep holding a refused combination, e.g. CFG++ with a sampler it is not defined for, would fail job by job)."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from ddpm.config import compose
+    from ddpm.options import experiments_root
+    from ddpm.validation import validate
+
+    stored = Path(__file__).parent / "data" / "checkpoint_before_core.ckpt"
+    files = sorted((experiments_root() / "evaluations").glob("*.yaml"))
+    assert "guidance_methods" in [f.stem for f in files]
+    for path in files:
+        sweep = OmegaConf.to_container(OmegaConf.load(path).hydra.sweeper.params)
+        parsed = OverridesParser.create().parse_overrides([f"{key}={value}" for key, value in sweep.items()])
+        axes = [[f"{o.get_key_element()}={v}" for v in (o.sweep_string_iterator() if o.is_sweep_override()
+                                                         else [o.get_value_element_as_str()])] for o in parsed]
+        for cell in itertools.product(*axes):
+            validate(compose([f"evaluations={path.stem}", f"ckpt_path={stored}", *cell], config_name="evaluate"), "evaluate")
