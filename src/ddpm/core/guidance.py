@@ -95,7 +95,8 @@ def guided(denoiser: Denoiser, labels: torch.Tensor | None, guidance_scale: floa
     ``method``: cfg (x0 = (1 + w) x0_cond - w x0_uncond), apg (x0 = x0_cond + w ``apg_update``; its momentum
     history lives in this model_fn, so one per sampling run), cfgpp (x0 = x0_uncond + w (x0_cond - x0_uncond) with
     eps = eps_uncond, which DDIM renoises with: the model_fn is marked ``renoise_with_eps``) or autoguidance
-    (x0 = (1 + w) x0_main - w x0_guide, both conditional; ``guide`` is the weaker model). ``rescale``: phi of rescaled CFG. ``interval``: (sigma_lo,
+    (x0 = (1 + w) x0_main - w x0_guide, both conditional; ``guide`` is the weaker model). w = 0 is the conditional
+    model for every method, so CFG++'s own lambda = 0 (the unconditional model) is not reachable through it. ``rescale``: phi of rescaled CFG. ``interval``: (sigma_lo,
     sigma_hi); guidance only where the noise level sigma = sigma_t / alpha_t (EDM's) is in (sigma_lo, sigma_hi], the
     plain conditional prediction elsewhere (Kynkaanniemi et al. 2024). For cfg and apg the conditional and
     unconditional halves run as one batched forward pass (skipped when no sample of the batch is inside the interval).
