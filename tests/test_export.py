@@ -227,7 +227,12 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path):
         (f"ckpt_path={tmp_path / 'nothing.ckpt'}", f"out={tmp_path / 'd'}"): "ckpt_path=",
         (f"ckpt_path={taken / 'notes.txt'}", f"out={tmp_path / 'e'}"): "notes.txt",  # not a checkpoint
         ("ckpt_path=???", f"out={tmp_path / 'f'}"): "ckpt_path=???: must be set",
+        (f"out={tmp_path / 'link'}",): "is a symbolic link",  # to an empty folder of someone's
+        (f"out={tmp_path / 'dangling'}",): "is a symbolic link",
     }
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     for args, message in cases.items():
         args = args if args[0].startswith("ckpt_path=") else (f"ckpt_path={STORED}", *args)
         with pytest.raises(ConfigError) as error:
@@ -236,7 +241,9 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path):
     result = run_cli("ddpm.export", f"ckpt_path={STORED}", f"out={taken}", "format=onnx", cwd=tmp_path)  # the command line
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: format='onnx': must be one of ['diffusers']"], result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"] and (taken / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "empty", "link", "taken"]
+    assert (taken / "notes.txt").read_text() == "mine" and not any((tmp_path / "empty").iterdir())
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "dangling").is_symlink()
 
 
 def test_an_out_filled_during_the_export_is_left_as_it_is(tmp_path, monkeypatch):
