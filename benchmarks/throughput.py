@@ -321,6 +321,8 @@ def bench_network(network: str, args, roofs: dict) -> list[Row]:
 def bench_data(device: str, batches: int = 200, batch: int = 128) -> list[dict]:
     """Batches per second of the digits training data reaching ``device``: through the DataLoader (collating 128
     dataset items, then a host-to-device copy) against ``data.on_device`` (one index gather on the device)."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
     from ddpm.data import Digits
     from ddpm.training.data import DataModule
 
@@ -334,7 +336,7 @@ def bench_data(device: str, batches: int = 200, batch: int = 128) -> list[dict]:
             drawn = 0
             while drawn < batches:
                 for item in data.train_dataloader():
-                    item = item.to(device) if torch.is_tensor(item) else [x.to(device, non_blocking=True) for x in item]
+                    item = move_data_to_device(item, device)  # as Lightning moves a batch (a dict of keys on device)
                     images, labels = data.on_after_batch_transfer(item, 0)
                     drawn += 1
                     if drawn == batches:

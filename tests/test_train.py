@@ -2,6 +2,9 @@
 
 import copy
 import csv
+import os
+import random
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -54,11 +57,9 @@ class CaptureAtStart(L.Callback):
 def test_resume_restores_everything_and_continues_the_same_run(tiny_cfg, tmp_path):
     """Train N steps, stop, resume to 2N, and compare with a 2N run that never stopped.
 
-    What remains different, and why: nothing, at an epoch boundary (this test). The shuffle order is a function
-    of (seed, epoch) and the global RNG stream (t, noise, label dropout) is saved and restored, so the
-    continuation is bit-identical. A resume in the middle of an epoch is not: Lightning restarts a plain
-    DataLoader's iterator, so the rest of that epoch replays batches from the start of its permutation
-    (statistically the same, not the same batches)."""
+    What remains different, and why: nothing, at an epoch boundary (this test; in the middle of an epoch, the
+    next). The shuffle order is a function of (seed, epoch) and the global RNG stream (t, noise, label dropout) is
+    saved and restored, so the continuation is bit-identical."""
     N = 50  # one epoch: the digits training split is 50 batches of 32
     common = ["callbacks.model_checkpoint.every_n_train_steps=" + str(N), "~callbacks.sample_grid"]
     train(tiny_cfg(f"trainer.max_steps={2 * N}", *common, output_dir=tmp_path / "straight"))
@@ -95,6 +96,56 @@ def test_resume_restores_everything_and_continues_the_same_run(tiny_cfg, tmp_pat
     final_resumed = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     for name, value in final_straight.items():
         torch.testing.assert_close(final_resumed[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class KillAt(L.Callback):
+    """SIGTERM to this very process once step ``step`` is trained: the preemption path (Lightning stops at the step
+    boundary, LastCheckpoint writes last.ckpt, train() exits 128 + 15)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_run_killed_mid_epoch_three_times_ends_as_the_uninterrupted_run(tiny_cfg, tmp_path):
+    """Issue 18, item 4. Killed by SIGTERM at 3 random steps in the middle of epochs and resumed each time (resume=auto
+    in the same run directory, as a requeued job does), a run ends with the weights, EMA, power EMAs, optimizer state
+    and step-by-step losses of the run that never stopped, exactly (CPU, float32, deterministic). The data loader's
+    place in its epoch travels in the checkpoint (ResumableLoader), the RNG streams too."""
+    per_epoch, total = 50, 130  # 50 batches of 32 per epoch (the digits training split): kills in epochs 0, 1 and 2
+    kills = sorted(random.Random(18).sample([s for s in range(3, total - 3) if s % per_epoch], 3))
+    assert len({k // per_epoch for k in kills}) >= 2 and all(k % per_epoch for k in kills)
+    common = [f"trainer.max_steps={total}", "~callbacks.sample_grid", "trainer.deterministic=true"]
+    train(tiny_cfg(*common, output_dir=tmp_path / "straight"))
+
+    run = tmp_path / "killed"
+    for step in kills:
+        with pytest.raises(SystemExit) as stopped:
+            train(tiny_cfg(*common, output_dir=run), [KillAt(step)])
+        assert stopped.value.code == 128 + signal.SIGTERM
+        assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step
+    train(tiny_cfg(*common, output_dir=run))
+
+    straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == straight["global_step"] == total
+    assert any(k.startswith("ema.") for k in straight["state_dict"]) and any(k.startswith("power_ema.") for k in straight["state_dict"])
+    for name, value in straight["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], value), name
+    for index, state in straight["optimizer_states"][0]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(resumed["optimizer_states"][0]["state"][index][key], value), (index, key)
+    # Every step's loss, across the four segments' CSV logs, is the uninterrupted run's.
+    losses: dict[int, float] = {}
+    for version in sorted((run / "csv").glob("version_*")):
+        losses.update({int(r["step"]) + 1: float(r["train/loss"]) for r in csv.DictReader(open(version / "metrics.csv"))
+                       if r.get("train/loss")})
+    reference = read_losses(tmp_path / "straight")
+    assert sorted(losses) == sorted(reference) == list(range(1, total + 1))
+    assert all(losses[s] == reference[s] for s in reference), [s for s in reference if losses[s] != reference[s]][:5]
 
 
 def test_guided_sampling_from_a_model_without_label_dropout_fails_before_training(tiny_cfg, tmp_path):
@@ -244,3 +295,42 @@ def test_a_refused_command_leaves_no_run_directory(tmp_path):
     result = run_cli("ddpm.train", *TINY, "data.batch_size=5000", "hydra.run.dir=outputs/${now:%Y}", cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and "data.batch_size=5000" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "outputs").exists()  # it made outputs/ and outputs/<year>, and removes both (issue 20)
+
+
+def test_flips_are_a_function_of_seed_epoch_and_image_and_survive_a_mid_epoch_resume():
+    """random_flip: each image of an epoch is mirrored or not by a bit drawn with the shuffle from (seed, epoch), so the
+    ordinary loader (any number of workers) and data.on_device give the same flipped batches, about half the images
+    are mirrored, another epoch flips others, and a loader restored at batch k of an epoch hands over exactly the
+    batches k, k+1, ... that the uninterrupted loader did."""
+    from ddpm.data import Digits
+    from ddpm.training.data import DataModule
+
+    def epoch_batches(on_device: bool, workers: int, epoch: int, skip: int = 0) -> list[torch.Tensor]:
+        data = Digits(root=".", batch_size=64, num_workers=workers, image_size=8, channels=1, num_classes=10,
+                      on_device=on_device)
+        data.random_flip = True
+        module = DataModule(data)
+        module.setup()
+        torch.manual_seed(5)  # the run's seed, as seed_everything sets it
+        loader = module.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        loader.load_state_dict({"batches_done": skip})
+        return [module.on_after_batch_transfer(batch, 0)[0] for batch in loader]
+
+    plain = epoch_batches(False, 0, 0)
+    assert len(plain) == 1617 // 64
+    for other in (epoch_batches(True, 0, 0), epoch_batches(False, 2, 0)):
+        assert all(torch.equal(a, b) for a, b in zip(plain, other, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(plain[7:], epoch_batches(False, 0, 0, skip=7), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(plain[7:], epoch_batches(True, 0, 0, skip=7), strict=True))
+
+    unflipped = Digits(root=".", batch_size=64, num_workers=0, image_size=8, channels=1, num_classes=10)
+    unflipped.setup()
+    images = torch.stack([unflipped.train_set[i][0] for i in range(len(unflipped.train_set))])
+    keys = list(iter(DataModule(unflipped).train_dataloader().sampler.__class__(len(images), 5, flips=True)))
+    flipped = torch.tensor([flip for _, flip in keys])
+    assert 0.45 < flipped.float().mean() < 0.55
+    order = torch.tensor([i for i, _ in keys])[: len(plain) * 64]
+    expected = torch.where(flipped[: len(order), None, None, None], images[order].flip(-1), images[order])
+    assert torch.equal(torch.cat(plain), expected)
+    assert not torch.equal(torch.cat(epoch_batches(False, 0, 1)), torch.cat(plain))

@@ -56,17 +56,14 @@ class ImageData:
             self.load()
 
     def load(self) -> None:
-        """Set ``train_set`` and ``test_set`` (and ``train_reference``, the training images without augmentation)."""
+        """Set ``train_set`` and ``test_set``, without random augmentation: a ``random_flip`` is the training loader's
+        (``ddpm.training.data``), drawn from (seed, epoch, image) so that a resumed run flips as the uninterrupted one."""
         raise NotImplementedError
-
-    def train_set_unaugmented(self) -> Dataset:
-        """The training images without random augmentation (flips are then applied per batch on the device)."""
-        return getattr(self, "train_reference", self.train_set)
 
     def reference_set(self, split: str) -> Dataset:
         """The ``train`` or ``test`` split without augmentation: the real images sample quality is measured against."""
         self.setup()
-        sets = {"train": getattr(self, "train_reference", self.train_set), "test": self.test_set}
+        sets = {"train": self.train_set, "test": self.test_set}
         if sets.get(split) is None:
             available = [name for name, dataset in sets.items() if dataset is not None]
             raise ValueError(f"metrics.reference_split={split!r}: {self.name} has the splits {available}")
@@ -134,10 +131,8 @@ class Torchvision(ImageData):
                                   "use data=digits, or copy the files under data.root (DDPM_DATA)") from None
 
     def load(self) -> None:
-        flip = [transforms.RandomHorizontalFlip()] if self.random_flip else []
         make = self.DATASETS[self.name]
-        self.train_set = make(str(self.root), train=True, transform=transforms.Compose(flip + self.to_unit_range()))
-        self.train_reference = make(str(self.root), train=True, transform=transforms.Compose(self.to_unit_range()))
+        self.train_set = make(str(self.root), train=True, transform=transforms.Compose(self.to_unit_range()))
         self.test_set = make(str(self.root), train=False, transform=transforms.Compose(self.to_unit_range()))
 
 
@@ -157,9 +152,8 @@ class ImageFolderData(ImageData):
         expected = "class folders root/<class>/<image> of png/jpg/... images"
         if not self.root.is_dir():
             raise ConfigError(f"data.root={str(self.root)!r}: no such directory; expected {expected}")
-        flip = [transforms.RandomHorizontalFlip()] if self.random_flip else []
         try:
-            train_set = ImageFolder(str(self.root), transform=transforms.Compose(flip + self.to_unit_range()), loader=read_image)
+            train_set = ImageFolder(str(self.root), transform=transforms.Compose(self.to_unit_range()), loader=read_image)
         except (FileNotFoundError, PermissionError) as error:
             raise ConfigError(f"data.root={str(self.root)!r}: {str(error).splitlines()[0]}; expected {expected}") from None
         found = len(train_set.classes)
@@ -168,7 +162,6 @@ class ImageFolderData(ImageData):
         for path, _ in train_set.samples:  # every file, before the first step rather than when a batch reaches it
             check_image(path)
         self.train_set = train_set
-        self.train_reference = ImageFolder(str(self.root), transform=transforms.Compose(self.to_unit_range()), loader=read_image)
 
 
 class ImageFolder(datasets.ImageFolder):
