@@ -83,10 +83,13 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Diffus
         raise type(error)(f"{error} ({rerun(cfg)})") from None
     finally:
         finish_wandb()
-    signal_name = signal_name or next((c.received for c in callbacks if isinstance(c, LastCheckpoint) and c.received), None)
+    last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
+    signal_name = signal_name or (last.received if last is not None else None)
     if signal_name is not None:
         log.warning("stopped by %s at step %d; to resume: %s (or ckpt_path=%s)", signal_name, trainer.global_step,
                     rerun(cfg), Path(cfg.paths.checkpoint_dir) / "last.ckpt")
+        if last is not None:
+            last.requeue()  # under submitit, on its signal: requeue the job and exit (after wandb finished, above)
         raise SystemExit(128 + getattr(signal, signal_name))
     summarize(cfg, trainer.global_step, time.perf_counter() - start)
     return module

@@ -101,13 +101,15 @@ class LastCheckpoint(L.Callback):
 
     - SIGINT (Ctrl+C) and SIGTERM (``kill``, scancel; Lightning turns SIGTERM into a stop at the step boundary);
     - the preemption/time-limit signal submitit asks SLURM for (``preempt_signal``, USR2 by default): after the
-      save, submitit's own handler requeues the job, and the requeued job, whose directory is the same, resumes.
+      save, and after the loggers are finished, submitit's own handler requeues the job (``requeue``), and the
+      requeued job, whose directory is the same, resumes.
     ``received`` names the signal that stopped the run."""
 
     def __init__(self, dirpath: str, preempt_signal: str = "USR2"):
         self.dirpath, self.preempt = Path(dirpath), f"SIG{preempt_signal.removeprefix('SIG')}"
         self.received: str | None = None
         self._previous: dict[int, object] = {}
+        self._previous_at_stop: dict[int, object] = {}  # the handlers replaced, kept past teardown for requeue()
         self._saved_step: int | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
@@ -134,9 +136,14 @@ class LastCheckpoint(L.Callback):
         self._saved_step = trainer.global_step
         log.warning("%s at step %d: saved %s; the same command resumes from it", self.received, trainer.global_step, path)
         trainer.should_stop = True  # SIGINT; for SIGTERM Lightning raises SIGTERMException right after this hook
-        previous = self._previous.get(getattr(signal, self.received))
+
+    def requeue(self) -> None:
+        """After the preemption signal stopped the run: hand it to the handler that was there before (submitit's,
+        which requeues this SLURM job and exits). ddpm.train calls this once the loggers are finished, since the
+        requeue makes SLURM send SIGTERM to every process of the job, wandb's service included."""
+        previous = self._previous_at_stop.get(getattr(signal, self.received)) if self.received else None
         if self.received == self.preempt and callable(previous):
-            previous(getattr(signal, self.received), None)  # submitit: requeue this job, then exit
+            previous(getattr(signal, self.received), None)
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
         # Lightning also checks for SIGTERM after every callback's on_train_batch_end, and before each step: a SIGTERM
@@ -160,6 +167,7 @@ class LastCheckpoint(L.Callback):
         trainer.save_checkpoint(path, weights_only=False)
 
     def teardown(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        self._previous_at_stop = dict(self._previous)
         if threading_main():
             for signum, previous in self._previous.items():
                 signal.signal(signum, previous if previous is not None else signal.SIG_DFL)

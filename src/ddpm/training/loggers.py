@@ -6,6 +6,9 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import re
+import secrets
+import string
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -84,12 +87,67 @@ def sweep_identity(experiment: str | None = None) -> tuple[str | None, str | Non
     return group, name, overrides
 
 
-def wandb_logger(project: str, save_dir: str, mode: str = "auto", group: str | None = "auto", name: str | None = "auto",
-                 experiment: str | None = None, **kwargs) -> WandbLogger:
-    """A WandbLogger whose run lives under the run directory (``save_dir/wandb``). ``auto`` group and name come from
-    the Hydra job (see ``sweep_identity``); the job's overrides are logged as config fields under ``sweep``."""
-    import wandb
+RUN_ID_FILE = "run_id"  # <save_dir>/wandb/run_id: the wandb id of the training run that writes into save_dir
+RUN_ID = re.compile(r"[a-z0-9]{1,64}")  # wandb's own ids are 8 of [a-z0-9]; it allows 64
+
+
+def run_id(save_dir: str | Path) -> str:
+    """The wandb run id of the training run in ``save_dir``: read from ``save_dir/wandb/run_id`` when an earlier
+    segment of it (a preempted, requeued or rerun job) wrote one, else made and written there now, before the run
+    starts. A file that is not such an id is refused in one line (it is an input: it never names another project's
+    run by accident, nor anything but a run id)."""
+    path = Path(save_dir) / "wandb" / RUN_ID_FILE
+    if path.is_symlink() or path.exists():
+        text = path.read_bytes()[:100].decode("ascii", "replace").strip() if path.is_file() and not path.is_symlink() else ""
+        if not RUN_ID.fullmatch(text):
+            raise ConfigError(f"logger=wandb: {path} should hold this run's wandb id (1-64 of a-z, 0-9), and holds "
+                              f"{text[:20]!r}: remove it to start a new wandb run, or restore it")
+        return text
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # as wandb makes its ids
+    try:
+        with open(path, "x") as f:  # exclusive: of two segments started at once, one id wins and both use it
+            f.write(new + "\n")
+    except FileExistsError:
+        return run_id(save_dir)
+    return new
+
+
+def _logger_class():
     from lightning.pytorch.loggers import WandbLogger  # here, not above: validation reads WANDB_MODES without Lightning
+
+    class StepWandbLogger(WandbLogger):
+        """Lightning's WandbLogger, logging each row at wandb step = the trainer's step (never backwards), not at
+        wandb's own counter: the segments of a resumed run then hold disjoint, increasing steps, the one axis wandb
+        needs to join them (online resume, and ``wandb sync`` of several offline segments of one id)."""
+
+        _last_step = -1
+
+        def log_metrics(self, metrics, step=None):
+            if _service_dead():  # the job's SIGTERM reached it: the step being finished logs nowhere, and goes on
+                return
+            try:
+                if step is None:
+                    return super().log_metrics(metrics, step)
+                self._last_step = max(self._last_step, int(step))  # an image logged at step k before the loss of k - 1
+                self.experiment.log(dict(metrics, **{"trainer/global_step": step}), step=self._last_step)
+            except ConnectionError:  # it died while this row was sent
+                if not _service_dead():
+                    raise
+
+    return StepWandbLogger
+
+
+def wandb_logger(project: str, save_dir: str, mode: str = "auto", group: str | None = "auto", name: str | None = "auto",
+                 experiment: str | None = None, flush_interval_s: float = 1.0, **kwargs) -> WandbLogger:
+    """A WandbLogger whose run lives under the run directory (``save_dir/wandb``). ``auto`` group and name come from
+    the Hydra job (see ``sweep_identity``); the job's overrides are logged as config fields under ``sweep``.
+
+    One training run is one wandb run: its id is kept in the run directory (``run_id``) and every later segment (a
+    requeued job, a rerun in the same directory) resumes it (``resume="allow"``), logging at the trainer's step.
+    ``flush_interval_s``: how often wandb's service writes what it was sent to the run's file (its default is 15 s):
+    what a SIGTERM to the whole job (scancel, scontrol requeue) can lose, since the service dies of it at once."""
+    import wandb
 
     os.makedirs(save_dir, exist_ok=True)
     auto_group, auto_name, overrides = sweep_identity(experiment)
@@ -98,10 +156,15 @@ def wandb_logger(project: str, save_dir: str, mode: str = "auto", group: str | N
     if mode == "online" and (reason := unreachable(wandb_server())):
         log.warning("wandb: cannot reach %s (%s): logging offline instead; %s", wandb_server(), reason, sync)
         mode = "offline"
+    if mode != "disabled":
+        kwargs.setdefault("id", run_id(save_dir))
+        kwargs.setdefault("resume", "allow")
+    settings = wandb.Settings(init_timeout=INIT_TIMEOUT_S, x_transaction_log_flush_interval=float(flush_interval_s))
 
     def start(mode: str) -> WandbLogger:
-        logger = WandbLogger(project=project, save_dir=save_dir, mode=mode, settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S),
-                             group=auto_group if group == "auto" else group, name=auto_name if name == "auto" else name, **kwargs)
+        logger = _logger_class()(project=project, save_dir=save_dir, mode=mode, settings=settings,
+                                 group=auto_group if group == "auto" else group, name=auto_name if name == "auto" else name,
+                                 **kwargs)
         logger._wandb_init.pop("anonymous", None)  # Lightning always passes it; wandb warns that it has no effect
         logger.experiment  # start the run now: a failure surfaces here, before any compute
         return logger
@@ -120,8 +183,45 @@ def wandb_logger(project: str, save_dir: str, mode: str = "auto", group: str | N
 
 
 def finish_wandb() -> None:
-    """Close the wandb run, so the next job of a multirun in this process starts its own."""
+    """Close the wandb run, so the next job of a multirun in this process starts its own, and everything logged is in
+    its file before the process exits. Where wandb's service is already dead (a SIGTERM sent to the whole job, as
+    scancel and scontrol requeue do, stops it at once), the run is let go without the teardown traceback wandb would
+    print, and the loss is said in one line: the file holds what was flushed (every ``flush_interval_s``)."""
     import sys
 
-    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
-        sys.modules["wandb"].finish()
+    wandb = sys.modules.get("wandb")
+    if wandb is None or wandb.run is None:
+        return
+    if not _service_dead():
+        wandb.finish()
+        return
+    run = wandb.run
+    log.warning("wandb: its service stopped before the run finished (the same signal reached it); the run file holds "
+                "what it had flushed, up to logger.flush_interval_s before the signal; the next segment resumes the run")
+    _let_go(wandb, run)
+
+
+def _service_dead() -> bool:
+    """Whether the wandb service process this process started has exited (False where that cannot be told)."""
+    from wandb.sdk import wandb_setup
+
+    connection = getattr(wandb_setup.singleton(), "_connection", None)
+    process = getattr(getattr(connection, "_proc", None), "_process", None)
+    return process is not None and process.poll() is not None
+
+
+def _let_go(wandb, run) -> None:
+    """Forget a run whose service is gone: no finish, no exit-time teardown, no console capture writing to a closed
+    socket. wandb has no public call for this (its finish and teardown both talk to the service), so these are its
+    private attributes; tests/test_train.py fails when a wandb release renames them."""
+    import logging as logging_
+
+    from wandb.sdk import wandb_setup
+
+    run._console_stop()
+    connection = wandb_setup.singleton()._connection
+    connection.teardown = lambda exit_code: None  # the atexit hook wandb registered calls it
+    wandb_setup.singleton()._connection = None  # a later run in this process starts a new service
+    run._atexit_cleanup_called = True
+    wandb.run = None
+    logging_.getLogger("asyncio").setLevel(logging_.CRITICAL)  # its "socket.send() raised exception" at exit
