@@ -103,3 +103,13 @@ def test_the_readme_python_example_runs_as_written_without_lightning_hydra_or_wa
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torch.Size([3, 1, 8, 8])" in result.stdout and result.stdout.strip().endswith("CLEAN")
+
+
+def test_the_training_entry_point_imports_neither_torch_nor_lightning():
+    """A SLURM job unpickles ``ddpm.train.main`` before submitit installs its preemption handler: the module stays light
+    (issue 18, item 6), so a signal during start-up meets the handler instead of killing the job."""
+    check = ("import sys, ddpm.train, hydra_plugins.ddpm_launchers\n"
+             "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'pytorch_lightning', 'wandb'})\n"
+             "assert not heavy, heavy\nprint('LIGHT')\n")
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "LIGHT" in result.stdout, result.stderr[-3000:]

@@ -282,14 +282,34 @@ def test_report_whose_write_fails_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 
-@pytest.mark.parametrize("trainer,gpus", [("cpu", None), ("ddp_cpu", None), ("gpu", 1), ("ddp", 4)])
-def test_slurm_launcher_asks_for_gpus_only_when_the_trainer_uses_them(trainer, gpus):
+@pytest.mark.parametrize("trainer,gpus,cpus,mem", [("cpu", None, 4, 16), ("ddp_cpu", None, 4, 16), ("debug", None, 4, 16),
+                                                  ("gpu", 1, 8, 64), ("ddp", 4, 8, 64)])
+def test_slurm_launcher_asks_for_what_the_trainer_uses(trainer, gpus, cpus, mem):
     """Issue 18's CPU partition: the default trainer once asked sbatch for gpus_per_node=1, which a node without GPUs
-    refuses ("Invalid generic resource (gres) specification")."""
+    refuses ("Invalid generic resource (gres) specification"). CPUs per task and memory follow the trainer too."""
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = hydra_compose("train", ["hydra/launcher=submitit_slurm", f"trainer={trainer}"], return_hydra_config=True)
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["gpus_per_node"] == gpus and launcher["tasks_per_node"] == cfg.trainer.devices
+    assert (launcher["cpus_per_task"], launcher["mem_gb"]) == (cpus, mem)
+
+
+@pytest.mark.parametrize("sbatch,key", [
+    ("sbatch: error: Batch job submission failed: Invalid generic resource (gres) specification", "gpus_per_node"),
+    ("sbatch: error: invalid partition specified: gpu\nsbatch: error: Batch job submission failed: Invalid partition name specified", "partition"),
+    ("sbatch: error: Batch job submission failed: Requested node configuration is not available", "mem_gb"),
+    ("sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified", "account"),
+])
+def test_an_sbatch_refusal_is_one_line_naming_the_launcher_key(sbatch, key):
+    import subprocess
+
+    from ddpm.launchers import sbatch_error_line
+
+    error = subprocess.CalledProcessError(1, ["sbatch", "x.sh"], output=sbatch.replace("\\n", "\n").encode())
+    line = sbatch_error_line(error)
+    assert line is not None and "\n" not in line and f"hydra.launcher.{key}" in line.replace("/ ", "/ hydra.launcher.")
+    assert line.startswith("sbatch refused the sweep's jobs (")
+    assert sbatch_error_line(RuntimeError("something else")) is None
 
 
 def test_every_cell_of_every_evaluation_preset_is_a_valid_evaluation():

@@ -49,10 +49,17 @@ def slurm_gpus(accelerator: str, devices) -> int | None:
     """GPUs per node for the submitit_slurm launcher: the trainer's devices when it trains on GPUs, none otherwise
     (``trainer=cpu``/``ddp_cpu``, and ``auto``, which cannot know the node it will land on): a CPU partition refuses
     a GPU request ("Invalid generic resource (gres) specification")."""
-    return devices if str(accelerator) in ("gpu", "cuda") else None
+    return on_gpus(accelerator, devices, None)
+
+
+def on_gpus(accelerator: str, if_gpus, otherwise):
+    """``if_gpus`` for a trainer on GPUs (``trainer.accelerator`` gpu or cuda), else ``otherwise``: the submitit_slurm
+    launcher's resources follow the trainer (conf/hydra/launcher/submitit_slurm.yaml)."""
+    return if_gpus if str(accelerator) in ("gpu", "cuda") else otherwise
 
 
 OmegaConf.register_new_resolver("ddpm_slurm_gpus", slurm_gpus, replace=True)
+OmegaConf.register_new_resolver("ddpm_on_gpus", on_gpus, replace=True)
 
 
 def check_flags(argv: list[str]) -> None:
@@ -170,11 +177,12 @@ def run_cli(task, cfg: DictConfig):
     try:
         return task(cfg)
     except (ConfigError, NonFiniteLossError, WriteError) as error:
-        for line in error_lines(error):
+        lines = error_lines(error)
+        for line in lines:
             print(f"error: {line}", file=sys.stderr)
         if isinstance(error, ConfigError):
             _discard_refused_run(cfg)
-        sys.exit(2)
+        raise TaskRefused(lines) from None
     except KeyboardInterrupt:
         from tqdm import tqdm
 
@@ -184,6 +192,15 @@ def run_cli(task, cfg: DictConfig):
               file=sys.stderr)
         _discard_refused_run(cfg)
         sys.exit(130)
+
+
+class TaskRefused(SystemExit):
+    """Exit status 2 after the one-line errors were printed (``run_cli``); carries them, so that a sweep's launcher
+    (``ddpm.launchers``) reports a failed job with its own line."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__(2)
+        self.lines = lines
 
 
 def cli_main(main) -> None:

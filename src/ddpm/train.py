@@ -12,29 +12,21 @@ import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import lightning as L
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
-from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ddpm.build import build_module
-from ddpm.builders import build
-from ddpm.training.progress import duration
-from ddpm.checkpoints import load_checkpoint
-from ddpm.training.checkpoint import CheckpointWriteError, LastCheckpoint, config_differences, recorded_choices
-from ddpm.training.data import DataModule
-from ddpm.config import cli_main, resolve_precision, run_cli
+from ddpm.config import cli_main, run_cli
 from ddpm.options import config_dir
-from ddpm.build import instantiate_loggers
-from ddpm.training.disk import check_disk
-from ddpm.training.loggers import RULES as LOGGER_RULES, finish_wandb
-from ddpm.training.module import DiffusionModule, NonFiniteLossError
-from ddpm.validation import ConfigError, validate
+
+# Torch, Lightning and the rest are imported where they are used, not here: a SLURM job unpickles this module's
+# ``main`` before submitit installs its preemption handler, and a signal that lands while torch is importing (5 s)
+# would kill the job instead of requeueing it (issue 18, item 6). Importing this module takes 0.3 s.
+if TYPE_CHECKING:
+    import lightning as L
+
+    from ddpm.training.module import DiffusionModule
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +39,23 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Diffus
     Stops with ConfigError before anything is built when a value is out of range, the data are missing, the
     checkpoint is unreadable or of another model, or the disk cannot hold what the run will write (``check_disk``);
     with SystemExit(128 + signal) after SIGINT/SIGTERM, once last.ckpt is written."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.utilities import rank_zero_only
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    import lightning as L
+    from ddpm.build import build_module, instantiate_loggers
+    from ddpm.builders import build
+    from ddpm.config import resolve_precision
+    from ddpm.training.checkpoint import CheckpointWriteError, LastCheckpoint, recorded_choices
+    from ddpm.training.data import DataModule
+    from ddpm.training.disk import check_disk
+    from ddpm.training.loggers import RULES as LOGGER_RULES, finish_wandb
+    from ddpm.training.module import NonFiniteLossError
+    from ddpm.validation import validate
+
     validate(cfg, "train", LOGGER_RULES)
     resolve_precision(cfg)
     ckpt_path = resume_checkpoint(cfg)
@@ -113,6 +122,8 @@ def rerun(cfg: DictConfig) -> str:
 
 def summarize(cfg: DictConfig, steps: int, seconds: float) -> None:
     """The end of a run in a few lines: where everything is, the final metrics, and the commands that come next."""
+    from ddpm.training.progress import duration
+
     out, last = Path(cfg.paths.output_dir), Path(cfg.paths.checkpoint_dir) / "last.ckpt"
     lines = [f"finished {steps} steps in {duration(seconds)}; everything is in {out}"]
     if (Path(cfg.paths.sample_dir) / "final.png").is_file():
@@ -135,6 +146,10 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     """The checkpoint to resume from: ``cfg.ckpt_path``; else, with ``resume=auto``, the run directory's own newest
     complete checkpoint (a requeued or rerun job; see ``newest_checkpoint``); never a fresh start over an earlier run's
     checkpoints. The checkpoint must be readable and of the requested model."""
+    from ddpm.checkpoints import load_checkpoint
+    from ddpm.training.checkpoint import config_differences
+    from ddpm.validation import ConfigError
+
     ckpt_path = str(Path(cfg.ckpt_path).expanduser()) if cfg.ckpt_path is not None else None
     own = Path(cfg.paths.checkpoint_dir)
     if ckpt_path is None and own.is_dir():
@@ -158,6 +173,9 @@ def newest_checkpoint(directory: Path) -> tuple[Path, int] | None:
     """The one rule for where a run resumes: of ``last.ckpt`` and the ``step_*.ckpt`` files, the complete one with the
     largest step (``last.ckpt`` on a tie). Temporaries a kill left mid-write are removed first; a file that cannot be
     read (torn by some other writer) is skipped with a warning. None when there is nothing to resume."""
+    from ddpm.checkpoints import load_checkpoint
+    from ddpm.validation import ConfigError
+
     for stray in directory.glob(".*.ckpt.tmp"):
         log.warning("removing %s, a checkpoint write that a kill or a full disk interrupted", stray)
         stray.unlink(missing_ok=True)
