@@ -1,8 +1,8 @@
 """The README's cluster command lines on a real one-node SLURM cluster (tests/slurm/cluster.sh up; `make test-slurm`):
 a sweep, time limits and preemption requeues, DDP over SLURM tasks, a failing job, a signal during start-up (issue 18).
 
-SLURM's own signals, time limits and requeues throughout. One thing is shortened: SLURM holds a requeued job for about
-two minutes (its BeginTime) before it may start again; ``release_requeued`` sets that to now, as an admin would."""
+SLURM's own signals, time limits and requeues throughout; the cluster's timers are shortened (a requeued job may start
+again after 10 s, not 120: its job credentials expire sooner; tests/slurm/cluster.sh)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -45,27 +44,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.skipif(REASON is not None, reason=R
 # Each job: one CPU, 2 GB, the cluster's debug partition; jobs side by side on the node.
 SLURM = ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1",
          "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10"]
-PACE = ["+callbacks.pace._target_=pace.Pace"]  # tests/slurm/pace.py: a step takes at least callbacks.pace.seconds
-
-
-@pytest.fixture(scope="module", autouse=True)
-def release_requeued():
-    """Start requeued jobs at once instead of SLURM's two minutes later (scontrol update StartTime=now)."""
-    stop = threading.Event()
-
-    def loop():
-        while not stop.is_set():
-            pending = subprocess.run(["squeue", "-h", "-t", "PD", "-o", "%i %r"], capture_output=True, text=True).stdout
-            for job, reason in (line.split(maxsplit=1) for line in pending.splitlines() if " " in line):
-                if reason.strip() == "BeginTime":
-                    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True)
-            stop.wait(1.0)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    yield
-    stop.set()
-    thread.join(5)
+PACE = ["+callbacks.pace._target_=pace.Pace"]  # tests/slurm/pace.py: a step takes at least +callbacks.pace.seconds
 
 
 def environment(tmp_path: Path) -> dict:
@@ -91,15 +70,19 @@ def job_ids(sweep_dir: Path) -> list[str]:
     return sorted(p.parent.name for p in folder.glob("*/*_submitted.pkl")) if folder.is_dir() else []
 
 
-def job_log(sweep_dir: Path, job: str, task: int = 0, stream: str = "err") -> str:
-    path = sweep_dir / ".submitit" / job / f"{job}_{task}_log.{stream}"
-    return path.read_text(errors="replace") if path.is_file() else ""
+def job_log(sweep_dir: Path, job: str, task: int = 0) -> str:
+    """What a task of a job wrote, every segment of it: its stderr (SLURM's, submitit's, Lightning's lines), then its
+    stdout (ddpm's log lines)."""
+    paths = [sweep_dir / ".submitit" / job / f"{job}_{task}_log.{stream}" for stream in ("err", "out")]
+    return "\n".join(path.read_text(errors="replace") for path in paths if path.is_file())
 
 
-def wait_running(sweep_dir: Path, timeout: float = 120) -> str:
+def wait_running(sweep_dir: Path, launcher: subprocess.Popen, timeout: float = 120) -> str:
     """The first job of the sweep once SLURM runs it."""
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if launcher.poll() is not None:
+            raise AssertionError(f"the sweep ended before a job ran: {launcher.stdout.read()[-3000:]}")
         for job in job_ids(sweep_dir):
             state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
             if state == "RUNNING":
@@ -131,11 +114,11 @@ def test_a_job_that_hits_its_time_limit_is_requeued_again_and_again_and_is_one_w
     finished, submitit requeues the job, the next segment resumes. 800 steps of at least 0.1 s cannot fit in fewer than
     three segments. Read back: one wandb id over every segment, each finished, every step logged once, in order."""
     total = 800
-    result = sweep(tmp_path, *PACE, "callbacks.pace.seconds=0.1", f"trainer.max_steps={total}", "logger=wandb",
+    result = sweep(tmp_path, *PACE, "+callbacks.pace.seconds=0.1", f"trainer.max_steps={total}", "logger=wandb",
                    "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=50", timeout=600)
     sweep_dir = tmp_path / "sweep"
     (job,) = job_ids(sweep_dir)
-    log = job_log(sweep_dir, job) + job_log(sweep_dir, job, stream="out")
+    log = job_log(sweep_dir, job)
     assert result.returncode == 0, result.stdout[-2000:] + log[-4000:]
     stops = [int(s) for s in re.findall(r"SIGUSR2 at step (\d+): saved", log)]
     assert len(stops) >= 2 and stops == sorted(stops), stops  # timed out and requeued more than once
@@ -150,9 +133,9 @@ def test_a_job_that_hits_its_time_limit_is_requeued_again_and_again_and_is_one_w
 
 
 def test_a_job_preempted_by_scontrol_requeue_at_a_random_step_resumes(tmp_path):
-    running = sweep(tmp_path, *PACE, "callbacks.pace.seconds=0.05", "trainer.max_steps=500", background=True)
+    running = sweep(tmp_path, *PACE, "+callbacks.pace.seconds=0.05", "trainer.max_steps=500", background=True)
     sweep_dir = tmp_path / "sweep"
-    job = wait_running(sweep_dir)
+    job = wait_running(sweep_dir, running)
     time.sleep(random.Random().uniform(12, 20))  # past start-up (about 8 s), somewhere in its 25 s of training
     subprocess.run(["scontrol", "requeue", job], check=True)
     output, _ = running.communicate(timeout=420)
@@ -191,7 +174,7 @@ def test_a_signal_during_start_up_requeues_the_job(tmp_path):
     handler is installed by then (ddpm.train's module is light), so the job is requeued instead of dying of it."""
     running = sweep(tmp_path, "trainer.max_steps=20", background=True)
     sweep_dir = tmp_path / "sweep"
-    job = wait_running(sweep_dir)
+    job = wait_running(sweep_dir, running)
     time.sleep(3)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     output, _ = running.communicate(timeout=300)

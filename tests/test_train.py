@@ -148,6 +148,20 @@ def test_a_run_killed_mid_epoch_three_times_ends_as_the_uninterrupted_run(tiny_c
     assert all(losses[s] == reference[s] for s in reference), [s for s in reference if losses[s] != reference[s]][:5]
 
 
+def test_a_run_with_a_callback_of_its_own_resumes_from_its_own_checkpoint(tiny_cfg, tmp_path):
+    """A user's own callback (+callbacks.NAME._target_=their.Class) is not one of conf/'s options. A checkpoint someone
+    sends with such a target is refused (tests/test_checkpoint_trust.py), but the run's own last.ckpt, found in its
+    directory on a requeue, is only compared with the command line's config, never built from: the run resumes from
+    it instead of starting again (which the SLURM tests found: a requeued job retrained from step 0)."""
+    own = ["+callbacks.mine._target_=test_train.KillAt", "+callbacks.mine.step=1000", "trainer.max_steps=12"]
+    with pytest.raises(SystemExit):
+        train(tiny_cfg(*own), [KillAt(7)])
+    capture = CaptureAtStart()
+    train(tiny_cfg(*own), [capture])
+    assert capture.global_step == 7
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+
+
 def test_guided_sampling_from_a_model_without_label_dropout_fails_before_training(tiny_cfg, tmp_path):
     cfg = tiny_cfg("guidance.p_uncond=0", "guidance.scale=1.0")
     with pytest.raises(ValueError, match=r"guidance.scale=1.0: must be 0 when guidance.p_uncond=0"):

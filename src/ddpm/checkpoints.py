@@ -22,10 +22,15 @@ import yaml
 from ddpm.core.errors import ConfigError
 from ddpm.options import base_config, options, read_option, targets, train_defaults
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False,
+                    build_from_config: bool = True) -> dict:
     """A checkpoint written by ``ddpm.train``; ConfigError naming the file when it is missing, truncated, not ours,
     or carries a config that is not this project's (``rebuild_config``); its ``config`` is the rebuilt one. ``mmap``:
-    map the tensors instead of reading them (to look at the config alone)."""
+    map the tensors instead of reading them (to look at the config alone).
+
+    ``build_from_config=False``: nothing will be built from its config (a run resuming from it builds from the
+    command line's config and only compares the two), so the config is read as data, in today's names
+    (``upgrade_config``), and a callback of the user's own (``+callbacks.mine._target_=...``) does not refuse it."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"ckpt_path={str(path)!r}: no such file")
@@ -40,6 +45,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ConfigError(f"ckpt_path={str(path)!r}: its global_step is {str(step)[:40]!r}, not a step count; not a ddpm "
                           "checkpoint")
+    if not build_from_config:
+        checkpoint["config"] = upgrade_config(checkpoint["config"])
+        return checkpoint
     checkpoint["config"] = rebuild_config(checkpoint["config"], f"ckpt_path={str(path)!r}", checkpoint.get("choices"))
     return checkpoint
 

@@ -161,7 +161,9 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
             ckpt_path = str(newest[0])
             log.info("resuming from this run directory's newest checkpoint %s (step %d; resume=auto)", ckpt_path, newest[1])
     if ckpt_path is not None:
-        saved = load_checkpoint(ckpt_path, mmap=True)["config"]  # Lightning reads the weights itself
+        # Compared, never built from. A file named by ckpt_path (one someone may have sent) must also hold only this
+        # project's options; the run directory's own checkpoints may name the user's own callbacks, as their run did.
+        saved = load_checkpoint(ckpt_path, mmap=True, build_from_config=cfg.ckpt_path is not None)["config"]
         requested = OmegaConf.to_container(cfg, resolve=True)
         differences = config_differences(saved, requested)
         if differences:
@@ -181,7 +183,7 @@ def newest_checkpoint(directory: Path) -> tuple[Path, int] | None:
         stray.unlink(missing_ok=True)
     def step_of(path: Path) -> int | None:
         try:
-            return load_checkpoint(path, mmap=True)["global_step"]
+            return load_checkpoint(path, mmap=True, build_from_config=False)["global_step"]
         except ConfigError as error:
             log.warning("skipping %s: %s", path, error)
             return None

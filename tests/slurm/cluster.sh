@@ -5,7 +5,8 @@
 #   bash tests/slurm/cluster.sh status
 # Needs root (apt-get, daemons). The node offers DDPM_SLURM_CPUS CPUs (default 8: more than the cores, so the tests'
 # small jobs run side by side) and its real memory. SLURM's own signals, time limits and requeues; only the daemons'
-# timers are shortened (KillWait, the scheduler's interval) so a test waits seconds, not minutes.
+# timers are shortened (KillWait, the scheduler's interval, the credential lifetime that holds a requeued job) so a
+# test waits seconds, not minutes.
 set -euo pipefail
 CONF=/etc/slurm/slurm.conf
 STATE=/var/spool/slurm-ddpm
@@ -28,6 +29,8 @@ configure() {
 ClusterName=ddpm
 SlurmctldHost=$NODE
 AuthType=auth/munge
+# Job credentials expire after 10 s (default 120): SLURM holds a requeued job that long before it may start again.
+AuthInfo=cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=$STATE/ctld
@@ -81,7 +84,10 @@ stop() {
   pkill -x slurmd 2>/dev/null || true
   pkill -x slurmctld 2>/dev/null || true
   pkill -x munged 2>/dev/null || true
-  for _ in $(seq 20); do pgrep -x 'slurmd|slurmctld|munged' >/dev/null || return 0; sleep 0.5; done
+  for _ in $(seq 20); do
+    pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || pgrep -x munged >/dev/null || return 0
+    sleep 0.5
+  done
 }
 
 case "${1:-}" in
