@@ -6,7 +6,6 @@ again after 10 s, not 120: its job credentials expire sooner; tests/slurm/cluste
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -110,12 +109,12 @@ def test_a_two_job_sweep_finishes_with_a_directory_each_and_a_report(tmp_path):
 
 
 def test_a_job_that_hits_its_time_limit_is_requeued_again_and_again_and_is_one_wandb_run(tmp_path):
-    """A 1-minute limit with USR2 50 s before it: SLURM signals each segment, last.ckpt is written, the wandb run is
-    finished, submitit requeues the job, the next segment resumes. 800 steps of at least 0.1 s cannot fit in fewer than
-    three segments. Read back: one wandb id over every segment, each finished, every step logged once, in order."""
+    """A 1-minute limit with USR2 30 s before it: SLURM signals each segment (at 30 s, give or take its 30-s check),
+    last.ckpt is written, the wandb run is finished, submitit requeues the job, the next segment resumes. 800 steps of
+    at least 0.1 s cannot fit in fewer than three segments. Read back: one wandb id over every segment, each finished, every step logged once, in order."""
     total = 800
     result = sweep(tmp_path, *PACE, "+callbacks.pace.seconds=0.1", f"trainer.max_steps={total}", "logger=wandb",
-                   "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=50", timeout=600)
+                   "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30", timeout=600)
     sweep_dir = tmp_path / "sweep"
     (job,) = job_ids(sweep_dir)
     log = job_log(sweep_dir, job)

@@ -2,7 +2,6 @@
 wrote offline; and a run whose wandb service died of the job's SIGTERM ends without a traceback."""
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap

@@ -69,9 +69,12 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Diffus
         datamodule.setup()
         datamodule.check_batches(world_size(cfg.trainer))
     module = build_module(cfg, recorded_choices())
-    logger = instantiate_loggers(cfg.get("logger"))
     callbacks = [instantiate(node) for name, node in (cfg.get("callbacks") or {}).items()
                  if node and (name != "progress_bar" or cfg.trainer.enable_progress_bar)] + list(extra_callbacks)
+    for each in callbacks:
+        if isinstance(each, LastCheckpoint):
+            each.arm()  # from here on a preemption signal is held until the run can stop cleanly
+    logger = instantiate_loggers(cfg.get("logger"))
     if not logger:  # logger=none: a learning-rate monitor has nowhere to write (Lightning refuses it)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)

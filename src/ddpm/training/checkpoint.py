@@ -112,12 +112,25 @@ class LastCheckpoint(L.Callback):
         self._previous_at_stop: dict[int, object] = {}  # the handlers replaced, kept past teardown for requeue()
         self._saved_step: int | None = None
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+    def arm(self) -> None:
+        """Hold the preemption signal from now on (ddpm.train calls this before the loggers start): one that arrives
+        before the first step stops the run as it begins (``on_train_start``), rather than letting submitit requeue
+        the job with a wandb run just started and never finished."""
         self.received = None
-        if threading_main():
-            for name in ("SIGINT", self.preempt):
-                signum = getattr(signal, name)
-                self._previous[signum] = signal.signal(signum, self._on_signal)
+        if threading_main() and not self._previous:
+            signum = getattr(signal, self.preempt)
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        if not self._previous:
+            self.arm()
+        if threading_main() and signal.SIGINT not in self._previous:
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_signal)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        if self.received is not None:  # held since arm(): stop before the first step; on_train_end writes last.ckpt
+            log.warning("%s before the first step: stopping as the run begins", self.received)
+            trainer.should_stop = True
 
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
