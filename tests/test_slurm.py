@@ -135,7 +135,10 @@ def test_a_job_preempted_by_scontrol_requeue_at_a_random_step_resumes(tmp_path):
     running = sweep(tmp_path, *PACE, "+callbacks.pace.seconds=0.05", "trainer.max_steps=500", background=True)
     sweep_dir = tmp_path / "sweep"
     job = wait_running(sweep_dir, running)
-    time.sleep(random.Random().uniform(12, 20))  # past start-up (about 8 s), somewhere in its 25 s of training
+    deadline = time.time() + 120
+    while not list((sweep_dir / "0" / "ema_snapshots").glob("ema_*.pt")) and time.time() < deadline:
+        time.sleep(0.2)  # until training writes its first EMA snapshot (step 13)
+    time.sleep(random.Random().uniform(0, 15))  # then somewhere in its 25 s of training
     subprocess.run(["scontrol", "requeue", job], check=True)
     output, _ = running.communicate(timeout=420)
     log = job_log(sweep_dir, job)

@@ -148,19 +148,23 @@ def test_a_run_killed_mid_epoch_three_times_ends_as_the_uninterrupted_run(tiny_c
     assert all(losses[s] == reference[s] for s in reference), [s for s in reference if losses[s] != reference[s]][:5]
 
 
-def test_a_preemption_signal_before_the_first_step_is_held_and_stops_the_run_as_it_begins(tiny_cfg, tmp_path, offline_env):
-    """USR2 (SLURM's warning through submitit) while the run is still setting up, after the wandb run started: the
-    signal is held (LastCheckpoint.arm), the run stops before its first step with last.ckpt written and the wandb run
-    finished, instead of submitit requeueing the job at once and leaving an unfinished wandb fragment."""
+@pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGTERM])
+def test_a_preemption_signal_before_the_first_step_is_held_and_stops_the_run_as_it_begins(tiny_cfg, tmp_path, offline_env,
+                                                                                           signum):
+    """USR2 (SLURM's warning through submitit) or SIGTERM (scancel, scontrol requeue) while the run is still setting
+    up, after the wandb run started: the signal is held (LastCheckpoint.arm), the run stops before its first step with
+    last.ckpt written and the wandb run finished, instead of submitit requeueing the job at once and leaving an
+    unfinished wandb fragment (USR2), or training on until SIGKILL with nothing saved (SIGTERM, which submitit's
+    handler only logs; found by tests/test_slurm.py)."""
     from wandb_files import run_segments
 
     class SignalDuringSetup(L.Callback):
         def setup(self, trainer, pl_module, stage):
-            os.kill(os.getpid(), signal.SIGUSR2)
+            os.kill(os.getpid(), signum)
 
     with pytest.raises(SystemExit) as stopped:
         train(tiny_cfg("logger=wandb", "trainer.max_steps=5", "~callbacks.sample_grid"), [SignalDuringSetup()])
-    assert stopped.value.code == 128 + signal.SIGUSR2
+    assert stopped.value.code == 128 + signum
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 0
     (segment,) = run_segments(tmp_path / "run" / "wandb")
     assert segment["finished"] and not [row for row in segment["history"] if "train/loss" in row]

@@ -113,19 +113,28 @@ class LastCheckpoint(L.Callback):
         self._saved_step: int | None = None
 
     def arm(self) -> None:
-        """Hold the preemption signal from now on (ddpm.train calls this before the loggers start): one that arrives
-        before the first step stops the run as it begins (``on_train_start``), rather than letting submitit requeue
-        the job with a wandb run just started and never finished."""
+        """Hold the preemption signal and SIGTERM from now on (ddpm.train calls this before the loggers start): one
+        that arrives before the first step stops the run as it begins (``on_train_start``), with last.ckpt written,
+        rather than submitit requeueing the job with a wandb run just started (USR2), or the SIGTERM of scancel or
+        scontrol requeue being ignored (submitit's handler) until SIGKILL ends a run that has saved nothing."""
         self.received = None
         if threading_main() and not self._previous:
-            signum = getattr(signal, self.preempt)
-            self._previous[signum] = signal.signal(signum, self._on_signal)
+            for signum in (getattr(signal, self.preempt), signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._held)
+
+    def _held(self, signum, frame) -> None:
+        self.received = self.received or signal.Signals(signum).name
+        previous = self._previous.get(signum)
+        if signum == signal.SIGTERM and callable(previous):
+            previous(signum, frame)  # submitit logs it; Lightning's own handler joins at fit start
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         if not self._previous:
             self.arm()
-        if threading_main() and signal.SIGINT not in self._previous:
-            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_signal)
+        if threading_main():
+            signal.signal(getattr(signal, self.preempt), self._on_signal)
+            if signal.SIGINT not in self._previous:
+                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_signal)
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         if self.received is not None:  # held since arm(): stop before the first step; on_train_end writes last.ckpt
