@@ -2,7 +2,7 @@
 PYTHON ?= python
 PYTEST_WORKERS ?= 2
 
-.PHONY: install install-cpu test test-all train bench bench-samplers clean
+.PHONY: install install-cpu test test-slurm test-all train bench bench-samplers clean
 
 install:
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -14,7 +14,12 @@ install-cpu:
 	$(PYTHON) -m pip install -e ".[dev]"
 
 test:
-	$(PYTHON) -m pytest -m "not slow and not gpu" -n $(PYTEST_WORKERS) --dist loadgroup --timeout 600
+	$(PYTHON) -m pytest -m "not slow and not gpu and not slurm" -n $(PYTEST_WORKERS) --dist loadgroup --timeout 600
+
+# The SLURM tests, against a cluster started by `bash tests/slurm/cluster.sh up` (as root; .ci/run does it). Their jobs
+# mostly wait on SLURM (time limits, requeues), so they run 3 at a time on the cluster's node.
+test-slurm:
+	$(PYTHON) -m pytest -m slurm tests/test_slurm.py -n 3 --timeout 900
 
 test-all:
 	$(PYTHON) -m pytest -n $(PYTEST_WORKERS)

@@ -94,9 +94,11 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Diffus
     except (NonFiniteLossError, CheckpointWriteError) as error:  # their advice ends "run the same command again"
         raise type(error)(f"{error} ({rerun(cfg)})") from None
     finally:
-        finish_wandb()
-    last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
-    signal_name = signal_name or (last.received if last is not None else None)
+        last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
+        signal_name = signal_name or (last.received if last is not None else None)
+        # Stopped by a signal, the process is about to end (and a requeue sends SIGTERM to the whole job): stop wandb's
+        # service too, now, rather than in wandb's exit hook, which would meet a service killed by that SIGTERM.
+        finish_wandb(service_too=signal_name is not None)
     if signal_name is not None:
         log.warning("stopped by %s at step %d; to resume: %s (or ckpt_path=%s)", signal_name, trainer.global_step,
                     rerun(cfg), Path(cfg.paths.checkpoint_dir) / "last.ckpt")

@@ -182,18 +182,24 @@ def wandb_logger(project: str, save_dir: str, mode: str = "auto", group: str | N
     return logger
 
 
-def finish_wandb() -> None:
+def finish_wandb(service_too: bool = False) -> None:
     """Close the wandb run, so the next job of a multirun in this process starts its own, and everything logged is in
-    its file before the process exits. Where wandb's service is already dead (a SIGTERM sent to the whole job, as
-    scancel and scontrol requeue do, stops it at once), the run is let go without the teardown traceback wandb would
-    print, and the loss is said in one line: the file holds what was flushed (every ``flush_interval_s``)."""
+    its file before the process exits; ``service_too``: stop wandb's service as well (the process is about to end).
+    Where the service is already dead (a SIGTERM sent to the whole job, as scancel and scontrol requeue do, stops it
+    at once), the run is let go without the teardown traceback wandb would print, and the loss is said in one line:
+    the file holds what was flushed (every ``flush_interval_s``)."""
     import sys
 
     wandb = sys.modules.get("wandb")
-    if wandb is None or wandb.run is None:
+    if wandb is None:
         return
     if not _service_dead():
-        wandb.finish()
+        if wandb.run is not None:
+            wandb.finish()
+        if service_too:
+            wandb.teardown()
+        return
+    if wandb.run is None:
         return
     run = wandb.run
     log.warning("wandb: its service stopped before the run finished (the same signal reached it); the run file holds "
