@@ -1,4 +1,5 @@
-# `make install` sets up a fresh machine; `make test` runs the suite CI runs (everything but `slow` and `gpu`).
+# `make install` sets up a fresh machine; `make test` runs the suite CI runs (everything but `slow`, `gpu` and `slurm`);
+# `make test-slurm` the SLURM tests (.ci/run runs both).
 PYTHON ?= python
 PYTEST_WORKERS ?= 2
 
