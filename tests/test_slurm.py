@@ -110,9 +110,10 @@ def test_a_two_job_sweep_finishes_with_a_directory_each_and_a_report(tmp_path):
 
 def test_a_job_that_hits_its_time_limit_is_requeued_again_and_again_and_is_one_wandb_run(tmp_path):
     """A 1-minute limit with USR2 30 s before it: SLURM signals each segment (at 30 s, give or take its 30-s check),
-    last.ckpt is written, the wandb run is finished, submitit requeues the job, the next segment resumes. 800 steps of
-    at least 0.1 s cannot fit in fewer than three segments. Read back: one wandb id over every segment, each finished, every step logged once, in order."""
-    total = 800
+    last.ckpt is written, the wandb run is finished, submitit requeues the job, the next segment resumes. SLURM sends
+    the signal up to 60 s early, never late, so within 30 s of a segment's start, start-up (about 8 s) included: 450
+    steps of at least 0.1 s cannot fit in fewer than three segments. Read back: one wandb id over every segment, each finished, every step logged once, in order."""
+    total = 450
     result = sweep(tmp_path, *PACE, "+callbacks.pace.seconds=0.1", f"trainer.max_steps={total}", "logger=wandb",
                    "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30", timeout=600)
     sweep_dir = tmp_path / "sweep"
