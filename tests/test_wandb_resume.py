@@ -45,6 +45,7 @@ def test_a_run_killed_and_resumed_is_one_wandb_run_with_one_step_axis(tiny_cfg, 
 def test_the_run_id_file_is_an_input_and_is_refused_when_it_is_not_an_id(tmp_path):
     made = run_id(tmp_path)
     assert run_id(tmp_path) == made and len(made) == 8
+    assert [p.name for p in (tmp_path / "wandb").iterdir()] == ["run_id"]  # no temporary left beside it
     for bad in ("../other", "", "A" * 3, "x" * 65, "id\nmore"):
         (tmp_path / "wandb" / "run_id").write_text(bad)
         with pytest.raises(ConfigError, match=r"run_id should hold this run's wandb id \(1-64 of a-z, 0-9\)"):
@@ -53,6 +54,15 @@ def test_the_run_id_file_is_an_input_and_is_refused_when_it_is_not_an_id(tmp_pat
     os.symlink(tmp_path / "elsewhere", tmp_path / "wandb" / "run_id")
     with pytest.raises(ConfigError, match="remove it to start a new wandb run"):
         run_id(tmp_path)
+
+
+def test_segments_starting_at_once_agree_on_one_run_id(tmp_path):
+    """Two processes making the id of one run directory at the same moment: one id is written, whole, and both
+    return it (the file is linked into place, never created empty and filled)."""
+    script = f"from ddpm.training.loggers import run_id; print(run_id({str(tmp_path)!r}))"
+    runs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    ids = {run.communicate(timeout=120)[0].strip() for run in runs}
+    assert ids == {(tmp_path / "wandb" / "run_id").read_text().strip()}
 
 
 def test_a_run_whose_wandb_service_died_of_the_signal_ends_without_a_traceback(tmp_path, offline_env):

@@ -105,11 +105,17 @@ def run_id(save_dir: str | Path) -> str:
         return text
     path.parent.mkdir(parents=True, exist_ok=True)
     new = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # as wandb makes its ids
+    # Written whole to a temporary file, then linked into place: the link is atomic and fails if the name exists, so a
+    # kill mid-write leaves no empty run_id (which would refuse every later segment), and of two segments started at
+    # once one id wins and both use it.
+    temporary = path.with_name(f".{RUN_ID_FILE}.{os.getpid()}.{new}.tmp")
     try:
-        with open(path, "x") as f:  # exclusive: of two segments started at once, one id wins and both use it
-            f.write(new + "\n")
+        temporary.write_text(new + "\n")
+        os.link(temporary, path)
     except FileExistsError:
         return run_id(save_dir)
+    finally:
+        temporary.unlink(missing_ok=True)
     return new
 
 
