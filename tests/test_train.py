@@ -370,3 +370,23 @@ def test_flips_are_a_function_of_seed_epoch_and_image_and_survive_a_mid_epoch_re
     expected = torch.where(flipped[: len(order), None, None, None], images[order].flip(-1), images[order])
     assert torch.equal(torch.cat(plain), expected)
     assert not torch.equal(torch.cat(epoch_batches(False, 0, 1)), torch.cat(plain))
+
+
+@pytest.mark.parametrize("state,expected", [
+    ({"batches_done": 7, "batch_size": 64}, 7),
+    ({"batches_done": 7, "batch_size": 128}, 14),   # resumed with half the batch size: the same images skipped
+    ({"batches_done": 7, "batch_size": 16}, 1),     # four times the batch size: to the nearest whole batch below
+    ({"batches_done": 10**9, "batch_size": 64}, 25),  # more than the epoch has: the epoch is over
+    ({"batches_done": -3, "batch_size": 64}, 0), ({"batches_done": "7"}, 0), ({"batches_done": True}, 0), ({}, 0),
+])
+def test_a_loader_state_from_a_checkpoint_is_an_input(state, expected):
+    """The loader state travels in checkpoints, which are inputs: a changed data.batch_size, a count past the epoch
+    or a value that is not a count never crashes the resume (a StopIteration would have, inside the generator)."""
+    from ddpm.data import Digits
+    from ddpm.training.data import DataModule
+
+    module = DataModule(Digits(root=".", batch_size=64, num_workers=0, image_size=8, channels=1, num_classes=10))
+    module.setup()
+    loader = module.train_dataloader()
+    loader.load_state_dict(state)
+    assert len(list(loader)) == len(loader) - expected

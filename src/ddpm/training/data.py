@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
+import logging
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ddpm.core.errors import ConfigError
 from ddpm.data import ImageData, stack_dataset
+
+log = logging.getLogger(__name__)
 
 
 class EpochShuffle(Sampler):
@@ -74,16 +78,27 @@ class ResumableLoader(DataLoader):
         self.batches_done, self._skip = batches_done, 0
 
     def state_dict(self) -> dict:
-        return {"batches_done": int(self.batches_done()) % max(len(self), 1)}  # a whole epoch done: none of the next
+        # A whole epoch done: none of the next. The batch size too: a run may resume with another one.
+        return {"batches_done": int(self.batches_done()) % max(len(self), 1), "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        self._skip = int(state.get("batches_done", 0))
+        """The state from a checkpoint (an input: a value that is not a count is taken as 0). Resumed with another
+        ``data.batch_size``, the images already seen this epoch are skipped, to the nearest whole new batch."""
+        done, size = state.get("batches_done", 0), state.get("batch_size", self.batch_size)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (done, size)):
+            done, size = 0, self.batch_size
+        if size != self.batch_size and self.batch_size:
+            log.warning("resuming with data.batch_size=%d where the checkpoint had %d: skipping the %d images of this "
+                        "epoch it had seen, to the nearest batch", self.batch_size, size, done * size)
+            done = done * size // self.batch_size
+        self._skip = min(done, len(self))
 
     def __iter__(self) -> Iterator:
         skip, self._skip = self._skip, 0
         iterator = super().__iter__()
         for _ in range(skip):
-            next(iterator)
+            if next(iterator, None) is None:
+                return
         yield from iterator
 
 
