@@ -103,7 +103,8 @@ class LastCheckpoint(L.Callback):
     - the preemption/time-limit signal submitit asks SLURM for (``preempt_signal``, USR2 by default): after the
       save, and after the loggers are finished, submitit's own handler requeues the job (``requeue``), and the
       requeued job, whose directory is the same, resumes.
-    ``received`` names the signal that stopped the run."""
+    From ``arm`` on (ddpm.train arms it before the loggers start), the preemption signal and SIGTERM that arrive
+    before the first step are held and stop the run as it begins. ``received`` names the signal that stopped the run."""
 
     def __init__(self, dirpath: str, preempt_signal: str = "USR2"):
         self.dirpath, self.preempt = Path(dirpath), f"SIG{preempt_signal.removeprefix('SIG')}"
