@@ -109,13 +109,14 @@ def test_a_two_job_sweep_finishes_with_a_directory_each_and_a_report(tmp_path):
 
 
 def test_a_job_that_hits_its_time_limit_is_requeued_again_and_again_and_is_one_wandb_run(tmp_path):
-    """A 1-minute limit with USR2 30 s before it: SLURM signals each segment (at 30 s, give or take its 30-s check),
-    last.ckpt is written, the wandb run is finished, submitit requeues the job, the next segment resumes. SLURM sends
-    the signal up to 60 s early, never late, so within 30 s of a segment's start, start-up (about 8 s) included: 450
-    steps of at least 0.1 s cannot fit in fewer than three segments. Read back: one wandb id over every segment, each finished, every step logged once, in order."""
-    total = 450
+    """A 1-minute limit with USR2 20 s before it: SLURM signals each segment, last.ckpt is written, the wandb run is
+    finished, submitit requeues the job, the next segment resumes. SLURM's background check (every 30 s) signals once
+    the end is within signal_delay_s + 30 s, so 10 to 40 s into a segment: after start-up has installed the handlers
+    (a 30-s delay let the signal land 0.1 s into a job, before Python ran, and the task died of it), and soon enough
+    that 700 steps of at least 0.1 s cannot fit in fewer than three segments.
+    total = 700
     result = sweep(tmp_path, *PACE, "+callbacks.pace.seconds=0.1", f"trainer.max_steps={total}", "logger=wandb",
-                   "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30", timeout=600)
+                   "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=20", timeout=600)
     sweep_dir = tmp_path / "sweep"
     (job,) = job_ids(sweep_dir)
     log = job_log(sweep_dir, job)
