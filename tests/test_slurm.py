@@ -113,7 +113,8 @@ def test_a_job_that_hits_its_time_limit_is_requeued_again_and_again_and_is_one_w
     finished, submitit requeues the job, the next segment resumes. SLURM's background check (every 30 s) signals once
     the end is within signal_delay_s + 30 s, so 10 to 40 s into a segment: after start-up has installed the handlers
     (a 30-s delay let the signal land 0.1 s into a job, before Python ran, and the task died of it), and soon enough
-    that 700 steps of at least 0.1 s cannot fit in fewer than three segments.
+    that 700 steps of at least 0.1 s cannot fit in fewer than three segments. Read back: one wandb id over every
+    segment, each finished, every step logged once, in order."""
     total = 700
     result = sweep(tmp_path, *PACE, "+callbacks.pace.seconds=0.1", f"trainer.max_steps={total}", "logger=wandb",
                    "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=20", timeout=600)
