@@ -52,3 +52,12 @@ def test_data_path_rows_are_batches_over_the_median_time(monkeypatch):
     monkeypatch.setattr(throughput, "_time", lambda fn, device: (fn(), next(times))[1])
     rows = bench_data("cpu", batches=3, batch=16)
     assert rows == [{"data.on_device": False, "batches_s": 1.0}, {"data.on_device": True, "batches_s": 0.6}]
+
+
+def test_the_process_bench_runs_every_process():
+    """benchmarks/processes.py: one training step and one sampling call of each process (its numbers are the bench's)."""
+    import processes as bench  # noqa: E402  (benchmarks/processes.py)
+
+    for name in bench.ARMS:
+        train_step, sample = bench.arm(name, 4)
+        assert train_step() > 0 and sample(2) > 0

@@ -78,10 +78,10 @@ def test_model_options(option, tiny_cfg):
 def test_schedule_options(option, tiny_cfg):
     from omegaconf import OmegaConf
 
-    from ddpm.builders import build_process
+    from ddpm.builders import build_betas
 
     cfg = tiny_cfg(f"schedule={option}", *(["diffusion.prediction=v"] if "zero_terminal_snr" in option else []))
-    betas = build_process(OmegaConf.to_container(cfg.schedule, resolve=True)).betas
+    betas = build_betas(OmegaConf.to_container(cfg.schedule, resolve=True))
     assert betas.dtype == torch.float64 and len(betas) == 100 and ((betas > 0) & (betas < 1))[:-1].all()
     assert (betas[-1] == 1) == cfg.schedule.zero_terminal_snr and 0 < betas[-1] <= 1
 

@@ -158,7 +158,8 @@ def test_over_the_same_timesteps_diffusers_ddim_is_ddpms_ddim_step(betas, schedu
             prev = t - 1000 // 50  # diffusers' DDIM steps t to t - T // steps
             x0, _ = model_fn(x, torch.full((len(x),), t))
             abar_prev = alphas_cumprod[prev] if prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
-            x, _ = ddim_step(alphas_cumprod[t].float(), abar_prev.float(), x, x0, None, 0.0, "clip")
+            abar, abar_prev = alphas_cumprod[t].float(), abar_prev.float()
+            x, _ = ddim_step(abar.sqrt(), (1 - abar).sqrt(), abar_prev.sqrt(), (1 - abar_prev).sqrt(), x, x0, None, 0.0, "clip")
         return x
 
     labels = torch.arange(10).repeat(2)

@@ -30,7 +30,7 @@ def test_defaults_lists_are_followed_and_merged_like_omegaconf():
 def test_an_unreadable_defaults_entry_is_refused(tmp_path, monkeypatch):
     (tmp_path / "schedule").mkdir(parents=True)
     (tmp_path / "train.yaml").write_text("defaults: []\n")
-    (tmp_path / "schedule" / "odd.yaml").write_text("defaults:\n  - override /model: x\n")
+    (tmp_path / "schedule" / "odd.yaml").write_text("defaults:\n  - /model: x\n")  # another group, no package
     monkeypatch.setattr(options, "config_dir", lambda: tmp_path)
     options._read.cache_clear()
     try:

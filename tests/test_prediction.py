@@ -55,10 +55,11 @@ def test_v_rotation_by_hand():
 def test_min_snr_weights_are_hang_et_al():
     """w_eps = min(SNR, g)/SNR, w_x0 = min(SNR, g), w_v = min(SNR, g)/(SNR + 1), g = 5: at SNR 0.5 and 20."""
     snr = torch.tensor([0.5, 20.0], dtype=torch.float64)
-    torch.testing.assert_close(loss_weight("min_snr", "eps", snr, 5.0), torch.tensor([1.0, 0.25], dtype=torch.float64))
-    torch.testing.assert_close(loss_weight("min_snr", "x0", snr, 5.0), torch.tensor([0.5, 5.0], dtype=torch.float64))
-    torch.testing.assert_close(loss_weight("min_snr", "v", snr, 5.0), torch.tensor([0.5 / 1.5, 5.0 / 21], dtype=torch.float64))
-    assert torch.equal(loss_weight("uniform", "v", snr), torch.ones(2, dtype=torch.float64))
+    alpha, sigma = (snr / (1 + snr)).sqrt(), (1 / (1 + snr)).sqrt()  # a VP process at those SNRs
+    torch.testing.assert_close(loss_weight("min_snr", "eps", alpha, sigma, 5.0), torch.tensor([1.0, 0.25], dtype=torch.float64))
+    torch.testing.assert_close(loss_weight("min_snr", "x0", alpha, sigma, 5.0), torch.tensor([0.5, 5.0], dtype=torch.float64))
+    torch.testing.assert_close(loss_weight("min_snr", "v", alpha, sigma, 5.0), torch.tensor([0.5 / 1.5, 5.0 / 21], dtype=torch.float64))
+    assert torch.equal(loss_weight("uniform", "v", alpha, sigma), torch.ones(2, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
@@ -70,11 +71,11 @@ def test_min_snr_makes_every_target_the_same_x0_loss(prediction):
     eps_hat = (x_t - alpha * x0_hat) / sigma
     error = (network_target(prediction, x0_hat, eps_hat, alpha, sigma) - network_target(prediction, x0, eps, alpha, sigma)).square()
     snr = (alpha / sigma) ** 2
-    torch.testing.assert_close(loss_weight("min_snr", prediction, snr) * error, snr.clamp(max=5) * (x0_hat - x0).square(),
+    torch.testing.assert_close(loss_weight("min_snr", prediction, alpha, sigma) * error, snr.clamp(max=5) * (x0_hat - x0).square(),
                                rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("prediction", DDPMProcess.predictions)
 @pytest.mark.parametrize("weighting", ["uniform", "min_snr"])
 def test_loss_is_zero_at_a_perfect_prediction(prediction, weighting):
     diffusion = DDPMProcess(linear_betas(50))
@@ -92,7 +93,7 @@ def test_loss_is_zero_at_a_perfect_prediction(prediction, weighting):
 
 
 def test_min_snr_loss_is_the_weighted_mean_of_the_per_sample_errors():
-    """diffusion.training_loss with a weight: mean over the batch of w(SNR_t) * mean-square error, t as drawn."""
+    """The denoiser's loss with a weight: mean over the batch of w(SNR_t) * mean-square error, t as drawn."""
     diffusion = DDPMProcess(linear_betas(10))
     x0 = torch.randn(64, 1, 2, 2, dtype=torch.float64)
     seen = {}
@@ -102,7 +103,8 @@ def test_min_snr_loss_is_the_weighted_mean_of_the_per_sample_errors():
         return torch.zeros_like(x_t)
 
     torch.manual_seed(0)
-    loss = diffusion.training_loss(net, x0, "x0", lambda snr: loss_weight("min_snr", "x0", snr))
+    net.in_channels, net.image_size, net.num_classes, net.null_label, net.forward = 1, 2, None, None, net
+    loss = Denoiser(net, diffusion, "x0", "min_snr").loss(x0)
     snr = diffusion.alphas_cumprod[seen["t"]] / (1 - diffusion.alphas_cumprod[seen["t"]])
     expected = (snr.clamp(max=5) * x0.float().square().flatten(1).mean(1).double()).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
@@ -145,7 +147,7 @@ SCHEDULES = {
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("sampler", SAMPLERS)
-@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("prediction", DDPMProcess.predictions)
 def test_every_target_and_sampler_lands_on_the_one_point_dataset(prediction, sampler, schedule):
     diffusion = DDPMProcess(SCHEDULES[schedule]())
     if prediction == "eps" and schedule == "cosine_zero_terminal_snr":

@@ -21,6 +21,13 @@ def spaced_timesteps(num_timesteps, steps):
     return sampling_timesteps(torch.linspace(0.99, 0.01, num_timesteps, dtype=torch.float64), steps)
 
 
+def vp(alpha_bar):
+    """(alpha, sigma) = (sqrt(alpha_bar), sqrt(1 - alpha_bar)), the step functions' noise level, for a tensor or float."""
+    if isinstance(alpha_bar, float):
+        return math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
+    return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+
+
 def x0_from_eps(diffusion, i, x, eps):
     a = diffusion.alphas_cumprod[i].item()
     return (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
@@ -154,7 +161,7 @@ def test_ddim_step_eta_0_is_eq_12(diffusion):
     x, eps = torch.randn(3, 1, 2, 2, dtype=torch.float64), torch.randn(3, 1, 2, 2, dtype=torch.float64)
     a, a_prev = diffusion.alphas_cumprod[600], diffusion.alphas_cumprod[400]
     expected = math.sqrt(a_prev) * (x - math.sqrt(1 - a) * eps) / math.sqrt(a) + math.sqrt(1 - a_prev) * eps
-    got, _ = ddim_step(a, a_prev, x, x0_from_eps(diffusion, 600, x, eps), None, eta=0.0)
+    got, _ = ddim_step(*vp(a), *vp(a_prev), x, x0_from_eps(diffusion, 600, x, eps), None, eta=0.0)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -163,7 +170,7 @@ def test_ddim_step_eta_1_is_the_ddpm_posterior_step(diffusion):
     x, eps, z = (torch.randn(3, 1, 2, 2, dtype=torch.float64) for _ in range(3))
     for i in (1, 2, 300, 999):
         x0 = x0_from_eps(diffusion, i, x, eps)
-        got, _ = ddim_step(diffusion.alphas_cumprod[i], diffusion.alphas_cumprod[i - 1], x, x0, z, eta=1.0)
+        got, _ = ddim_step(*vp(diffusion.alphas_cumprod[i]), *vp(diffusion.alphas_cumprod[i - 1]), x, x0, z, eta=1.0)
         expected, _ = ddpm_step(diffusion, i, x, x0, z, variance="posterior", x0_clip="none")
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
 
@@ -172,8 +179,8 @@ def test_dpmpp_first_order_step_is_ddim(diffusion):
     """Lu et al. 2022: DPM-Solver++(1) coincides with DDIM (eta = 0)."""
     x, x0 = torch.randn(3, 1, 2, 2, dtype=torch.float64), torch.randn(3, 1, 2, 2, dtype=torch.float64)
     a, a_next = diffusion.alphas_cumprod[700].item(), diffusion.alphas_cumprod[500].item()
-    expected, _ = ddim_step(torch.tensor(a, dtype=torch.float64), torch.tensor(a_next, dtype=torch.float64), x, x0, None)
-    torch.testing.assert_close(dpmpp_2m_step(x, x0, None, a, a_next, None), expected, rtol=1e-10, atol=1e-12)
+    expected, _ = ddim_step(*vp(torch.tensor(a, dtype=torch.float64)), *vp(torch.tensor(a_next, dtype=torch.float64)), x, x0, None)
+    torch.testing.assert_close(dpmpp_2m_step(x, x0, None, vp(a), vp(a_next), None), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_dpmpp_2m_step_is_algorithm_2(diffusion):
@@ -188,7 +195,7 @@ def test_dpmpp_2m_step_is_algorithm_2(diffusion):
     r = h_last / h
     d = (1 + 1 / (2 * r)) * x0 - x0_last / (2 * r)
     expected = sigma["next"] / sigma["now"] * x - alpha["next"] * (math.exp(-h) - 1) * d
-    torch.testing.assert_close(dpmpp_2m_step(x, x0, x0_last, a, a_next, a_last), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dpmpp_2m_step(x, x0, x0_last, vp(a), vp(a_next), vp(a_last)), expected, rtol=1e-10, atol=1e-12)
 
 
 SAMPLERS = {

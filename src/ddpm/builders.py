@@ -16,6 +16,7 @@ from torch import nn
 from ddpm.core.backbone import check_backbone
 from ddpm.core.denoiser import Denoiser
 from ddpm.core.diffusion import DDPMProcess
+from ddpm.core.processes import Process
 from ddpm.core.errors import ConfigError
 from ddpm.core.guidance import APG, Guidance
 from ddpm.core.schedules import rescale_zero_terminal_snr
@@ -54,13 +55,36 @@ def build_net(model: dict, **kwargs) -> nn.Module:
     return net
 
 
-def build_process(schedule: dict) -> DDPMProcess:
-    """The process of the ``schedule`` group, rescaled to zero terminal SNR when ``schedule.zero_terminal_snr`` (a
-    rescale of any schedule, so a key of each option, read here rather than passed to the schedule function)."""
+def build_process(config: dict) -> Process:
+    """The process of a run's config: its ``process`` node (none, in a checkpoint from before processes: DDPM), and for
+    the discrete process the betas of its ``schedule`` node, rescaled to zero terminal SNR when
+    ``schedule.zero_terminal_snr`` (a rescale of any schedule, so a key of each option, read here rather than passed to
+    the schedule function). A schedule with a continuous process is refused: nothing would read it."""
+    process, schedule = config.get("process"), config.get("schedule")
+    if check_schedule_for(process, schedule):
+        betas = build_betas(schedule)
+        return DDPMProcess(betas) if process is None else build(process, "process", betas=betas)
+    return build(process, "process")
+
+
+def build_betas(schedule: dict):
+    """The betas of a ``schedule`` node, rescaled to zero terminal SNR when ``schedule.zero_terminal_snr``."""
     betas = build(schedule, "schedule")
-    if schedule.get("zero_terminal_snr", False):
-        betas = rescale_zero_terminal_snr(betas)
-    return DDPMProcess(betas)
+    return rescale_zero_terminal_snr(betas) if schedule.get("zero_terminal_snr", False) else betas
+
+
+def check_schedule_for(process: dict | None, schedule: dict | None) -> bool:
+    """The one rule between the ``process`` and ``schedule`` groups: the discrete process needs a schedule, the
+    continuous ones (their path is their own) refuse one. Returns whether the process is discrete."""
+    discrete = process is None or getattr(resolve_target(process["_target_"]), "discrete", False)
+    name = "ddpm" if process is None else getattr(resolve_target(process["_target_"]), "name", process["_target_"])
+    if discrete and not schedule:
+        raise ConfigError(f"process={name} needs a noise schedule: schedule=linear | cosine | sigmoid | cosine_zero_terminal_snr")
+    if not discrete and schedule:
+        target = str(schedule.get("_target_", "?")).rsplit(".", 1)[-1]
+        raise ConfigError(f"schedule ({target}) with process={name}: a {name} process defines its own path, so no "
+                          "schedule is read; drop schedule= (or use process=ddpm)")
+    return discrete
 
 
 def build_denoiser(config: dict) -> Denoiser:
@@ -68,7 +92,7 @@ def build_denoiser(config: dict) -> Denoiser:
     conditional = config["guidance"]["conditional"]
     num_classes = config["data"]["num_classes"] if conditional else None
     diffusion = config.get("diffusion", {})
-    return Denoiser(build_net(config["model"], num_classes=num_classes), build_process(config["schedule"]),
+    return Denoiser(build_net(config["model"], num_classes=num_classes), build_process(config),
                     diffusion.get("prediction", "eps"), diffusion.get("loss_weight", "uniform"),
                     diffusion.get("min_snr_gamma", 5.0))
 

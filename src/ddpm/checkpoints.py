@@ -142,8 +142,8 @@ IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z", re.ASCII)  # keys of a conf
 SCALARS = (str, int, float, bool, type(None))
 # The groups a run chooses options of (train.yaml's defaults list, less hydra's own and the presets, which act through
 # the choices and values they set).
-CHOSEN_GROUPS = ("data", "model", "schedule", "guidance", "sampler", "optim", "trainer", "callbacks", "logger", "paths",
-                 "speed")
+CHOSEN_GROUPS = ("data", "model", "process", "schedule", "guidance", "sampler", "optim", "trainer", "callbacks", "logger",
+                 "paths", "speed")
 
 
 
@@ -159,6 +159,8 @@ def _checked_choices(choices: Any, source: str) -> dict[str, str]:
     for group, option in choices.items():
         if group not in CHOSEN_GROUPS:
             raise _refuse(source, f"it records a choice for {str(group)[:40]!r}, which is not a config group {list(CHOSEN_GROUPS)}")
+        if option is None:  # no option (process=flow removes the schedule): its node must be absent (``_overlay``)
+            continue
         if not isinstance(option, str) or not IDENTIFIER.match(option) or option not in options(group):
             raise _refuse(source, f"{group}={str(option)[:60]!r} is not one of this project's options {sorted(options(group))}")
     return dict(choices)

@@ -37,10 +37,11 @@ class ImageData:
     name = "images"  # names the dataset in evaluation protocols and cached reference statistics
 
     def __init__(self, root: str, batch_size: int, num_workers: int, image_size: int, channels: int, num_classes: int,
-                 on_device: bool = False):
+                 on_device: bool = False, sigma_data: float = 0.5):
         self.root, self.batch_size, self.num_workers = Path(root).expanduser(), batch_size, num_workers
         self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
         self.on_device = on_device
+        self.sigma_data = sigma_data  # the images' std in [-1, 1]: what EDM's preconditioning reads (process.sigma_data)
         self.train_set: Dataset | None = None
         self.test_set: Dataset | None = None
 

@@ -31,7 +31,7 @@ from ddpm.checkpoints import load_checkpoint
 from ddpm.core.denoiser import Denoiser
 from ddpm.core.errors import ConfigError
 from ddpm.core.guidance import Guidance, check_sampler_for
-from ddpm.core.samplers import check_steps, randn_like
+from ddpm.core.samplers import check_process, check_steps, randn_like
 from ddpm.options import read_option
 from ddpm.snapshots import EMA_SOURCES, posthoc_state_dict, snapshot_dir
 
@@ -90,7 +90,7 @@ class Model:
 
     @property
     def process(self):
-        """The process (``DDPMProcess``: its schedule's alphas_cumprod, ...) the samplers walk."""
+        """The process the samplers walk (``ddpm/core/processes``: DDPM's schedule, flow, EDM, TrigFlow)."""
         return self.denoiser.process
 
     @property
@@ -187,6 +187,7 @@ class Model:
         run = self.sampler_for(sampler, steps, **sampler_options)
         guidance = self.guidance_for(guidance)
         check_sampler_for(guidance.method, sampler_name(run), (run.keywords if isinstance(run, partial) else {}).get("eta", 0.0))
+        check_process(run, self.process)
         if precision not in ("float32", "bf16"):
             raise ConfigError(f"sampler.precision={precision!r}: must be one of ['float32', 'bf16']")
         device, net = self.device, self.net

@@ -69,6 +69,8 @@ def _read(group: str, name: str) -> dict:
     out: dict = {}
     entries = list(defaults) if "_self_" in defaults else [*defaults, "_self_"]
     for entry in entries:
+        if isinstance(entry, dict) and len(entry) == 1 and next(iter(entry)).startswith("override /"):
+            continue  # another group's option (process=flow: schedule null, sampler ddim): ``overridden_choices``
         if entry == "_self_":
             out = merge(out, node)
         elif isinstance(entry, str):
@@ -81,6 +83,13 @@ def _read(group: str, name: str) -> dict:
             raise ValueError(f"{path}: a defaults entry {entry!r} that ddpm.options cannot read (use another option of "
                              f"conf/{group}/ by name)")
     return out
+
+
+def overridden_choices(group: str, name: str) -> dict[str, str | None]:
+    """``{group: option}`` that an option's defaults list sets for other groups (``- override /sampler: ddim``)."""
+    node = yaml.safe_load(options(group)[name].read_text()) or {}
+    return {key.removeprefix("override /"): value for entry in node.get("defaults") or [] if isinstance(entry, dict)
+            for key, value in entry.items() if key.startswith("override /")}
 
 
 def read_option(group: str, name: str) -> dict:
@@ -100,6 +109,11 @@ def base_config(choices: dict[str, str]) -> dict:
     Groups not in ``choices`` take train.yaml's defaults."""
     train = yaml.safe_load((config_dir() / "train.yaml").read_text()) or {}
     out = {k: v for k, v in train.items() if k not in ("defaults", "hydra")}  # _self_ comes first in train.yaml
+    implied: dict = {}
+    for group, default in train_defaults().items():  # options that choose for other groups, as Hydra's overrides do
+        if group not in ("hydra", "experiments") and choices.get(group, default) is not None:
+            implied.update(overridden_choices(group, choices.get(group, default)))
+    choices = {**implied, **choices}
     for group, default in train_defaults().items():
         option = choices.get(group, default)
         if group in ("hydra", "experiments") or option is None:

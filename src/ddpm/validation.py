@@ -17,9 +17,11 @@ from ddpm.core.errors import ConfigError  # noqa: F401  (re-exported: the core o
 from ddpm.core.ema import MAX_SIGMA_REL
 from ddpm.core.guidance import (GUIDANCE_METHODS, APG, check_apg, check_interval, check_method, check_rescale, check_sampler_for,
                                  check_scale, guidance_usable)
-from ddpm.core.prediction import LOSS_WEIGHTS, PREDICTIONS, ZERO_TERMINAL_SNR_PREDICTIONS, check_min_snr_gamma, check_terminal_snr
-from ddpm.core.samplers import MAX_LAMBDA_MIN, SPACINGS, X0_CLIPS, check_lambda_min, check_steps
+from ddpm.core.prediction import (LOSS_WEIGHTS, PREDICTIONS, ZERO_TERMINAL_SNR_PREDICTIONS, check_min_snr_gamma,
+                                  check_prediction, check_terminal_snr)
+from ddpm.core.samplers import MAX_LAMBDA_MIN, SPACINGS, X0_CLIPS, check_lambda_min, check_process, check_steps
 from ddpm.core.samplers.ddim import check_eta
+from ddpm.core.samplers.heun import check_churn
 from ddpm.core.samplers.ddpm import VARIANCES
 from ddpm.evaluation.metrics import EXTRACTORS, REFERENCE_SPLITS
 from ddpm.snapshots import EMA_SOURCES, SNAPSHOT_DTYPES
@@ -126,20 +128,51 @@ def _build_network(cfg: Config) -> None:
 
 
 def _terminal_alpha_bar(cfg: Config) -> float:
-    """alpha_bar_T of the configured schedule (1.0 when it cannot be built: the schedule's own rule reports that)."""
+    """alpha_bar_T of the configured schedule (1.0 when it cannot be built, or there is none: their own rules report
+    that)."""
     try:
-        from ddpm.builders import build_process
+        from ddpm.builders import build_betas
 
-        return float(build_process(select(cfg, "schedule")).alphas_cumprod[-1])
+        return float((1 - build_betas(select(cfg, "schedule"))).cumprod(0)[-1])
     except Exception:
         return 1.0
 
 
 def _build_schedule(cfg: Config) -> None:
     """The schedule's betas, built as training would and checked by ``DDPMProcess`` (its rule's one home)."""
-    from ddpm.builders import build_process
+    from ddpm.builders import build_betas
+    from ddpm.core.diffusion import DDPMProcess
 
-    build_process(select(cfg, "schedule"))
+    DDPMProcess(build_betas(select(cfg, "schedule")))
+
+
+def _process_class(cfg: Config) -> type:
+    """The class the ``process`` node names (none, in a checkpoint from before processes: DDPM)."""
+    from ddpm.builders import resolve_target
+    from ddpm.core.diffusion import DDPMProcess
+
+    node = select(cfg, "process")
+    return DDPMProcess if node is None else resolve_target(node["_target_"])
+
+
+def _build_process(cfg: Config) -> None:
+    """The process with its settings, and its rule with the schedule, as training builds them (their one home)."""
+    from ddpm.builders import build, check_schedule_for
+
+    process, schedule = select(cfg, "process"), select(cfg, "schedule")
+    if not check_schedule_for(process, schedule):
+        build(process, "process")
+
+
+def _prediction_for_process(v, cfg) -> None:
+    cls = _process_class(cfg)
+    check_prediction(v, cls.predictions, cls.name)
+
+
+def _sampler_for_process(v, cfg) -> None:
+    from ddpm.builders import build_sampler
+
+    check_process(build_sampler(v), _process_class(cfg))
 
 
 def _cuda_index(device: str) -> int:
@@ -211,6 +244,11 @@ SAMPLER_RULES = [
     Rule("sampler.precision", one_of(*SAMPLING_PRECISIONS), f"one of {list(SAMPLING_PRECISIONS)}"),
     Rule("sampler.compile", lambda v, _: isinstance(v, bool), "true or false"),
     Rule("sampler.percentile", lambda v, _: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
+    Rule("sampler.S_churn", lambda v, _: _raises_no_config_error(check_churn, v, 0.0, 0.0, 1.0),
+         "a number >= 0 (0: the deterministic Algorithm 1)"),
+    Rule("sampler.S_tmax", lambda v, cfg: _raises_no_config_error(check_churn, 0.0, select(cfg, "sampler.S_tmin"), v, 1.0),
+         "a number >= sampler.S_tmin >= 0 (the churned range of sigma)"),
+    Rule("sampler.S_noise", lambda v, _: _raises_no_config_error(check_churn, 0.0, 0.0, 0.0, v), "a number > 0 (Karras et al.: 1.007)"),
 ]
 
 TRAIN_RULES = [
@@ -258,6 +296,11 @@ TRAIN_RULES = [
     Rule("schedule.start", lambda v, _: _is_num(v), "a number"),
     Rule("schedule.end", lambda v, cfg: _is_num(v) and v > select(cfg, "schedule.start"), "a number > schedule.start"),
     Rule("schedule.tau", positive, "a number > 0"),
+    Rule("data.sigma_data", positive, "a number > 0 (the std of the data in [-1, 1])"),
+    Rule("process", lambda v, cfg: _build_process(cfg), "a process and settings it accepts", owned=True),
+    Rule("diffusion.prediction", lambda v, cfg: v not in PREDICTIONS or _prediction_for_process(v, cfg),
+         "a target the process defines", owned=True),
+    Rule("sampler", lambda v, cfg: _sampler_for_process(v, cfg), "a sampler the process can walk", owned=True),
     Rule("schedule", lambda v, cfg: _raises_no_config_error(_build_schedule, cfg),
          "settings whose betas are all in (0, 1) (beta_T = 1 with zero terminal SNR); these give NaN or out-of-range betas"),
     Rule("optim.optimizer.lr", positive, "a number > 0"),
@@ -390,7 +433,7 @@ def appended_keys(cfg: Config, overrides: list[str]) -> list[str]:
             continue
         key = key[1:].split("@", 1)[0]
         parent, _, leaf = key.rpartition(".")
-        if key in groups or any(key == free or key.startswith(free + ".") for free in FREE_KEYS):
+        if key.split("/")[0] in groups or any(key == free or key.startswith(free + ".") for free in FREE_KEYS):
             continue
         node = OmegaConf.select(cfg, parent) if parent else cfg
         known = sorted(k for k in (node.keys() if OmegaConf.is_dict(node) else []) if k != leaf and not str(k).startswith("_"))
@@ -401,7 +444,7 @@ def appended_keys(cfg: Config, overrides: list[str]) -> list[str]:
 
 # The rules a checkpoint's own config must meet before its model is built from it: those of the keys that make the
 # model (a file can hold any value at a key it may set).
-CHECKPOINT_KEYS = ("model", "schedule", "diffusion", "guidance", "sampler", "ema", "data.image_size", "data.channels",
+CHECKPOINT_KEYS = ("model", "process", "schedule", "diffusion", "guidance", "sampler", "ema", "data.image_size", "data.channels",
                    "data.num_classes")
 
 

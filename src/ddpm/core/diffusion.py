@@ -1,22 +1,17 @@
-"""The DDPM forward process q(x_t | x_0), its posterior q(x_{t-1} | x_t, x_0) and the training loss
-(Ho et al. 2020). Pure PyTorch: no Lightning, no network, no schedule choice. The prediction target and the loss
-weighting are ``ddpm/core/prediction.py``'s; ``ddpm/core/denoiser.py`` puts them together with a network.
+"""The discrete DDPM process (Ho et al. 2020): q(x_t | x_0), its posterior q(x_{t-1} | x_t, x_0) and the
+``Process`` interface (``ddpm/core/processes``) over its T steps. Pure PyTorch: no network, no schedule choice (the
+betas come built). The training loss is the denoiser's (``ddpm/core/denoiser.py``), as for every process.
 
 Index convention: tensors are indexed by ``i = t - 1``, so ``i = 0`` is the paper's t = 1 and
-``i = T - 1`` is t = T. The network receives ``i`` as its timestep.
+``i = T - 1`` is t = T. The network receives ``i`` as its timestep (c_noise(i) = i).
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
-from torch import nn
 
 from ddpm.core.errors import ConfigError
-from ddpm.core.prediction import network_target
-
-Network = Callable[..., torch.Tensor]
+from ddpm.core.processes import Process
 
 
 def extract(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -39,12 +34,16 @@ def check_betas(betas: torch.Tensor) -> None:
                           "(only beta_T may be 1, at zero terminal SNR): change the schedule's settings")
 
 
-class DDPMProcess(nn.Module):
+class DDPMProcess(Process):
     """The discrete DDPM process of a schedule (Ho et al. 2020): its derived quantities, computed once in float64
     and held as buffers (not saved: a checkpoint rebuilds them from its schedule)."""
 
-    def __init__(self, betas: torch.Tensor):
-        super().__init__()
+    name = "ddpm"
+    discrete = True
+    predictions = ("eps", "x0", "v")
+
+    def __init__(self, betas: torch.Tensor, sigma_data: float = 1.0):
+        super().__init__(sigma_data)
         betas = torch.as_tensor(betas, dtype=torch.float64)
         check_betas(betas)
         alphas = 1.0 - betas
@@ -87,19 +86,41 @@ class DDPMProcess(nn.Module):
         alphas_cumprod = self.alphas_cumprod[t]
         return alphas_cumprod / (1 - alphas_cumprod)
 
-    def training_loss(self, net: Network, x0: torch.Tensor, prediction: str = "eps",
-                      weight: Callable[[torch.Tensor], torch.Tensor] | None = None, **model_kwargs) -> torch.Tensor:
-        """Ho et al. Algorithm 1 with t ~ U{1..T}: the mean of weight(SNR_t) ||target - net(x_t, t)||^2 / d, where the
-        target is eps (eq. 14, L_simple with weight 1), x0 or v (``ddpm/core/prediction.py``)."""
-        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
-        noise = torch.randn_like(x0)
-        output = net(self.q_sample(x0, t, noise), t, **model_kwargs)
-        target = network_target(prediction, x0, noise, extract(self.sqrt_alphas_cumprod, t, x0),
-                                extract(self.sqrt_one_minus_alphas_cumprod, t, x0))
-        error = (output.float() - target.float()).square().flatten(1).mean(1)
-        if weight is None:
-            return error.mean()
-        return (weight(self.snr(t)).to(error) * error).mean()
+    # --- the Process interface (t: indices 0..T-1) ---------------------------------------------------------------
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t)."""
+        return self.sqrt_alphas_cumprod.to(t.device)[t], self.sqrt_one_minus_alphas_cumprod.to(t.device)[t]
+
+    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        return self.snr(t).log()
+
+    def t_of_log_snr(self, lam: torch.Tensor) -> torch.Tensor:
+        """The index whose log-SNR is nearest to each ``lam`` (the rounding ``sampling_timesteps`` uses)."""
+        from ddpm.core.samplers import nearest_index
+
+        return nearest_index(self.log_snr(torch.arange(self.num_timesteps, device=self.betas.device)).cpu(), lam.cpu())
+
+    def sample_t(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """t ~ U{1..T} (Ho et al. Algorithm 1), as indices."""
+        return torch.randint(0, self.num_timesteps, (n,), device=device)
+
+    def c_noise(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    @property
+    def t_max(self) -> int:
+        return self.num_timesteps - 1
+
+    def sampling_times(self, steps: int, spacing: str = "time", lambda_min: float | None = None,
+                       rho: float = 7.0) -> torch.Tensor:
+        from ddpm.core.samplers import sampling_timesteps
+
+        return sampling_timesteps(self.alphas_cumprod, steps, spacing, lambda_min, rho)
+
+    def same_path(self, other: Process) -> bool:
+        a, b = self.alphas_cumprod, getattr(other, "alphas_cumprod", None)
+        return (type(other) is type(self) and a.shape == b.shape and other.sigma_data == self.sigma_data
+                and torch.allclose(a.cpu(), b.cpu(), rtol=0, atol=1e-12))
 
 
 def respace(process: DDPMProcess, timesteps: torch.Tensor) -> DDPMProcess:

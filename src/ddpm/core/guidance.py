@@ -82,9 +82,10 @@ def check_guide(denoiser: Denoiser, guide: Denoiser) -> None:
         if getattr(mine, name, None) != getattr(theirs, name, None):
             raise ConfigError(f"guidance.guide: its {name} is {getattr(theirs, name, None)}, the model's "
                               f"{getattr(mine, name, None)}: a guide must be a model of the same data")
-    a, b = denoiser.process.alphas_cumprod, guide.process.alphas_cumprod
-    if a.shape != b.shape or not torch.allclose(a.cpu(), b.cpu(), rtol=0, atol=1e-12):
-        raise ConfigError("guidance.guide: its process (schedule) differs from the model's: a guide must share it")
+    if not denoiser.process.same_path(guide.process):
+        raise ConfigError(f"guidance.guide: its process ({guide.process.name}, {guide.process.settings()}) differs from "
+                          f"the model's ({denoiser.process.name}, {denoiser.process.settings()}; for ddpm: its schedule): "
+                          "a guide must share it")
 
 
 def guided(denoiser: Denoiser, labels: torch.Tensor | None, guidance_scale: float = 0.0, rescale: float = 0.0,
@@ -116,13 +117,13 @@ def guided(denoiser: Denoiser, labels: torch.Tensor | None, guidance_scale: floa
         return lambda x, t: denoiser(x, t, labels)
 
     both_labels = None if labels is None else torch.cat([labels, torch.full_like(labels, net.null_label)])
-    sigmas = (1 - denoiser.process.alphas_cumprod) / denoiser.process.alphas_cumprod  # sigma^2, float64
     w, history = guidance_scale, []
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inside = None
         if interval is not None:
-            sigma = sigmas.to(t.device)[t].sqrt()
+            alpha_t, sigma_t = denoiser.process.alpha_sigma(t)
+            sigma = sigma_t / alpha_t  # float64; inf at alpha = 0
             inside = (sigma > interval[0]) & (sigma <= interval[1])
             if not inside.any():
                 return denoiser(x, t, labels)

@@ -1,11 +1,17 @@
-"""Prediction targets and loss weightings: what the network outputs, and how its error is weighted over t.
+"""Prediction targets and loss weightings: what the network outputs, and how its error is weighted over noise levels.
 
-With alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t) and x_t = alpha_t x_0 + sigma_t eps, the network
-predicts one of (Salimans & Ho 2022, sec. 4 and appendix D):
-    eps                                  (Ho et al. 2020)
-    x0                                   (the clean image)
-    v = alpha_t eps - sigma_t x_0        (velocity)
-Each determines the other two given x_t, so a model of any target yields (x_0, eps), which is all a sampler needs.
+At x_t = alpha_t x_0 + sigma_t eps every target is a linear combination a x_0 + b eps (``target_coefficients``):
+    eps        a = 0,  b = 1                        (Ho et al. 2020)
+    x0         a = 1,  b = 0                        (the clean image)
+    v          a = -sigma, b = alpha                (Salimans & Ho 2022: v = alpha eps - sigma x_0; VP processes)
+    velocity   a = -1, b = 1                        (flow matching's u = eps - x_0 = dx_t/dt on x_t = (1 - t) x_0 + t eps)
+    edm        F = (x_0 - c_skip x~) / c_out        (Karras et al. 2022, eq. 7 and Table 1, at sigma~ = sigma_t / alpha_t,
+                                                     x~ = x_t / alpha_t: c_skip = sd^2 / (sigma~^2 + sd^2),
+                                                     c_out = sigma~ sd / sqrt(sigma~^2 + sd^2), sd = sigma_data)
+So a target and x_t give (x_0, eps) by one 2x2 solve (``to_x0_eps``), which is all a sampler needs, and the squared
+error of any target is (det / sigma)^2 times that of x_0 at a fixed x_t, det = alpha b - sigma a: a weighting written
+once on the x_0 error (a function of the log-SNR) applies to every target and every process (``loss_weight``).
+Which targets a process allows is the process's (``predictions``); this module does not know processes.
 """
 
 from __future__ import annotations
@@ -14,15 +20,23 @@ import torch
 
 from ddpm.core.errors import ConfigError
 
-PREDICTIONS = ("eps", "x0", "v")
-LOSS_WEIGHTS = ("uniform", "min_snr")
+PREDICTIONS = ("eps", "x0", "v", "velocity", "edm")
+LOSS_WEIGHTS = ("uniform", "min_snr", "edm")
 # The targets a zero-terminal-SNR schedule can be sampled with: at alpha_T = 0, eps gives x_0 = (x_T - eps) / 0.
 ZERO_TERMINAL_SNR_PREDICTIONS = ("x0", "v")
 
 
-def check_prediction(prediction: str) -> None:
-    if prediction not in PREDICTIONS:
-        raise ConfigError(f"diffusion.prediction={prediction!r}: must be one of {list(PREDICTIONS)}")
+def check_prediction(prediction: str, allowed: tuple[str, ...] = PREDICTIONS, process: str | None = None) -> None:
+    """The one rule of ``diffusion.prediction``: a target ``allowed`` (by the process, when named)."""
+    if prediction not in allowed:
+        where = f" with process={process}" if process else ""
+        raise ConfigError(f"diffusion.prediction={prediction!r}{where}: must be one of {list(allowed)}")
+
+
+def check_loss_weight(kind: str) -> None:
+    """The one rule of ``diffusion.loss_weight``."""
+    if kind not in LOSS_WEIGHTS:
+        raise ConfigError(f"diffusion.loss_weight={kind!r}: must be one of {list(LOSS_WEIGHTS)}")
 
 
 def check_min_snr_gamma(gamma: float) -> None:
@@ -39,44 +53,62 @@ def check_terminal_snr(prediction: str, alpha_bar_T: float) -> None:
                           "diffusion.prediction=v (Lin et al. 2024) or x0, or schedule.zero_terminal_snr=false")
 
 
-def network_target(prediction: str, x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """What the network is trained to output for the pair (x_0, eps) at noise level (alpha, sigma)."""
+def target_coefficients(prediction: str, alpha: torch.Tensor, sigma: torch.Tensor,
+                        sigma_data: float = 1.0) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """(a, b) with target = a x_0 + b eps at noise level (alpha, sigma): the table in this module's docstring."""
     if prediction == "eps":
-        return eps
+        return 0.0, 1.0
     if prediction == "x0":
-        return x0
+        return 1.0, 0.0
+    if prediction == "v":
+        return -sigma, alpha
+    if prediction == "velocity":
+        return -1.0, 1.0
     check_prediction(prediction)
-    return alpha * eps - sigma * x0  # v
+    s = sigma / alpha  # edm: F = (x_0 - c_skip x~) / c_out with x~ = x_0 + s eps
+    c_skip, c_out = sigma_data**2 / (s**2 + sigma_data**2), s * sigma_data / (s**2 + sigma_data**2).sqrt()
+    return (1 - c_skip) / c_out, -c_skip * s / c_out
 
 
-def to_x0_eps(prediction: str, output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor,
-              sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_0, eps) from the network's ``output`` at x_t: invert x_t = alpha x_0 + sigma eps (and, for v, the rotation
-    x_0 = alpha x_t - sigma v, eps = sigma x_t + alpha v, which uses alpha^2 + sigma^2 = 1)."""
+def network_target(prediction: str, x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+                   sigma_data: float = 1.0) -> torch.Tensor:
+    """What the network is trained to output for the pair (x_0, eps) at noise level (alpha, sigma)."""
+    if prediction in ("eps", "x0"):  # no arithmetic: the target is the tensor itself
+        return eps if prediction == "eps" else x0
+    a, b = target_coefficients(prediction, alpha, sigma, sigma_data)
+    return a * x0 + b * eps
+
+
+def to_x0_eps(prediction: str, output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+              sigma_data: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_0, eps) from the network's ``output`` F at x_t: the solution of x_t = alpha x_0 + sigma eps,
+    F = a x_0 + b eps, namely x_0 = (b x_t - sigma F) / det and eps = (alpha F - a x_t) / det, det = alpha b - sigma a.
+    eps and x0 skip the terms that vanish (one division less: the same numbers as before targets were general)."""
     if prediction == "eps":
         return (x_t - sigma * output) / alpha, output
     if prediction == "x0":
         return output, (x_t - alpha * output) / sigma
-    check_prediction(prediction)
-    return alpha * x_t - sigma * output, sigma * x_t + alpha * output
+    a, b = target_coefficients(prediction, alpha, sigma, sigma_data)
+    det = alpha * b - sigma * a
+    return (b * x_t - sigma * output) / det, (alpha * output - a * x_t) / det
 
 
-def loss_weight(kind: str, prediction: str, snr: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
-    """The per-timestep weight of the squared error of ``prediction``, for an SNR alpha^2 / sigma^2.
+def loss_weight(kind: str, prediction: str, alpha: torch.Tensor, sigma: torch.Tensor, gamma: float = 5.0,
+                sigma_data: float = 1.0) -> torch.Tensor:
+    """The weight of the squared error of ``prediction`` at noise level (alpha, sigma) (float64, like them).
 
     uniform: 1, Ho et al.'s L_simple in whatever the target is.
-    min_snr: Min-SNR-gamma (Hang et al. 2023, eq. 7): the loss becomes min(SNR, gamma) ||x_0 - x_0_hat||^2 whatever the
-    target, since ||eps - eps_hat||^2 = SNR ||x_0 - x_0_hat||^2 and ||v - v_hat||^2 = (SNR + 1) ||x_0 - x_0_hat||^2 at a
-    fixed x_t. So the weight is min(SNR, gamma) / SNR for eps, min(SNR, gamma) for x0, min(SNR, gamma) / (SNR + 1) for v.
-    """
+    min_snr: Min-SNR-gamma (Hang et al. 2023, eq. 7): min(SNR, gamma) on the x_0 error, whatever the target.
+    edm:     EDM's lambda(sigma) = (sigma~^2 + sd^2) / (sigma~ sd)^2 = SNR + 1 / sd^2 on the x_0 error (Karras et al.
+             2022, eq. 8 and Table 1), SNR = (alpha / sigma)^2; it is 1 on the edm target (lambda c_out^2 = 1).
+    The x_0 error is (sigma / det)^2 times the target's (module docstring): for eps min(SNR, gamma) / SNR, for v
+    min(SNR, gamma) / (SNR + 1) (Hang et al.'s three forms), for velocity min(SNR, gamma) / (1 + sqrt(SNR))^2."""
     if kind == "uniform":
-        return torch.ones_like(snr)
-    if kind != "min_snr":
-        raise ConfigError(f"diffusion.loss_weight={kind!r}: must be one of {list(LOSS_WEIGHTS)}")
-    clipped = snr.clamp(max=gamma)
-    if prediction == "eps":
-        return clipped / snr
+        return torch.ones_like(alpha)
+    check_loss_weight(kind)
+    snr = (alpha / sigma) ** 2
+    on_x0 = snr.clamp(max=gamma) if kind == "min_snr" else snr + 1 / sigma_data**2
     if prediction == "x0":
-        return clipped
-    check_prediction(prediction)
-    return clipped / (snr + 1)
+        return on_x0
+    a, b = target_coefficients(prediction, alpha, sigma, sigma_data)
+    return on_x0 * (sigma / (alpha * b - sigma * a)) ** 2

@@ -2,8 +2,9 @@
 
     sample(model_fn, process, noise, *, generator=None, callback=None, progress=False, **options) -> x_0
 
-``model_fn(x_t, t) -> (x_0, eps)`` is the (possibly guided) denoiser (``ddpm/core/denoiser.py``), ``t`` the
-timestep index 0..T-1, so no sampler knows the network's prediction target;
+``model_fn(x_t, t) -> (x_0, eps)`` is the (possibly guided) denoiser (``ddpm/core/denoiser.py``), ``t`` the process's
+time (an index 0..T-1 for DDPM, a float for the continuous processes), so no sampler knows the network's prediction
+target; samplers read the process only through ``sampling_times`` and ``alpha_sigma`` (``ddpm/core/processes``);
 ``noise`` is x_T; ``generator`` draws any further noise, so a seeded generator makes the output
 reproducible; ``callback(i, x_t, x0_pred)`` sees every step. Hydra builds them as partials
 (``conf/sampler/*.yaml``), so the options live in config and the call site stays the same.
@@ -63,10 +64,34 @@ def check_lambda_min(lambda_min: float | None) -> None:
                           "level must be noisy enough for pure noise to start from; diffusers uses -5.1)")
 
 
-def check_steps(steps: int, num_timesteps: int) -> None:
-    """The one range check of ``sampler.steps`` against the schedule's T."""
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= num_timesteps:
+def check_steps(steps: int, num_timesteps: int | None) -> None:
+    """The one range check of ``sampler.steps`` against the schedule's T (None: a continuous process, any count)."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ConfigError(f"sampler.steps={steps}: must be an integer >= 1" +
+                          (f" and at most schedule.timesteps={num_timesteps}" if num_timesteps else ""))
+    if num_timesteps is not None and steps > num_timesteps:
         raise ConfigError(f"sampler.steps={steps}: must be between 1 and schedule.timesteps={num_timesteps}")
+
+
+def check_process(sampler: Callable, process) -> None:
+    """The one rule of which sampler walks which process: one marked ``discrete_only`` (ancestral DDPM) needs the
+    discrete process; Heun's churn needs a continuous one (its raised noise level is no timestep)."""
+    from functools import partial
+
+    func, options = (sampler.func, sampler.keywords) if isinstance(sampler, partial) else (sampler, {})
+    name = getattr(func, "__name__", "?").removeprefix("sample_")
+    if getattr(func, "discrete_only", False) and not process.discrete:
+        raise ConfigError(f"sampler={name} with process={process.name}: ancestral DDPM (Ho et al. Algorithm 2) walks "
+                          "the discrete process's own steps; use sampler=ddim (its eta=1 is ancestral on any process), "
+                          "heun or dpmpp_2m")
+    if options.get("S_churn", 0) and process.discrete:
+        raise ConfigError(f"sampler.S_churn={options['S_churn']} with process={process.name}: churn raises the noise "
+                          "level between the discrete timesteps; use S_churn=0 or a continuous process (flow, edm, trigflow)")
+
+
+def nearest_index(levels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """For each target, the index of the nearest of ``levels`` (ties: the first)."""
+    return (levels[None, :] - targets[:, None]).abs().argmin(dim=1)
 
 
 def sampling_timesteps(alphas_cumprod: torch.Tensor, steps: int, spacing: str = "time", lambda_min: float | None = None,
@@ -110,7 +135,24 @@ def sampling_timesteps(alphas_cumprod: torch.Tensor, steps: int, spacing: str = 
         sigma_min, sigma_max = math.exp(-lam[0].item()), math.exp(-lam[finite_last].item())
         sigmas = (sigma_min ** (1 / rho) + ramp * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
         targets = -sigmas.log()
-    chosen = (lam[None, : finite_last + 1] - targets[:, None]).abs().argmin(dim=1)
+    chosen = nearest_index(lam[: finite_last + 1], targets)
     if infinite_end:
         chosen = torch.cat([chosen, torch.tensor([last])])
     return chosen.unique()
+
+
+def levels(process, like: torch.Tensor, steps: int, spacing: str = "time", lambda_min: float | None = None,
+           rho: float = 7.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(times, alpha, sigma): the process's ``sampling_times`` (ascending, on ``like``'s device, as the network gets
+    them) and alpha, sigma in float64 with clean data first: alpha[0] = 1, sigma[0] = 0, alpha[i + 1] at times[i]."""
+    times = process.sampling_times(steps, spacing, lambda_min, rho)
+    alpha, sigma = process.alpha_sigma(times.to(getattr(process, "betas", times).device))
+    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    return times.to(like.device), torch.cat([one, alpha.cpu()]), torch.cat([zero, sigma.cpu()])
+
+
+def initial_x(process, noise: torch.Tensor, sigma_start: float) -> torch.Tensor:
+    """x at the noisiest level from standard normal ``noise``: the noise itself for the discrete process (Ho et al.
+    Algorithm 2, line 1: x_T ~ N(0, I)), ``sigma_start`` times it for the continuous ones (Karras et al. Algorithm 1,
+    line 1: x_0 ~ N(0, t_0^2 I)), whose noisiest level need not have unit variance (EDM: sigma = 80)."""
+    return noise if process.discrete else noise * sigma_start

@@ -51,3 +51,6 @@ def sample_ddpm(
         if callback is not None:
             callback(i, x, x0)
     return x
+
+
+sample_ddpm.discrete_only = True  # Algorithm 2 walks the discrete process's steps (ddpm.core.samplers.check_process)

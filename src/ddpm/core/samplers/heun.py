@@ -1,10 +1,10 @@
-"""Heun's second-order method on the probability-flow ODE (Karras et al. 2022, EDM, Algorithm 1 without churn),
-over the discrete model's own noise levels.
+"""Heun's second-order method on the probability-flow ODE (Karras et al. 2022, EDM, Algorithm 1; with ``S_churn`` > 0
+the stochastic sampler of their Algorithm 2), on any process.
 
 In EDM's coordinates x~ = x_t / alpha_t and sigma = sigma_t / alpha_t the ODE is dx~/dsigma = (x~ - D(x~; sigma)) / sigma,
-with D the predicted x_0, so a model trained on any VP schedule is solved without retraining. Each step takes an
-Euler step to the next level and corrects it with the slope there (2 evaluations); the last step, to sigma = 0, is
-Euler's alone. An Euler step alone is exactly DDIM (eta = 0).
+with D the predicted x_0, so a model trained on any process is solved without retraining. Each step takes an Euler
+step to the next level and corrects it with the slope there (2 evaluations); the last step, to sigma = 0, is Euler's
+alone. An Euler step alone is exactly DDIM (eta = 0).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ddpm.core.diffusion import DDPMProcess
-from ddpm.core.samplers import ModelFn, clip_x0, sampling_timesteps
+from ddpm.core.errors import ConfigError
+from ddpm.core.samplers import ModelFn, clip_x0, initial_x, levels, randn_like
 
 
 def noise_levels(steps: int) -> int:
@@ -24,40 +24,70 @@ def noise_levels(steps: int) -> int:
     return max(1, (steps + 1) // 2)
 
 
+def check_churn(S_churn: float, S_tmin: float, S_tmax: float, S_noise: float) -> None:
+    """The rules of Algorithm 2's settings: S_churn >= 0, 0 <= S_tmin <= S_tmax, S_noise > 0."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if not (number(S_churn) and S_churn >= 0):
+        raise ConfigError(f"sampler.S_churn={S_churn}: must be a number >= 0 (0: the deterministic Algorithm 1)")
+    if not (number(S_tmin) and number(S_tmax) and 0 <= S_tmin <= S_tmax):
+        raise ConfigError(f"sampler.S_tmin={S_tmin}, sampler.S_tmax={S_tmax}: must be numbers with 0 <= S_tmin <= S_tmax")
+    if not (number(S_noise) and S_noise > 0):
+        raise ConfigError(f"sampler.S_noise={S_noise}: must be a number > 0 (Karras et al.: 1.007)")
+
+
 def sample_heun(
-    model_fn: ModelFn, process: DDPMProcess, noise: torch.Tensor, *, steps: int = 19, spacing: str = "karras",
-    lambda_min: float | None = -5.1, rho: float = 7.0, x0_clip: str = "clip", percentile: float = 0.995,
+    model_fn: ModelFn, process, noise: torch.Tensor, *, steps: int = 19, spacing: str = "karras",
+    lambda_min: float | None = -5.1, rho: float = 7.0, S_churn: float = 0.0, S_tmin: float = 0.0,
+    S_tmax: float = math.inf, S_noise: float = 1.0, x0_clip: str = "clip", percentile: float = 0.995,
     generator: torch.Generator | None = None, callback: Callable | None = None, progress: bool = False,
 ) -> torch.Tensor:
     """At most ``steps`` model evaluations, as for the other samplers: N = (steps + 1) // 2 noise levels, 2N - 1
-    evaluations (10 -> 9, 20 -> 19). The levels are the model's timesteps chosen by ``spacing`` (``karras``: EDM's
-    rho = 7 spacing of sigma; see ``sampling_timesteps``). Deterministic: ``generator`` is unused."""
-    timesteps = sampling_timesteps(process.alphas_cumprod, noise_levels(steps), spacing, lambda_min, rho).flip(0)
-    alphas_cumprod = process.alphas_cumprod[timesteps.to(process.alphas_cumprod.device)].tolist()
-    alpha = [math.sqrt(a) for a in alphas_cumprod]
-    sigma = [math.sqrt((1 - a) / a) if a > 0 else math.inf for a in alphas_cumprod] + [0.0]  # EDM sigma, then 0
-    timesteps = timesteps.to(noise.device)
+    evaluations (10 -> 9, 20 -> 19). The levels are the process's ``sampling_times`` chosen by ``spacing``
+    (``karras``: EDM's rho = 7 spacing of sigma). Deterministic at S_churn = 0 (``generator`` unused); with churn,
+    each level in [S_tmin, S_tmax] (in sigma) is first raised to sigma (1 + gamma), gamma = min(S_churn / N, sqrt 2 - 1),
+    by fresh noise of scale S_noise (Algorithm 2, lines 4-6): that needs a continuous process."""
+    check_churn(S_churn, S_tmin, S_tmax, S_noise)
+    times, alpha_all, sigma_all = levels(process, noise, noise_levels(steps), spacing, lambda_min, rho)
+    n = len(times)
+    # noisiest first, then the clean end: alpha[i], sigma[i] (EDM's sigma = sigma_t / alpha_t), t[i] for i < n
+    alpha = alpha_all.flip(0).tolist()
+    sigma = [s / a if a > 0 else math.inf for a, s in zip(alpha, sigma_all.flip(0).tolist())]
+    t = times.flip(0)
+    gamma = min(S_churn / n, math.sqrt(2) - 1) if S_churn > 0 else 0.0
 
-    def denoise(x_tilde: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(D, slope) at level i; the model sees x_t = alpha x~."""
-        x0, eps = model_fn(alpha[i] * x_tilde if math.isfinite(sigma[i]) else x_tilde, timesteps[i].expand(x_tilde.shape[0]))
+    def denoise(x_tilde: torch.Tensor, level: float, a: float, time: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D, slope) at EDM noise level ``level`` (alpha ``a``, the process's ``time``); the model sees x_t = a x~."""
+        finite = math.isfinite(level)
+        x0, eps = model_fn(a * x_tilde if finite else x_tilde, time.expand(x_tilde.shape[0]))
         x0 = clip_x0(x0, x0_clip, percentile)
-        return x0, (x_tilde - x0) / sigma[i] if math.isfinite(sigma[i]) else eps
+        return x0, (x_tilde - x0) / level if finite else eps
 
-    # x~ = x_t / alpha_t; at zero terminal SNR (alpha_T = 0) x~ is infinite, so the first step is taken in x_t itself:
-    # from sigma = inf the only step is Euler's (= DDIM), x~_next = x0 + sigma_next eps, with eps = x_T there.
-    x = noise / alpha[0] if math.isfinite(sigma[0]) else noise
-    for i in tqdm(range(len(timesteps)), disable=not progress, desc="heun", leave=False):
-        x0, slope = denoise(x, i)
-        if not math.isfinite(sigma[i]):
+    # x~ = x_t / alpha_t; at alpha = 0 (zero terminal SNR, flow at t = 1) x~ is infinite, so the first step is taken in
+    # x_t itself: from sigma = inf the only step is Euler's (= DDIM), x~_next = x0 + sigma_next eps, eps = x_T there.
+    x_start = initial_x(process, noise, sigma_all[-1].item())
+    x = x_start / alpha[0] if math.isfinite(sigma[0]) else x_start
+    for i in tqdm(range(n), disable=not progress, desc="heun", leave=False):
+        level, a, time = sigma[i], alpha[i], t[i]
+        if gamma > 0 and S_tmin <= level <= S_tmax and math.isfinite(level):
+            raised = level * (1 + gamma)
+            x = x + math.sqrt(raised**2 - level**2) * S_noise * randn_like(x, generator)
+            time = _time_of(process, raised)
+            level, a, time = raised, float(process.alpha_sigma(time[None])[0]), time.to(t.device)
+        x0, slope = denoise(x, level, a, time)
+        if not math.isfinite(level):
             x = x0 + sigma[i + 1] * slope
         else:
-            x_euler = x + (sigma[i + 1] - sigma[i]) * slope
+            x_euler = x + (sigma[i + 1] - level) * slope
             if sigma[i + 1] > 0:
-                _, slope_next = denoise(x_euler, i + 1)
-                x = x + (sigma[i + 1] - sigma[i]) * 0.5 * (slope + slope_next)
+                _, slope_next = denoise(x_euler, sigma[i + 1], alpha[i + 1], t[i + 1])
+                x = x + (sigma[i + 1] - level) * 0.5 * (slope + slope_next)
             else:
                 x = x_euler  # = x0: the last step lands on the prediction
         if callback is not None:
-            callback(len(timesteps) - 1 - i, x * (alpha[i + 1] if i + 1 < len(alpha) else 1.0), x0)
+            callback(n - 1 - i, x * alpha[i + 1], x0)
     return x
+
+
+def _time_of(process, sigma_edm: float) -> torch.Tensor:
+    """The process's time at EDM noise level sigma (lambda = -2 log sigma)."""
+    return process.t_of_log_snr(torch.tensor([-2 * math.log(sigma_edm)], dtype=torch.float64))[0]
