@@ -298,3 +298,29 @@ def test_process_settings_are_checked_in_one_line():
         Denoiser(Oracle(FlowProcess(), "eps", None), FlowProcess(), "eps")
     with pytest.raises(ConfigError, match="sampler.S_churn=5 with process=ddpm"):
         check_process(__import__("functools").partial(sample_heun, S_churn=5), processes()["ddpm"])
+
+
+@pytest.mark.parametrize("overrides, keys", [
+    (["process=flow", "schedule=cosine"], ("schedule", "process=flow")),
+    (["process=edm", "diffusion.prediction=v"], ("diffusion.prediction='v'", "process=edm")),
+    (["process=trigflow", "sampler=ddpm"], ("sampler=ddpm", "process=trigflow")),
+    (["sampler=heun", "sampler.S_churn=5"], ("sampler.S_churn=5", "process=ddpm")),
+    (["process=edm", "process.sigma_distribution=uniform"], ("process.sigma_distribution", "log_normal")),
+    ([], None),
+])
+def test_combinations_without_meaning_are_refused_in_one_line_before_compute(overrides, keys, tmp_path):
+    """Exit 2 with one line naming both keys, and no run directory made (nothing computed, nothing written)."""
+    from conftest import run_cli
+
+    if keys is None:  # logsnr spacing from flow's lambda = -inf without a floor: refused at sampling, in one line
+        from ddpm.core.samplers.dpmpp_2m import sample_dpmpp_2m as sampler
+
+        with pytest.raises(ConfigError, match="sampler.lambda_min=null with process=flow") as error:
+            sampler(lambda x, t: (x, x), FlowProcess(), torch.randn(1, 1, 2, 2), lambda_min=None)
+        assert "\n" not in str(error.value)
+        return
+    result = run_cli("ddpm.train", *overrides, "logger=none", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip()
+    assert "\n" not in line and all(key in line for key in keys), line
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -59,3 +59,20 @@ def test_holm_adjusts_step_down_and_keeps_the_order():
     # m = 4: sorted 0.01, 0.02, 0.03, 0.5 -> 0.04, 0.06, max(0.06, 0.06) = 0.06, max(0.06, 0.5) = 0.5
     assert holm([0.03, 0.5, 0.01, 0.02]) == pytest.approx([0.06, 0.5, 0.04, 0.06])
     assert holm([0.9, 0.8]) == [1.0, 1.0] and holm([]) == [] and holm([0.01]) == [0.01]
+
+
+def test_a_report_with_several_findings_applies_holm_to_them():
+    """ddpm.report's findings: p = 0.01, 0.02, 0.04 become 0.03, 0.04, 0.04 (Holm), so all three survive at 95%;
+    with p = 0.01, 0.04, 0.3 only the first does (0.03; 0.08 and 0.3 do not)."""
+    from types import SimpleNamespace
+
+    from ddpm.report import holm_lines
+
+    def tests(*ps):
+        return [(f"claim {i}", SimpleNamespace(p=p)) for i, p in enumerate(ps)]
+
+    line = holm_lines(tests(0.01, 0.02, 0.04))[-1]
+    assert "3 comparisons" in line and "3 remain" in line and "adjusted p = 0.04)" in line
+    line = holm_lines(tests(0.01, 0.04, 0.3))[-1]
+    assert "1 remain" in line and "claim 0 (adjusted p = 0.03)" in line and "claim 1" not in line
+    assert holm_lines(tests(0.01)) == []  # one claim needs no correction

@@ -209,6 +209,9 @@ def export_diffusers(model, out: str | Path, x0_clip: str = "clip", percentile: 
     an empty folder, and nothing already there is touched."""
     import diffusers
 
+    if not model.process.discrete:
+        raise ConfigError(f"ckpt_path: a process={model.process.name} model has no DDIMScheduler: ddpm.export writes "
+                          "process=ddpm models only (sample this one with ddpm.sample or ddpm.load)")
     out = check_out(out)
     unet = to_unet2d(model.net)  # refusals first, before anything is written
     scheduler = diffusers.DDIMScheduler(**scheduler_config(model.process.betas, (model.config or {}).get("schedule", {}),

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from ddpm.evaluation.stats import LEVEL, compare, mean_interval
+from ddpm.evaluation.stats import LEVEL, compare, holm, mean_interval
 from ddpm.evaluation.records import evaluations
 from ddpm.files import WriteError, atomic_write, spreadsheet_safe
 
@@ -236,7 +236,7 @@ def findings(rows: list[dict], group_keys: list[str], metrics: list[str], scales
     """Plain sentences: which setting is better on each metric, and whether seeds can tell them apart (a paired
     t-test when both settings ran the same seeds, Welch's otherwise; ``ddpm.evaluation.stats``), with the interval and p-value
     behind it."""
-    lines = []
+    lines, tests = [], []
     for i, key in enumerate(group_keys):
         comparisons = [("final_loss", scales[0] if scales else None)] + [(m, w) for m in metrics[:1] for w in (scales or [None])]
         for name, w in comparisons:
@@ -247,7 +247,7 @@ def findings(rows: list[dict], group_keys: list[str], metrics: list[str], scales
                     others = ", ".join(f"{k}={v}" for j, (k, v) in enumerate(zip(group_keys, row["group"])) if j != i)
                     slices[others][json.dumps(row["group"][i])].append(row)
             for others, by_value in slices.items():
-                lines += _finding(key, name, w, others, by_value)
+                lines += _finding(key, name, w, others, by_value, tests)
     if len(scales) > 1:
         for row_group in sorted({json.dumps(r["group"]) for r in rows}):
             series = sorted((r["w"], r) for r in rows if json.dumps(r["group"]) == row_group and r["w"] is not None)
@@ -257,11 +257,24 @@ def findings(rows: list[dict], group_keys: list[str], metrics: list[str], scales
                 if len(points) > 1:
                     trend = " -> ".join(f"{v:.3g} (w={w:g})" for w, v in points)
                     lines.append(f"- {label}: {name} {trend}.")
-    return lines or ["- (nothing to compare)"]
+    return (lines + holm_lines(tests)) or ["- (nothing to compare)"]
 
 
-def _finding(key: str, name: str, w, others: str, by_value: dict[str, list]) -> list[str]:
-    """One sentence comparing the best two values of ``key`` on ``name`` (at ``w``, the ``others`` held fixed)."""
+def holm_lines(tests: list[tuple[str, object]]) -> list[str]:
+    """A page with several findings makes several claims: their p-values after Holm's correction (``stats.holm``),
+    and which differences survive it."""
+    if len(tests) < 2:
+        return []
+    adjusted = holm([comparison.p for _, comparison in tests])
+    kept = [f"{label} (adjusted p = {p:.3g})" for (label, _), p in zip(tests, adjusted) if p < 1 - LEVEL]
+    return ["", f"These findings are {len(tests)} comparisons; with Holm's correction for all of them "
+            + (f"{len(kept)} remain differences at 95%: " + "; ".join(kept) + "." if kept else
+               "none remains a difference at 95%.")]
+
+
+def _finding(key: str, name: str, w, others: str, by_value: dict[str, list], tests: list | None = None) -> list[str]:
+    """One sentence comparing the best two values of ``key`` on ``name`` (at ``w``, the ``others`` held fixed); the
+    comparison is appended to ``tests`` (for Holm's correction over the page)."""
     if len(by_value) < 2 or any(len(v) != 1 for v in by_value.values()):
         return []
     ranked = sorted(by_value.items(), key=lambda kv: kv[1][0][name][0], reverse=name not in LOWER_IS_BETTER)
@@ -272,6 +285,8 @@ def _finding(key: str, name: str, w, others: str, by_value: dict[str, list]) -> 
               if name == "final_loss" and key.startswith(("schedule", "diffusion")) else "")
     comparison = compare(best_row["raw"][name], second_row["raw"][name])
     head = f"- {name}{where}: {key}={json.loads(best)}"
+    if comparison is not None and tests is not None:
+        tests.append((f"{name}{where}: {key}={json.loads(best)} vs {json.loads(second)}", comparison))
     if comparison is None:  # one run a side has no spread to compare a gap with
         return [f"{head} {_fmt(mb)} vs {key}={json.loads(second)} {_fmt(ms)}: "
                 f"{min(nb, ns)} seed: no statistics (sweep seed=0,1,2 to compare){caveat}."]
