@@ -282,7 +282,7 @@ def _finding(key: str, name: str, w, others: str, by_value: dict[str, list], tes
     (mb, sb, nb), (ms, ss, ns) = best_row[name], second_row[name]
     where = (f" at w={w:g}" if w is not None and name != "final_loss" else "") + (f" ({others})" if others else "")
     caveat = (" (losses under different schedules or targets weight the noise levels differently: not comparable)"
-              if name == "final_loss" and key.startswith(("schedule", "diffusion")) else "")
+              if name == "final_loss" and key.startswith(("schedule", "diffusion", "process", "experiments/")) else "")
     comparison = compare(best_row["raw"][name], second_row["raw"][name])
     head = f"- {name}{where}: {key}={json.loads(best)}"
     if comparison is not None and tests is not None:
