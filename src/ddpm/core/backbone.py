@@ -14,8 +14,8 @@ ATTRIBUTES = ("in_channels", "image_size", "num_classes", "null_label")
 
 @runtime_checkable
 class Backbone(Protocol):
-    """A denoising network: images (B, in_channels, image_size, image_size), timestep indices t in 0..T-1 and class
-    labels in, one tensor shaped like the images out (whatever the prediction target is; the network does not know).
+    """A denoising network: images (B, in_channels, image_size, image_size), the process's noise input c_noise(t) (the
+    timestep index 0..T-1 for DDPM, a float in about the same range for the others) and class labels in, one tensor shaped like the images out (whatever the prediction target is; the network does not know).
     ``num_classes`` is None for an unconditional network, which ignores labels; ``null_label`` is the label that
     classifier-free guidance's label dropout writes (usually ``num_classes``)."""
 
