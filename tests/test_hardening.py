@@ -242,7 +242,7 @@ def _first_logged_step(run: Path, version: int) -> int:
 def test_sigkill_during_checkpointing_then_resume(tmp_path):
     """A checkpoint every step, SIGKILL at random moments (so often mid-save), then the same command again:
     every restart resumes from the newest complete checkpoint (last.ckpt, or a step file written after it)."""
-    from ddpm.train import newest_checkpoint
+    from ddpm.training.resume import newest_checkpoint
 
     run, rng, steps = tmp_path / "run", random.Random(0), 150
     last = run / "checkpoints" / "last.ckpt"

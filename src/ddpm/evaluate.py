@@ -21,6 +21,7 @@ from ddpm.builders import build
 from ddpm.evaluation.metrics import PREPARATIONS
 from ddpm.training.loggers import finish_wandb
 from ddpm.sample import draw_options, load_for_sampling
+from ddpm.training.rundirs import settle
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def evaluate(cfg: DictConfig) -> dict:
     record["process"] = {"extractor_and_reference_uses": PREPARATIONS["uses"],
                          "extractor_and_reference_built": PREPARATIONS["built"]}
     write_metrics(Path(cfg.paths.output_dir) / "metrics.json", record)
+    settle()
     log.info("%s", json.dumps(record["metrics"]))
     loggers = instantiate_loggers(cfg.get("logger"))
     for logger in loggers or []:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import IO, Callable
 
@@ -81,3 +82,43 @@ def spreadsheet_safe(value):
         except ValueError:
             return "'" + value
     return value
+
+
+class NotARegularFile(OSError):
+    """A path that is a FIFO, a device, a socket or a folder where a file is read (it would hang, or never end)."""
+
+
+def open_regular(path: Path, follow_symlinks: bool = True):
+    """``path`` opened for reading, binary, if it is a regular file: opened without blocking (a FIFO would wait for a
+    writer forever) and checked on the open descriptor, so nothing can be swapped in between the check and the read.
+    ``follow_symlinks=False``: a symbolic link is refused too. NotARegularFile (an OSError) otherwise."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise NotARegularFile(errno.ELOOP, "a symbolic link, not a file of its own", str(path)) from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise NotARegularFile(errno.EINVAL, kind, str(path))
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(path: Path, what: str = "file", limit: int | None = None, follow_symlinks: bool = True) -> bytes:
+    """The bytes of a regular file (``open_regular``), at most ``limit`` of them; ConfigError, one line naming ``what``
+    and the file, when it is missing, not a regular file, unreadable or larger than ``limit``."""
+    from ddpm.core.errors import ConfigError
+
+    try:
+        with open_regular(path, follow_symlinks) as f:
+            data = f.read() if limit is None else f.read(limit + 1)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ConfigError(f"{what}: {path} cannot be read ({reason})") from None
+    if limit is not None and len(data) > limit:
+        raise ConfigError(f"{what}: {path} is larger than {limit} bytes, more than such a file ever holds")
+    return data

@@ -151,7 +151,7 @@ def shipped_targets() -> dict[str, frozenset[str]]:
 def train_defaults() -> dict[str, str]:
     """The option train.yaml's defaults list picks for each group (``{"model": "unet_tiny", ...}``)."""
     entries = yaml.safe_load((config_dir() / "train.yaml").read_text())["defaults"]
-    return {k: v for entry in entries if isinstance(entry, dict) for k, v in entry.items()}
+    return {k: v for entry in entries if isinstance(entry, dict) for k, v in entry.items() if not k.startswith("override ")}
 
 
 def train_node(key: str) -> Any:

@@ -20,7 +20,7 @@ from ddpm.files import atomic_write
 from ddpm.images import class_rows, to_grid, to_uint8
 from ddpm.inference import Model, load, resolve_device
 from ddpm.options import config_dir
-from ddpm.training.rundirs import claim_outputs
+from ddpm.training.rundirs import claim_outputs, commit, settle
 from ddpm.validation import FROM_CHECKPOINT, ConfigError, validate
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ def load_for_sampling(cfg: DictConfig, entry: str, outputs: tuple[str, ...]) -> 
         check_steps(cfg.sampler.steps, model.process.num_timesteps)
     guidance = guidance_of(cfg, model)
     guidance = model.guidance_for(replace(guidance, guide=guide_for(cfg, model, guidance.method)))
+    commit(run_dir)  # the folder is this command's and every check passed: its record and log file (rundirs.commit)
     return model, guidance
 
 
@@ -123,6 +124,7 @@ def sample(cfg: DictConfig) -> dict:
         k, steps = out["trajectory"].shape[:2]
         frames = to_grid(out["trajectory"].flatten(0, 1), nrow=steps, min_size=cfg.min_size)
         atomic_write(run_dir / "trajectory.png", lambda f: save_image(frames, f, format="png"), what="samples")
+    settle()
     log.info("%d samples, %g network evaluations each, in %.1f s; wrote %s", len(out["images"]), out["nfe"], out["seconds"],
              run_dir)
     return out

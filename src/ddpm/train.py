@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import signal
 import time
 from collections.abc import Sequence
@@ -37,8 +36,27 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Diffus
     the configured ones (handy from Python). Returns the trained module.
 
     Stops with ConfigError before anything is built when a value is out of range, the data are missing, the
-    checkpoint is unreadable or of another model, or the disk cannot hold what the run will write (``check_disk``);
-    with SystemExit(128 + signal) after SIGINT/SIGTERM, once last.ckpt is written."""
+    checkpoint is unreadable or of another model, another ddpm.train is running in the same directory, or the disk
+    cannot hold what the run will write (``check_disk``); with SystemExit(128 + signal) after SIGINT/SIGTERM, once
+    last.ckpt is written."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from ddpm.training.loggers import RULES as LOGGER_RULES
+    from ddpm.training.rundirs import lock_run_dir, unlock_run_dir
+    from ddpm.validation import validate
+
+    validate(cfg, "train", LOGGER_RULES)
+    run_dir = Path(cfg.paths.output_dir)
+    if rank_zero_only.rank == 0:  # one ddpm.train per run directory at a time (ddpm.training.rundirs)
+        lock_run_dir(run_dir)
+    try:
+        return _fit(cfg, extra_callbacks)
+    finally:
+        unlock_run_dir(run_dir)
+
+
+def _fit(cfg: DictConfig, extra_callbacks: Sequence[L.Callback]) -> DiffusionModule:
+    """``train`` once its config is valid and its directory locked."""
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.utilities import rank_zero_only
@@ -49,14 +67,14 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Diffus
     from ddpm.build import build_module, instantiate_loggers
     from ddpm.builders import build
     from ddpm.config import resolve_precision
-    from ddpm.training.checkpoint import CheckpointWriteError, LastCheckpoint, recorded_choices
+    from ddpm.training.checkpoint import AtomicCheckpointIO, CheckpointWriteError, LastCheckpoint, recorded_choices
     from ddpm.training.data import DataModule
     from ddpm.training.disk import check_disk
-    from ddpm.training.loggers import RULES as LOGGER_RULES, finish_wandb
+    from ddpm.training.loggers import finish_wandb
     from ddpm.training.module import NonFiniteLossError
-    from ddpm.validation import validate
+    from ddpm.training.resume import read_checked, resume_checkpoint
+    from ddpm.training.rundirs import commit, settle
 
-    validate(cfg, "train", LOGGER_RULES)
     resolve_precision(cfg)
     ckpt_path = resume_checkpoint(cfg)
     check_disk(cfg)
@@ -69,6 +87,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Diffus
         datamodule.setup()
         datamodule.check_batches(world_size(cfg.trainer))
     module = build_module(cfg, recorded_choices())
+    # The training state it resumes from is checked against this run's own objects before a logger starts, and the
+    # checkpoint IO hands Lightning that same checked dict (ddpm.training.resume).
+    resumed = read_checked(ckpt_path, module, f"ckpt_path={ckpt_path!r}", Path(cfg.paths.checkpoint_dir)) if ckpt_path else None
     callbacks = [instantiate(node) for name, node in (cfg.get("callbacks") or {}).items()
                  if node and (name != "progress_bar" or cfg.trainer.enable_progress_bar)] + list(extra_callbacks)
     for each in callbacks:
@@ -78,7 +99,14 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Diffus
     if not logger:  # logger=none: a learning-rate monitor has nowhere to write (Lightning refuses it)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    if resumed is not None:
+        for plugin in [trainer.strategy.checkpoint_io]:
+            if isinstance(plugin, AtomicCheckpointIO):
+                plugin.expect(ckpt_path, *resumed)
 
+    if rank_zero_only.rank == 0:  # every start-up check passed: the run directory's record and log are this command's
+        commit(Path(cfg.paths.output_dir))
+    settle()  # from here on an error leaves what the run wrote: its checkpoints, its record, its log
     # Every logger gets the whole resolved config, schedule and guidance included.
     for each in trainer.loggers:
         each.log_hyperparams(module.config)
@@ -146,68 +174,6 @@ def summarize(cfg: DictConfig, steps: int, seconds: float) -> None:
               f"  evaluate: python -m ddpm.evaluate ckpt_path={last}",
               f"  train on: python -m ddpm.train ckpt_path={last} trainer.max_steps={2 * steps}"]
     log.info("\n".join(lines))
-
-
-def resume_checkpoint(cfg: DictConfig) -> str | None:
-    """The checkpoint to resume from: ``cfg.ckpt_path``; else, with ``resume=auto``, the run directory's own newest
-    complete checkpoint (a requeued or rerun job; see ``newest_checkpoint``); never a fresh start over an earlier run's
-    checkpoints. The checkpoint must be readable and of the requested model."""
-    from ddpm.checkpoints import load_checkpoint
-    from ddpm.training.checkpoint import config_differences
-    from ddpm.validation import ConfigError
-
-    ckpt_path = str(Path(cfg.ckpt_path).expanduser()) if cfg.ckpt_path is not None else None
-    own = Path(cfg.paths.checkpoint_dir)
-    if ckpt_path is None and own.is_dir():
-        newest = newest_checkpoint(own)
-        if newest is not None and cfg.resume != "auto":
-            raise ConfigError(f"paths.checkpoint_dir={str(own)!r} already holds checkpoints of an earlier run ({newest[0].name}, "
-                              f"step {newest[1]}): pick a new hydra.run.dir, or resume=auto to continue from it")
-        if newest is not None:
-            ckpt_path = str(newest[0])
-            log.info("resuming from this run directory's newest checkpoint %s (step %d; resume=auto)", ckpt_path, newest[1])
-    if ckpt_path is not None:
-        # Compared, never built from. A file named by ckpt_path (one someone may have sent) must also hold only this
-        # project's options; the run directory's own checkpoints may name the user's own callbacks, as their run did.
-        saved = load_checkpoint(ckpt_path, mmap=True, build_from_config=cfg.ckpt_path is not None)["config"]
-        requested = OmegaConf.to_container(cfg, resolve=True)
-        differences = config_differences(saved, requested)
-        if differences:
-            raise ConfigError(f"ckpt_path={str(ckpt_path)!r} holds a different model than requested: " + "; ".join(differences))
-    return ckpt_path
-
-
-def newest_checkpoint(directory: Path) -> tuple[Path, int] | None:
-    """The one rule for where a run resumes: of ``last.ckpt`` and the ``step_*.ckpt`` files, the complete one with the
-    largest step (``last.ckpt`` on a tie). Temporaries a kill left mid-write are removed first; a file that cannot be
-    read (torn by some other writer) is skipped with a warning. None when there is nothing to resume."""
-    from ddpm.checkpoints import load_checkpoint
-    from ddpm.validation import ConfigError
-
-    for stray in directory.glob(".*.ckpt.tmp"):
-        log.warning("removing %s, a checkpoint write that a kill or a full disk interrupted", stray)
-        stray.unlink(missing_ok=True)
-    def step_of(path: Path) -> int | None:
-        try:
-            return load_checkpoint(path, mmap=True, build_from_config=False)["global_step"]
-        except ConfigError as error:
-            log.warning("skipping %s: %s", path, error)
-            return None
-
-    found = []
-    if (directory / "last.ckpt").is_file() and (step := step_of(directory / "last.ckpt")) is not None:
-        found.append((step, True, directory / "last.ckpt"))
-    # Of the periodic checkpoints only the newest readable one matters: read them newest first, by the step in the
-    # name, and stop at the first that loads (a run of 800 checkpoints is not read 800 times at every resume).
-    named = sorted(directory.glob("*.ckpt"), key=lambda p: [int(s) for s in re.findall(r"\d+", p.stem)] or [-1], reverse=True)
-    for path in (p for p in named if p.name != "last.ckpt"):
-        if (step := step_of(path)) is not None:
-            found.append((step, False, path))
-            break
-    if not found:
-        return None
-    step, _, path = max(found)
-    return path, step
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")

@@ -9,7 +9,10 @@ back, and refusing what is not this project's, is ``ddpm.checkpoints``'s.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,8 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from omegaconf import OmegaConf
 
 from ddpm.checkpoints import CHOSEN_GROUPS, leaves
-from ddpm.files import WriteError, atomic_write
+from ddpm.core.errors import ConfigError
+from ddpm.files import WriteError, atomic_write, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +40,25 @@ class CheckpointWriteError(WriteError):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to ``.<name>.tmp``, fsync, then rename over ``<name>``; read back with ``weights_only=True``."""
+    """torch.save to ``.<name>.tmp``, fsync, then rename over ``<name>``; read back with ``weights_only=True``.
+
+    The checkpoint a run resumes from was read and checked once already (``ddpm.training.resume.read_checked``, before
+    the loggers start); ``expect`` hands that dict over, and ``load_checkpoint`` returns it rather than reading the
+    file again, so what Lightning restores is what was checked. In a process spawned for DDP (which gets this plugin
+    pickled, without the dict) the file is read again and used only if its bytes are the ones checked. Removing a
+    checkpoint (ModelCheckpoint's earlier last.ckpt or top-k) unlinks one regular ``.ckpt`` file, never a folder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._expected: dict[str, tuple[str, dict | None]] = {}  # path -> (sha256 of its bytes, the checked dict)
+
+    def expect(self, path, checkpoint: dict, digest: str) -> None:
+        self._expected[os.path.abspath(path)] = (digest, checkpoint)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_expected"] = {path: (digest, None) for path, (digest, _) in self._expected.items()}
+        return state
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         atomic_save(checkpoint, Path(path))
@@ -44,7 +66,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         # Every file Lightning reads back (a resume, ddp_spawn's weights of rank 0): tensors and plain data only,
         # whatever the caller asks, since a pickle can run code.
-        return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=True)
+        expected = self._expected.pop(os.path.abspath(path), None)
+        if expected is None:
+            return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=True)
+        digest, checkpoint = expected
+        if checkpoint is None:
+            data = read_regular(Path(path), what=f"ckpt_path={str(path)!r}")
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise ConfigError(f"ckpt_path={str(path)!r}: changed since it was checked; refusing to resume from it")
+            checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return checkpoint
+
+    def remove_checkpoint(self, path) -> None:
+        path = Path(path)
+        if path.suffix == ".ckpt" and path.is_file() and not path.is_symlink():
+            path.unlink()
+        else:
+            log.warning("not removing %s: only a checkpoint file of this run is ever removed", path)
 
 
 def atomic_save(obj: Any, path: Path) -> None:

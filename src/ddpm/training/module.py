@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import uuid
 from functools import partial
 from typing import Callable
 
@@ -57,6 +58,9 @@ class DiffusionModule(L.LightningModule):
         self.ema.requires_grad_(False)
         # Power-function EMAs (Karras et al. 2024) whose snapshots let ddpm.sample pick the EMA length after training.
         self.power_ema = PowerEMA(net, list(power_ema_sigma_rels)) if power_ema_sigma_rels else None
+        # Which training run this is, drawn when it starts and kept by every later segment: written into every
+        # checkpoint and EMA snapshot, so a snapshot of another run is never mistaken for one of this run's.
+        self.run_identity: str | None = uuid.uuid4().hex
         # The first non-finite loss (step, value), kept on the device: checking it costs no host sync per step.
         self.register_buffer("_nonfinite", torch.tensor([-1.0, 0.0]), persistent=False)
 
@@ -120,6 +124,8 @@ class DiffusionModule(L.LightningModule):
             raise NonFiniteLossError(f"non-finite weights at step {self.global_step}: not saving a checkpoint; "
                                      "lower optim.optimizer.lr or keep trainer.gradient_clip_val")
         checkpoint["config"] = self.config
+        if self.run_identity is not None:
+            checkpoint["run_identity"] = self.run_identity
         if self.choices is not None:  # what ddpm.training.checkpoint.rebuild_config recomposes the config from
             checkpoint["choices"] = self.choices
         # Lightning restores weights, optimizer, schedulers, loops and callbacks, but not the RNGs that draw
@@ -132,6 +138,7 @@ class DiffusionModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.run_identity = checkpoint.get("run_identity")  # none in a checkpoint from before identities: none since
         self._match_power_emas(checkpoint["state_dict"])
         # Applied in on_train_start, not now: between restoring and the first step Lightning itself draws
         # from the RNG (as it did at the start of the original run), which would shift the stream.
