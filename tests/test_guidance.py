@@ -118,7 +118,7 @@ def test_guidance_needs_a_model_trained_with_label_dropout():
 
 
 # --- guidance methods (issue 19) ------------------------------------------------------------------------------------
-from ddpm.core.guidance import APG, GUIDANCE_METHODS, Guidance  # noqa: E402
+from ddpm.core.guidance import APG, GUIDANCE_METHODS, Guidance, guidance_usable  # noqa: E402
 
 
 def _inputs():
@@ -210,12 +210,28 @@ def test_autoguidance_is_one_plus_w_main_minus_w_guide(net, denoiser):
 
 
 def test_w_zero_is_the_conditional_prediction_for_every_method(denoiser):
+    """Premise changed by issue 29 (item 5): CFG++'s scale is its lambda, continuous at 0, so its 0 is the unconditional
+    model (the next test); for every other method w = 0 is the conditional one, as before."""
     x, t, y = _inputs()
     with torch.no_grad():
         x0_c, eps_c = denoiser(x, t, y)
-        for method in GUIDANCE_METHODS:
+        for method in (m for m in GUIDANCE_METHODS if m != "cfgpp"):
             x0, eps = Guidance(0.0, method=method, guide=denoiser if method == "autoguidance" else None).model_fn(denoiser, y)(x, t)
             assert torch.equal(x0, x0_c) and torch.equal(eps, eps_c), method
+
+
+def test_cfgpp_is_continuous_in_its_lambda_and_zero_is_the_unconditional_model(denoiser):
+    """CFG++ (Chung et al. 2024) is DDIM from x0_u + lambda (x0_c - x0_u) renoised with eps_u: at lambda = 0 the
+    unconditional model, and lambda = 1e-12 is within 1e-10 of it (once, w = 0 jumped to the conditional model)."""
+    x, t, y = _inputs()
+    with torch.no_grad():
+        x0_u, eps_u = denoiser(x, t, torch.full_like(y, denoiser.net.null_label))
+        at_zero = Guidance(0.0, method="cfgpp").model_fn(denoiser, y)(x, t)
+        near_zero = Guidance(1e-12, method="cfgpp").model_fn(denoiser, y)(x, t)
+    for got in (at_zero, near_zero):
+        torch.testing.assert_close(got[0], x0_u, rtol=0, atol=1e-10)
+        torch.testing.assert_close(got[1], eps_u, rtol=0, atol=1e-10)
+    assert not guidance_usable(0.0, 0.0, True, "cfgpp")  # so it needs label dropout at every lambda
 
 
 def test_guidance_methods_refuse_what_cannot_work(denoiser):

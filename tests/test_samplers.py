@@ -293,7 +293,9 @@ def test_heun_step_is_edm_algorithm_1():
         return 0.3 * x + 0.1, None
 
     x_t = torch.randn(3, 1, 2, 2, dtype=torch.float64)
-    out = sample_heun(model_fn, diffusion, x_t, steps=3, spacing="time", lambda_min=None, x0_clip="none")
+    # euler_ratio=inf: Algorithm 1 as written, its correction on every step (the default takes a step over 100x in
+    # sigma, as this one from t = 999 to t = 0 is, as Euler's: issue 29)
+    out = sample_heun(model_fn, diffusion, x_t, steps=3, spacing="time", lambda_min=None, x0_clip="none", euler_ratio=math.inf)
     assert calls == [999, 0, 0]  # levels t = 999 and t = 0: 2 levels, 2*2 - 1 = 3 evaluations
     abar = diffusion.alphas_cumprod[[999, 0]].tolist()
     alpha = [math.sqrt(a) for a in abar]

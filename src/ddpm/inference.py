@@ -226,12 +226,30 @@ class Model:
                 overall.update(size)
         overall.close()
         seconds = time.perf_counter() - start
+        bad = sum(int((~torch.isfinite(chunk.flatten(1))).any(1).sum()) for chunk in chunks)
+        if bad:
+            raise NonFiniteSamples(f"sampling gave {bad} of {n} images with non-finite values, which would be written as "
+                                   f"black: {self.why_not_finite(run, guidance)}")
         path = None
         if frames:
             every = max(1, len(frames) // trajectory_steps)
             path = torch.stack(frames[::every][: trajectory_steps - 1] + [frames[-1]], dim=1)  # (k, steps, C, H, W)
         return {"images": torch.cat(chunks), "labels": labels, "trajectory": path,
                 "nfe": evaluations / len(batches), "seconds": seconds}
+
+    def why_not_finite(self, sampler: Callable, guidance: Guidance) -> str:
+        """The likely cause of non-finite samples: the sampler's or the process's settings (a dry run on a probe network
+        fails: ``ddpm.core.probe``), or the network itself (non-finite weights, or outputs that diverge at some level)."""
+        from ddpm.core.probe import dry_run
+
+        try:
+            dry_run(sampler, self.process, self.denoiser.prediction, guidance=guidance, num_classes=self.num_classes)
+        except ConfigError as error:
+            return str(error)
+        if any(not torch.isfinite(p).all() for p in self.net.parameters()):
+            return "the network's weights are not finite (a run that went NaN?)"
+        return ("the settings sample a probe network fine, so the network's own outputs diverge at some level: a smaller "
+                "guidance.scale, sampler.x0_clip=clip, or more sampler.steps")
 
     def sample(self, labels: int | Sequence[int] | torch.Tensor | None = None, **options) -> torch.Tensor:
         """``draw(...)["images"]``: e.g. ``model.sample(16)``, ``model.sample([3, 3, 7], guidance=2, steps=20)``."""
@@ -342,6 +360,8 @@ def load(path: str | Path, ema: bool | float = True, device: str | torch.device 
         raise ConfigError(f"{source}: its config does not build a model ({type(error).__name__}: "
                           f"{(str(error).splitlines() or [''])[0][:200]})") from None
     state = checkpoint["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ConfigError(f"{source}: its state_dict is not a mapping of names to tensors (was the file altered?)")
     weights: Any = "ema" if ema is True else "raw"
     prefix = "ema.module." if ema is True else "net."
     tracked_widths = [float(s) for s in (config.get("ema", {}).get("sigma_rels") or [])]
@@ -362,7 +382,8 @@ def load(path: str | Path, ema: bool | float = True, device: str | torch.device 
         sources = None if ema_sources is None else [float(s) for s in ema_sources]
         # the EMA at this checkpoint's step, from the snapshots up to it only
         rebuilt, info = posthoc_state_dict(directory, sigma_rel, step=checkpoint.get("global_step"), sources=sources,
-                                           reference=denoiser.net.state_dict())
+                                           reference=denoiser.net.state_dict(), run_identity=checkpoint.get("run_identity"),
+                                           linked_ok=snapshots is not None)
         _load_weights(denoiser.net, rebuilt, f"ema.snapshots={str(directory)!r}")
         log.info("power EMA sigma_rel=%g at step %d rebuilt from %d snapshots in %s", sigma_rel, info["step"],
                  info["snapshots"], directory)
@@ -374,11 +395,22 @@ def load(path: str | Path, ema: bool | float = True, device: str | torch.device 
 
 
 def _load_weights(net: nn.Module, state: dict, source: str) -> None:
+    """``state`` into ``net``: ConfigError, one line, for weights that do not fit it or are not finite."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ConfigError(f"{source}: its weights are not a mapping of names to tensors (was the file altered?)")
     try:
         net.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError, AttributeError) as error:  # missing or unexpected keys, other shapes
+    except (RuntimeError, KeyError, TypeError, AttributeError, ValueError) as error:  # missing or unexpected keys, shapes
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise ConfigError(f"{source}: its weights do not fit the model its config describes ({reason})") from None
+    bad = next((k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ConfigError(f"{source}: holds non-finite weights ({bad}): a run that went NaN, or an altered file; "
+                          "sample an earlier checkpoint")
+
+
+class NonFiniteSamples(ConfigError):
+    """Sampling gave NaN or infinite values; nothing was written (exit status 2, one line naming the likely cause)."""
 
 
 __all__ = ["Guidance", "Model", "load"]

@@ -15,6 +15,7 @@ from torchvision.utils import save_image
 from ddpm.builders import build_sampler
 from ddpm.config import cli_main, native_bf16, run_cli
 from ddpm.core.guidance import APG, Guidance, check_guide
+from ddpm.core.probe import dry_run
 from ddpm.core.samplers import check_steps
 from ddpm.files import atomic_write
 from ddpm.images import class_rows, to_grid, to_uint8
@@ -106,8 +107,30 @@ def load_for_sampling(cfg: DictConfig, entry: str, outputs: tuple[str, ...]) -> 
         check_steps(cfg.sampler.steps, model.process.num_timesteps)
     guidance = guidance_of(cfg, model)
     guidance = model.guidance_for(replace(guidance, guide=guide_for(cfg, model, guidance.method)))
+    check_memory(cfg, model)
+    # The sampler walks the checkpoint's process on a probe network first: settings that overflow are refused now
+    dry_run(build_sampler(OmegaConf.to_container(cfg.sampler, resolve=True)), model.process, model.denoiser.prediction,
+            guidance=guidance, what="sampler", num_classes=model.num_classes)
     commit(run_dir)  # the folder is this command's and every check passed: its record and log file (rundirs.commit)
     return model, guidance
+
+
+def check_memory(cfg: DictConfig, model: Model) -> None:
+    """ConfigError, one line, when the images asked for (with their trajectory frames, enlarged to ``min_size`` in the
+    PNG) would not fit in half of this machine's memory: refused before sampling rather than killed after it."""
+    from ddpm.validation import IMAGE_COPIES, machine_memory
+
+    n = len(cfg.labels) if cfg.labels else cfg.num_samples
+    pixels = model.net.in_channels * model.net.image_size**2
+    side = max(model.net.image_size, -(-int(cfg.get("min_size") or 0) // model.net.image_size) * model.net.image_size)
+    needed = n * pixels * 4 * IMAGE_COPIES + n * model.net.in_channels * side * side * 4
+    frames = int(cfg.get("trajectory") or 0)
+    if frames > n:
+        raise ConfigError(f"trajectory={frames}: must be at most num_samples={n} (the trajectories of that many images)")
+    memory = machine_memory()
+    if memory and needed > memory // 2:
+        raise ConfigError(f"num_samples={n} with min_size={cfg.get('min_size')}: {needed / 1e9:.1f} GB of images, more than "
+                          f"half of this machine's {memory / 1e9:.1f} GB: sample fewer (num_samples) or in several runs")
 
 
 def sample(cfg: DictConfig) -> dict:

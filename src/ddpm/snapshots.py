@@ -16,6 +16,7 @@ import torch
 
 from ddpm.core.ema import MAX_SIGMA_REL, combine, posthoc_coefficients, profile_fit_error, sigma_rel_to_gamma
 from ddpm.core.errors import ConfigError
+from ddpm.files import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,32 @@ def snapshot_dir(ckpt_path: str | Path) -> Path:
     return Path(ckpt_path).expanduser().resolve().parent.parent / "ema_snapshots"
 
 
-def read_snapshot(path: Path, reference: dict[str, torch.Tensor] | None = None) -> dict:
-    """A snapshot file, checked to be one of this model: a step, as many widths as state dicts, and each state dict
-    with ``reference``'s keys and shapes (default: its first one's) and finite values. ConfigError, one line, naming
+# A snapshot holds one state dict per tracked width (EDM2 tracks 2); a rebuild solves a least-squares problem over all
+# (snapshot, width) profiles, whose Gram matrix grows with the square of their count. Bounds on both, far above any
+# run's (40 snapshots x 2 widths by default), so a file that lists one state dict thousands of times (pickle stores it
+# once: 200 KB) is refused at once rather than costing minutes and gigabytes.
+MAX_WIDTHS = 16
+MAX_PROFILES = 8192
+UNSET = object()
+
+
+def read_snapshot(path: Path, reference: dict[str, torch.Tensor] | None = None, run_identity=UNSET) -> dict:
+    """A snapshot file, checked to be one of this model and this run: a regular file (not a link, a FIFO or a folder),
+    a step, as many widths as state dicts (at most MAX_WIDTHS), each state dict with ``reference``'s keys
+    and shapes (default: its first one's) and finite values, and the ``run_identity`` of the checkpoint it is read for
+    (when given: snapshots of another run, or a folder linked from one, are refused). ConfigError, one line, naming
     the file otherwise."""
+    import io
+
     where = f"ema.snapshots: {path}"
     try:
-        snapshot = torch.load(path, map_location="cpu", weights_only=True)
+        with open_regular(path, follow_symlinks=False) as f:
+            data = f.read()
+    except OSError as error:
+        raise ConfigError(f"{where}: not a snapshot file of its own ({error.strerror or error}): snapshots are read from "
+                          "plain files of the run only") from None
+    try:
+        snapshot = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # zero bytes, truncated, a pickle of Python objects, text: torch raises many kinds
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
         raise ConfigError(f"{where}: not a readable EMA snapshot ({reason})") from None
@@ -54,6 +74,14 @@ def read_snapshot(path: Path, reference: dict[str, torch.Tensor] | None = None) 
                                              for k, t in fields.items()):
         raise ConfigError(f"{where}: not an EMA snapshot of ddpm.train (it needs an integer step and lists sigma_rels, "
                           "gammas and state_dicts)")
+    identity = snapshot.get("run_identity")
+    if run_identity is not UNSET and not (isinstance(identity, (str, type(None))) and identity == run_identity):
+        raise ConfigError(f"{where}: written by another training run (its run_identity is "
+                          f"{str(identity)[:40]!r}, the checkpoint's {run_identity!r}): snapshots must be "
+                          "this run's (is ema_snapshots/ a copy or link of another run's?)")
+    if len(snapshot["state_dicts"]) > MAX_WIDTHS:
+        raise ConfigError(f"{where}: lists {len(snapshot['state_dicts'])} state dicts; a snapshot holds one per tracked width, "
+                          f"at most {MAX_WIDTHS}")
     if not len(snapshot["sigma_rels"]) == len(snapshot["gammas"]) == len(snapshot["state_dicts"]) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in [*snapshot["sigma_rels"], *snapshot["gammas"]]):
         raise ConfigError(f"{where}: its sigma_rels, gammas and state_dicts do not match one to one")
@@ -76,12 +104,22 @@ def read_snapshot(path: Path, reference: dict[str, torch.Tensor] | None = None) 
 
 
 def posthoc_state_dict(directory: str | Path, sigma_rel: float, step: int | None = None,
-                       sources: list[float] | None = None, reference: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict]:
+                       sources: list[float] | None = None, reference: dict[str, torch.Tensor] | None = None,
+                       run_identity=UNSET, linked_ok: bool = True) -> tuple[dict, dict]:
     """The weights of a power EMA of relative width ``sigma_rel`` at ``step`` (default: the last snapshot), as a
     least-squares combination of the snapshots in ``directory`` up to that step (of the EMAs of width in ``sources``;
     default all); and a description for the protocol. ``reference``: the model's state dict, which every snapshot must
-    match (default: the first snapshot's)."""
-    files = sorted(p for p in Path(directory).glob("ema_*.pt") if snapshot_step(p) is not None)
+    match (default: the first snapshot's); ``run_identity``: the checkpoint's, which every snapshot must carry (see
+    ``read_snapshot``); ``linked_ok=False``: ``directory`` itself must be a folder, not a link to one (the run's own
+    ``ema_snapshots``)."""
+    directory = Path(directory)
+    if not linked_ok and directory.is_symlink():
+        raise ConfigError(f"ema.snapshots: {directory} is a link, not this run's own folder of snapshots; name the folder "
+                          "explicitly (ema.snapshots=...) to read another one")
+    files = sorted(p for p in directory.glob("ema_*.pt") if snapshot_step(p) is not None)
+    if len(files) > MAX_PROFILES:
+        raise ConfigError(f"ema.snapshots: {directory} holds {len(files)} snapshots, more than the {MAX_PROFILES} a rebuild "
+                          "solves over; move the older ones aside, or snapshot less often")
     if step is not None:
         files = [f for f in files if snapshot_step(f) <= step]
     if not files:
@@ -92,9 +130,9 @@ def posthoc_state_dict(directory: str | Path, sigma_rel: float, step: int | None
         gamma = sigma_rel_to_gamma(sigma_rel)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    first = read_snapshot(files[0], reference)
+    first = read_snapshot(files[0], reference, run_identity)
     reference = reference if reference is not None else first["state_dicts"][0]
-    snapshots = [first, *(read_snapshot(f, reference) for f in files[1:])]
+    snapshots = [first, *(read_snapshot(f, reference, run_identity) for f in files[1:])]
     step = step if step is not None else max(s["step"] for s in snapshots)
     steps, gammas, states = [], [], []
     for s in snapshots:
@@ -104,6 +142,9 @@ def posthoc_state_dict(directory: str | Path, sigma_rel: float, step: int | None
             steps.append(s["step"]), gammas.append(g), states.append(state)
     if not states:
         raise ConfigError(f"ema.sources={sources}: no snapshot in {directory} tracks those widths")
+    if len(states) > MAX_PROFILES:
+        raise ConfigError(f"ema.snapshots: {directory} holds {len(states)} EMA profiles, more than the {MAX_PROFILES} a "
+                          "rebuild solves over; rebuild from fewer widths (ema.sources=[...])")
     coefficients = posthoc_coefficients(steps, gammas, step, gamma)
     fit = profile_fit_error(steps, gammas, step, gamma, coefficients)
     if fit > 0.02:

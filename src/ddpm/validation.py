@@ -17,9 +17,10 @@ from ddpm.core.errors import ConfigError  # noqa: F401  (re-exported: the core o
 from ddpm.core.ema import MAX_SIGMA_REL
 from ddpm.core.guidance import (GUIDANCE_METHODS, APG, check_apg, check_interval, check_method, check_rescale, check_sampler_for,
                                  check_scale, guidance_usable)
+from ddpm.builders import label_dropout
 from ddpm.core.prediction import (LOSS_WEIGHTS, PREDICTIONS, ZERO_TERMINAL_SNR_PREDICTIONS, check_min_snr_gamma,
                                   check_prediction, check_terminal_snr)
-from ddpm.core.samplers import MAX_LAMBDA_MIN, SPACINGS, X0_CLIPS, check_lambda_min, check_process, check_steps
+from ddpm.core.samplers import MAX_LAMBDA_MIN, MAX_STEPS, MIN_LAMBDA_MIN, SPACINGS, X0_CLIPS, check_lambda_min, check_process, check_steps
 from ddpm.core.samplers.ddim import check_eta
 from ddpm.core.samplers.heun import check_churn
 from ddpm.core.samplers.ddpm import VARIANCES
@@ -54,6 +55,8 @@ class Rule:
     # A rule owned by the code it governs: ``check`` calls that code's own check, which raises ConfigError with its
     # own one line (the U-Net its shapes); ``allowed`` then only words a value the check could not even look at.
     owned: bool = False
+    # Checked only when every other rule holds (a dry run of the configured objects, which needs them all valid).
+    last: bool = False
 
 
 # --- predicates -------------------------------------------------------------------------------------------
@@ -103,7 +106,7 @@ def _steps_ok(v, cfg) -> bool:
         return True  # schedule.timesteps is wrong (its own rule says so); steps often just follow it
     if v is None:
         return True
-    return _raises_no_config_error(check_steps, v, t) if t is not None else positive_int(v)  # t: the checkpoint's
+    return _raises_no_config_error(check_steps, v, t)  # t None: a continuous process (or the checkpoint's, checked later)
 
 
 def _raises_no_config_error(check: Callable, *args) -> bool:
@@ -175,6 +178,80 @@ def _sampler_for_process(v, cfg) -> None:
     check_process(build_sampler(v), _process_class(cfg))
 
 
+def _dry_run_training(cfg: Config) -> None:
+    """Every sampler a training run uses (its grids, quality curve and final evaluation), walked end to end on its
+    process by a probe network (``ddpm.core.probe.dry_run``): a setting that overflows is refused now, not after the
+    first 1,000 steps."""
+    from dataclasses import replace
+    from functools import partial
+
+    from ddpm.builders import build_guidance, build_process, build_sampler
+    from ddpm.core.probe import dry_run
+
+    config = {key: select(cfg, key) for key in ("process", "schedule", "guidance", "sampler", "diffusion", "data", "callbacks")}
+    process = build_process(config)
+    prediction = (config.get("diffusion") or {}).get("prediction") or process.predictions[0]
+    guidance = build_guidance(config["guidance"])
+    num_classes = config["data"]["num_classes"] if config["guidance"].get("conditional") else None
+    if guidance.method == "autoguidance":  # refused for training by its own rule; nothing to dry-run
+        return
+    sampler = build_sampler(config["sampler"])
+    callbacks = config.get("callbacks") or {}
+    runs = [("sampler", sampler, guidance)]
+    for name in ("sample_grid", "sample_quality"):
+        node = callbacks.get(name)
+        if node and node.get("steps") is not None:
+            runs.append((f"callbacks.{name}", partial(sampler, steps=node["steps"]), guidance))
+    final = callbacks.get("evaluate_at_end")
+    if final:
+        final_sampler = build_sampler(final["sampler"]) if final.get("sampler") else sampler
+        for w in final.get("guidance_scales") or []:
+            if isinstance(w, (int, float)) and w >= 0 and (num_classes is None or guidance_usable(
+                    label_dropout(config["guidance"]), w, True, guidance.method)):
+                runs.append(("callbacks.evaluate_at_end", final_sampler, replace(guidance, scale=float(w))))
+    for what, each, chosen in runs:
+        dry_run(each, process, prediction, guidance=chosen, what=what, num_classes=num_classes)
+
+
+def machine_memory() -> int:
+    """This machine's physical memory in bytes (0 where the platform does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+# Images a command may hold at once: a sample set lives in memory as float32, uint8 and features (about 3 copies);
+# more than half the machine's memory would end in the kernel's OOM killer after all the sampling was done.
+IMAGE_COPIES = 3
+
+
+def _check_images(count, cfg: Config, key: str, min_size=None) -> None:
+    """ConfigError, one line naming ``key``, when ``count`` images of the config's size (enlarged to ``min_size`` for a PNG
+    grid) would take more than half of this machine's memory."""
+    if not (_is_int(count) and count > 0):
+        return  # its own rule words that
+    side, channels = select(cfg, "data.image_size") or 8, select(cfg, "data.channels") or 1
+    shown = side if not (_is_int(min_size) and min_size > side) else -(-min_size // side) * side
+    needed = count * channels * 4 * (side * side * IMAGE_COPIES + shown * shown)
+    memory = machine_memory()
+    if memory and needed > memory // 2:
+        raise ConfigError(f"{key}: {count} images of {side}x{side}" + (f" shown at {shown}x{shown}" if shown != side else "")
+                          + f" need {needed / 1e9:.3g} GB, more than half of this machine's {memory / 1e9:.3g} GB: ask for fewer")
+
+
+def _grid_images(cfg: Config) -> int:
+    per_class, classes = select(cfg, "callbacks.sample_grid.per_class"), select(cfg, "data.num_classes")
+    if select(cfg, "guidance.conditional") and _is_int(per_class) and _is_int(classes):
+        return per_class * classes
+    return select(cfg, "callbacks.sample_grid.num_samples") or 0
+
+
+MEMORY = "images that fit in half of this machine's memory"
+
+
 def _cuda_index(device: str) -> int:
     return int(str(device).partition(":")[2] or 0)
 
@@ -233,14 +310,14 @@ def or_checkpoint(rule: Rule) -> Rule:
 
 
 SAMPLER_RULES = [
-    Rule("sampler.steps", _steps_ok, "an integer between 1 and schedule.timesteps (null: all T for ddpm)"),
+    Rule("sampler.steps", _steps_ok, f"an integer between 1 and schedule.timesteps (ddpm; null: all T) or {MAX_STEPS} (continuous processes)"),
     Rule("sampler.eta", lambda v, _: _raises_no_config_error(check_eta, v), "a number >= 0 (0: deterministic DDIM, 1: DDPM posterior variance)"),
     Rule("sampler.variance", one_of(*VARIANCES), f"one of {list(VARIANCES)}"),
     Rule("sampler.x0_clip", one_of(*X0_CLIPS), f"one of {list(X0_CLIPS)}"),
     Rule("sampler.spacing", one_of(*SPACINGS), f"one of {list(SPACINGS)}"),
     Rule("sampler.rho", positive, "a number > 0 (EDM: 7)"),
     Rule("sampler.lambda_min", lambda v, _: _raises_no_config_error(check_lambda_min, v),
-         f"null or a log-SNR <= {MAX_LAMBDA_MIN} (e.g. -5.1): the first level must be noisy enough to start from noise"),
+         f"null or a log-SNR <= {MAX_LAMBDA_MIN} and >= {MIN_LAMBDA_MIN} (e.g. -5.1): the first level must be noisy enough to start from noise"),
     Rule("sampler.precision", one_of(*SAMPLING_PRECISIONS), f"one of {list(SAMPLING_PRECISIONS)}"),
     Rule("sampler.compile", lambda v, _: isinstance(v, bool), "true or false"),
     Rule("sampler.percentile", lambda v, _: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
@@ -249,6 +326,7 @@ SAMPLER_RULES = [
     Rule("sampler.S_tmax", lambda v, cfg: _raises_no_config_error(check_churn, 0.0, select(cfg, "sampler.S_tmin"), v, 1.0),
          "a number >= sampler.S_tmin >= 0 (the churned range of sigma)"),
     Rule("sampler.S_noise", lambda v, _: _raises_no_config_error(check_churn, 0.0, 0.0, 0.0, v), "a number > 0 (Karras et al.: 1.007)"),
+    Rule("sampler.euler_ratio", lambda v, _: _is_num(v) and v > 1, "a number > 1 (inf: Heun's correction on every step, as EDM)"),
 ]
 
 TRAIN_RULES = [
@@ -323,13 +401,24 @@ TRAIN_RULES = [
     Rule("resume", one_of("auto", "never"), "one of ['auto', 'never']"),
     Rule("callbacks.model_checkpoint.every_n_train_steps", nonneg_int, "an integer >= 0"),
     Rule("callbacks.sample_grid.every_n_steps", nonneg_int, "an integer >= 0 (0: only the final grid)"),
-    Rule("callbacks.sample_grid.steps", _steps_ok, "null or an integer between 1 and schedule.timesteps"),
+    Rule("callbacks.sample_grid.steps", _steps_ok, f"null or an integer between 1 and schedule.timesteps (ddpm) or {MAX_STEPS} (continuous processes)"),
     Rule("callbacks.sample_quality.every_n_steps", nonneg_int, "an integer >= 0 (0: off)"),
     Rule("callbacks.sample_quality.num_samples", lambda v, _: _is_int(v) and v >= 2, "an integer >= 2"),
-    Rule("callbacks.sample_quality.steps", _steps_ok, "null or an integer between 1 and schedule.timesteps"),
+    Rule("callbacks.sample_quality.steps", _steps_ok, f"null or an integer between 1 and schedule.timesteps (ddpm) or {MAX_STEPS} (continuous processes)"),
+    Rule("callbacks.sample_grid.per_class", positive_int, "an integer > 0"),
+    Rule("callbacks.sample_grid.num_samples", positive_int, "an integer > 0"),
+    Rule("callbacks.sample_grid.min_size", nonneg_int, "an integer >= 0"),
+    Rule("callbacks.sample_grid", lambda v, cfg: _check_images(_grid_images(cfg), cfg, "callbacks.sample_grid",
+                                                              select(cfg, "callbacks.sample_grid.min_size")), MEMORY, owned=True),
+    Rule("callbacks.sample_quality.num_samples", lambda v, cfg: _check_images(v, cfg, "callbacks.sample_quality.num_samples"),
+         MEMORY, owned=True),
+    Rule("callbacks.evaluate_at_end.num_samples", lambda v, cfg: _is_int(v) and v >= 2, "an integer >= 2"),
+    Rule("callbacks.evaluate_at_end.num_samples", lambda v, cfg: _check_images(v, cfg, "callbacks.evaluate_at_end.num_samples"),
+         MEMORY, owned=True),
     Rule("callbacks.sample_quality.feature_extractor", one_of(*EXTRACTORS), f"one of {list(EXTRACTORS)}"),
     Rule("callbacks.sample_quality.reference_split", one_of(*REFERENCE_SPLITS), f"one of {list(REFERENCE_SPLITS)}"),
     *SAMPLER_RULES,
+    Rule("sampler", lambda v, cfg: _dry_run_training(cfg), "settings every sampler of the run can walk", owned=True, last=True),
 ]
 
 # conf/weights.yaml: which weights of which checkpoint, on which device (ddpm.sample, ddpm.evaluate, ddpm.export)
@@ -378,7 +467,10 @@ RULES = {"train": TRAIN_RULES, "sample": SAMPLE_RULES, "evaluate": EVALUATE_RULE
 def problems(cfg: Config, rules: list[Rule]) -> list[str]:
     """One line per broken rule (a key with several broken rules is reported once)."""
     lines, seen, raised = [], set(), []
+    rules = [r for r in rules if not r.last] + [r for r in rules if r.last]
     for rule in rules:
+        if rule.last and (lines or raised):
+            break
         if rule.key in seen or any(key.startswith(rule.key + ".") for key in seen):
             continue  # a node's own rule (schedule) is moot once one of its keys (schedule.timesteps) is reported
         plain = select(cfg, rule.key, default=_ABSENT)

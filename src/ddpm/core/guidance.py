@@ -9,10 +9,17 @@ rescaled CFG (Lin et al. 2024, sec. 3.4) and a guidance interval (Kynkaanniemi e
 
 Convention: ``guidance_scale`` is the paper's w,
     x0_guided = (1 + w) * x0(x_t, y) - w * x0(x_t, null)     (and the same for eps),
-so w = 0 is the purely conditional model, for every method. HuggingFace diffusers writes the same rule as
-eps_u + s * (eps_c - eps_u) with s = 1 + w: our w = 2 is their guidance_scale = 3. Guiding x_0 or eps is the same
+so w = 0 is the purely conditional model, for cfg, apg and autoguidance. HuggingFace diffusers writes the same rule
+as eps_u + s * (eps_c - eps_u) with s = 1 + w: our w = 2 is their guidance_scale = 3. Guiding x_0 or eps is the same
 thing (at a fixed x_t they are affine in each other, with weights that sum to 1), so it does not depend on what the
-network predicts.
+network predicts. CFG++'s scale is its own lambda in [0, 1] (Chung et al. 2024): x0 = x0_u + lambda (x0_c - x0_u),
+renoised with eps_u, continuous in lambda, so lambda = 0 is the unconditional model (and no lambda is the conditional
+one: that renoises with eps_c).
+
+APG, as here and in the paper's code, adds w times its update to the conditional x_0: x0_c + w * update. diffusers'
+``AdaptiveProjectedGuidance`` applies it to the pipeline's raw prediction (eps, or the flow velocity) as
+pred_c + (s - 1) * update with s its guidance_scale: the same rule with s = 1 + w on a different parameterisation, so
+their numbers match ours for an x0-predicting model only.
 """
 
 from __future__ import annotations
@@ -95,9 +102,10 @@ def guided(denoiser: Denoiser, labels: torch.Tensor | None, guidance_scale: floa
 
     ``method``: cfg (x0 = (1 + w) x0_cond - w x0_uncond), apg (x0 = x0_cond + w ``apg_update``; its momentum
     history lives in this model_fn, so one per sampling run), cfgpp (x0 = x0_uncond + w (x0_cond - x0_uncond) with
-    eps = eps_uncond, which DDIM renoises with: the model_fn is marked ``renoise_with_eps``) or autoguidance
-    (x0 = (1 + w) x0_main - w x0_guide, both conditional; ``guide`` is the weaker model). w = 0 is the conditional
-    model for every method, so CFG++'s own lambda = 0 (the unconditional model) is not reachable through it. ``rescale``: phi of rescaled CFG. ``interval``: (sigma_lo,
+    eps = eps_uncond, which DDIM renoises with: the model_fn is marked ``renoise_with_eps``; w is CFG++'s lambda, and
+    w = 0 its unconditional model) or autoguidance (x0 = (1 + w) x0_main - w x0_guide, both conditional; ``guide`` is
+    the weaker model). w = 0 is the conditional model for cfg, apg and autoguidance. ``rescale``: phi of rescaled
+    CFG. ``interval``: (sigma_lo,
     sigma_hi); guidance only where the noise level sigma = sigma_t / alpha_t (EDM's) is in (sigma_lo, sigma_hi], the
     plain conditional prediction elsewhere (Kynkaanniemi et al. 2024). For cfg and apg the conditional and
     unconditional halves run as one batched forward pass (skipped when no sample of the batch is inside the interval).
@@ -113,7 +121,7 @@ def guided(denoiser: Denoiser, labels: torch.Tensor | None, guidance_scale: floa
     if conditional and labels is None:
         raise ConfigError("a class-conditional model needs labels to sample")
     labels = labels if conditional else None
-    if guidance_scale == 0 or (not conditional and method != "autoguidance"):
+    if (guidance_scale == 0 and method != "cfgpp") or (not conditional and method != "autoguidance"):
         return lambda x, t: denoiser(x, t, labels)
 
     both_labels = None if labels is None else torch.cat([labels, torch.full_like(labels, net.null_label)])
@@ -186,10 +194,11 @@ def check_apg(settings: APG) -> None:
 
 
 def guidance_usable(p_uncond: float, guidance_scale: float, conditional: bool = True, method: str = "cfg") -> bool:
-    """The rule, written once: guiding with the unconditional branch (cfg, apg at w > 0) needs a model trained with
-    label dropout (p_uncond > 0); otherwise its unconditional prediction never saw the null label and is untrained.
-    Autoguidance needs no unconditional branch."""
-    return method == "autoguidance" or not (conditional and guidance_scale > 0 and p_uncond <= 0)
+    """The rule, written once: guiding with the unconditional branch (cfg, apg at w > 0; cfgpp at every lambda) needs a
+    model trained with label dropout (p_uncond > 0); otherwise its unconditional prediction never saw the null label
+    and is untrained. Autoguidance needs no unconditional branch."""
+    uses_unconditional = guidance_scale > 0 or method == "cfgpp"
+    return method == "autoguidance" or not (conditional and uses_unconditional and p_uncond <= 0)
 
 
 def check_guidance(p_uncond: float, guidance_scale: float, conditional: bool = True, rescale: float = 0.0,

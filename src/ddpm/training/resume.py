@@ -358,7 +358,8 @@ def _check_callbacks(states, checkpoint_dir: Path) -> None:
                 ok = path == "" or (isinstance(path, str) and path == os.path.normpath(path) and os.path.isabs(path)
                                     and os.path.realpath(os.path.dirname(path)) == folder
                                     and CHECKPOINT_NAME.fullmatch(os.path.basename(path)) is not None)
-                _require(ok, where, f"names {str(path)[:80]!r}, not a checkpoint file in this run's {folder}")
+                shown = str(path) if len(str(path)) <= 120 else "..." + str(path)[-120:]
+                _require(ok, where, f"names {shown!r}, not a checkpoint file in this run's {folder}")
         for value in (state.get("best_model_score"), state.get("current_score"), state.get("kth_value"), *best.values()):
             ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
                 isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point())

@@ -82,6 +82,7 @@ class EMASnapshots(L.Callback):
                                      f"{path.name}; checkpoints and snapshots on disk are from before it and finite. Lower "
                                      "optim.optimizer.lr (or raise optim.warmup_steps, keep trainer.gradient_clip_val) and run "
                                      "the same command again: it resumes from the newest checkpoint with the new settings")
-        atomic_save({"step": step, "sigma_rels": power_ema.sigma_rels, "gammas": power_ema.gammas, "state_dicts": states}, path)
+        atomic_save({"step": step, "sigma_rels": power_ema.sigma_rels, "gammas": power_ema.gammas, "state_dicts": states,
+                     "run_identity": getattr(pl_module, "run_identity", None)}, path)
 
 

@@ -1,7 +1,13 @@
 """Rectified flow / conditional flow matching (Liu et al. 2023; Lipman et al. 2023): x_t = (1 - t) x_0 + t eps,
 t in [0, 1]. Its network predicts the velocity u = dx_t/dt = eps - x_0 (the ``velocity`` target), and the Euler step
 of its ODE is DDIM's (``ddpm/core/samplers/ddim.py``). The objective of SD3 and Flux (Esser et al. 2024), with
-logit-normal t."""
+logit-normal t.
+
+Time runs as in every process here (and in SD3 and diffusers' FlowMatchEulerDiscreteScheduler): t = 0 is data, t = 1
+is noise. Lipman et al. and Meta's flow_matching run it the other way (t = 0 noise, t = 1 data, x_t = t x_1 +
+(1 - t) x_0 with x_0 the noise): their time is our 1 - t, and their velocity dx/dt is our -u = x_0 - eps, so their
+model output is minus ours at the mirrored time (tests/test_processes.py checks the velocity against the path's
+derivative)."""
 
 from __future__ import annotations
 
