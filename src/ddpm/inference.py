@@ -31,6 +31,7 @@ from ddpm.checkpoints import load_checkpoint
 from ddpm.core.denoiser import Denoiser
 from ddpm.core.errors import ConfigError
 from ddpm.core.guidance import Guidance, check_sampler_for
+from ddpm.core.probe import dry_run
 from ddpm.core.samplers import check_process, check_steps, randn_like
 from ddpm.options import read_option
 from ddpm.snapshots import EMA_SOURCES, posthoc_state_dict, snapshot_dir
@@ -188,6 +189,10 @@ class Model:
         guidance = self.guidance_for(guidance)
         check_sampler_for(guidance.method, sampler_name(run), (run.keywords if isinstance(run, partial) else {}).get("eta", 0.0))
         check_process(run, self.process)
+        # one of this project's samplers walks this process on a probe network first (milliseconds): settings that
+        # overflow are refused before any compute, naming them (ddpm.core.probe); a function of your own runs as it is
+        if getattr(run.func if isinstance(run, partial) else run, "__module__", "").startswith("ddpm.core.samplers"):
+            dry_run(run, self.process, self.denoiser.prediction, guidance=guidance, num_classes=self.num_classes)
         if precision not in ("float32", "bf16"):
             raise ConfigError(f"sampler.precision={precision!r}: must be one of ['float32', 'bf16']")
         device, net = self.device, self.net
