@@ -258,3 +258,70 @@ def test_a_snapshot_that_is_not_one_of_this_model_is_refused_in_one_line(snapsho
     with pytest.raises(ConfigError) as error:
         sample(cfg)
     assert message in str(error.value) and "\n" not in str(error.value) and "ema_0000005.pt" in str(error.value)
+
+
+# --- snapshots prove which run they belong to, and are read as plain files, bounded (issue 29, items 4 and 6) ----
+def _copy_run(snapshotted, tmp_path, name="copy"):
+    import shutil
+
+    copy = tmp_path / name
+    shutil.copytree(snapshotted, copy)
+    return copy
+
+
+def test_snapshots_of_another_run_are_refused(snapshotted, tmp_path):
+    """Another run's snapshots (same model, same steps) in this run's folder, or its folder linked in: the post-hoc EMA
+    would be that run's, without a word. Each snapshot carries its run's identity, which must be the checkpoint's."""
+    import shutil
+
+    import ddpm
+    from ddpm.config import compose
+    from ddpm.validation import ConfigError
+    from conftest import TINY
+
+    other = tmp_path / "other"
+    train(compose([*TINY, "trainer.max_steps=20", "ema.snapshot_every=5", "callbacks.model_checkpoint.every_n_train_steps=10",
+                   "~callbacks.sample_grid", "seed=1"], output_dir=other))
+    mine = _copy_run(snapshotted, tmp_path)
+    shutil.rmtree(mine / "ema_snapshots")
+    (mine / "ema_snapshots").symlink_to(other / "ema_snapshots", target_is_directory=True)
+    with pytest.raises(ConfigError, match=r"ema_snapshots is a link, not this run's own folder"):
+        ddpm.load(mine / "checkpoints" / "last.ckpt", ema=0.07, device="cpu")
+    (mine / "ema_snapshots").unlink()
+    shutil.copytree(other / "ema_snapshots", mine / "ema_snapshots")
+    with pytest.raises(ConfigError, match=r"ema_0000005.pt: written by another training run"):
+        ddpm.load(mine / "checkpoints" / "last.ckpt", ema=0.07, device="cpu")
+    ddpm.load(other / "checkpoints" / "last.ckpt", ema=0.07, device="cpu", snapshots=mine / "ema_snapshots")  # its own
+
+
+def test_a_fifo_among_the_snapshots_is_refused_not_waited_on(snapshotted, tmp_path):
+    import os
+
+    import ddpm
+    from ddpm.validation import ConfigError
+
+    mine = _copy_run(snapshotted, tmp_path)
+    (mine / "ema_snapshots" / "ema_0000005.pt").unlink()
+    os.mkfifo(mine / "ema_snapshots" / "ema_0000005.pt")
+    with pytest.raises(ConfigError, match=r"ema_0000005.pt: not a snapshot file of its own \(a FIFO\)"):
+        ddpm.load(mine / "checkpoints" / "last.ckpt", ema=0.07, device="cpu")
+
+
+def test_a_snapshot_listing_one_state_thousands_of_times_is_refused_at_once(snapshotted, tmp_path):
+    """Pickle stores a repeated object once: 8,000 references to one state dict make a small file whose rebuild cost
+    minutes and gigabytes (it grows with the square of the count). A snapshot holds one state per tracked width."""
+    import time
+
+    import ddpm
+    from ddpm.validation import ConfigError
+
+    mine = _copy_run(snapshotted, tmp_path)
+    path = mine / "ema_snapshots" / "ema_0000005.pt"
+    good = torch.load(path, weights_only=True)
+    state = good["state_dicts"][0]
+    torch.save({**good, "state_dicts": [state] * 8000, "sigma_rels": [0.05] * 8000, "gammas": [good["gammas"][0]] * 8000}, path)
+    assert path.stat().st_size < 5_000_000
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"lists 8000 state dicts; a snapshot holds one per tracked width"):
+        ddpm.load(mine / "checkpoints" / "last.ckpt", ema=0.07, device="cpu")
+    assert time.perf_counter() - start < 60  # a hang guard, not a speed claim (it took 57 s and 3.7 GB before)

@@ -169,11 +169,13 @@ def run_cli(task, cfg: DictConfig):
     it with one line per problem on stderr and exit status 2, Ctrl+C with one line and 130, instead of a traceback."""
     import sys
 
+    from ddpm import interrupts
     from ddpm.files import WriteError
     from ddpm.training.module import NonFiniteLossError
     from ddpm.validation import ConfigError
 
     _task_begins()
+    interrupts.honour()  # Ctrl+C from here on: KeyboardInterrupt, remembered; a second one ends the process at once
     try:
         return task(cfg)
     except (ConfigError, NonFiniteLossError, WriteError) as error:

@@ -6,6 +6,11 @@ A guidance sweep at sampling time is a multirun: ``--multirun ckpt_path=... guid
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl+C while the imports below run (seconds): one line, not a traceback (ddpm.interrupts)
+    from ddpm.interrupts import quiet_while_starting
+
+    quiet_while_starting()
+
 import json
 import logging
 from pathlib import Path
@@ -41,7 +46,8 @@ def evaluate(cfg: DictConfig) -> dict:
     options = draw_options(cfg, guidance)
     record = model.evaluate(data=data, feature_extractor=cfg.metrics.feature_extractor,
                             reference_split=cfg.metrics.reference_split, reference_size=cfg.metrics.reference_size,
-                            cache_dir=cfg.metrics.cache_dir, inception_score=cfg.metrics.inception_score, **options)
+                            cache_dir=cfg.metrics.cache_dir, inception_score=cfg.metrics.inception_score, progress=True,
+                            **options)
     # not part of the protocol: how this process shared the extractor and reference statistics (a multirun of N
     # evaluations in one process: uses N, built 1)
     record["process"] = {"extractor_and_reference_uses": PREPARATIONS["uses"],

@@ -4,6 +4,11 @@ model in another library's format. ``format=diffusers`` writes a ``UNet2DModel``
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl+C while the imports below run (seconds): one line, not a traceback (ddpm.interrupts)
+    from ddpm.interrupts import quiet_while_starting
+
+    quiet_while_starting()
+
 import importlib.util
 import logging
 

@@ -54,7 +54,8 @@ def load_run(job_dir: Path) -> dict | None:
         elif not key.startswith(("hydra.", "~")) and key.lstrip("+") != "paths.cache_dir":
             overrides[key.lstrip("+")] = _parse_value(value)
     curve: dict[int, float] = {}
-    for metrics_csv in sorted(job_dir.glob("csv/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
+    versions = [p for p in job_dir.glob("csv/version_*/metrics.csv") if p.parent.name.split("_", 1)[1].isdigit()]
+    for metrics_csv in sorted(versions, key=lambda p: int(p.parent.name.split("_")[1])):  # version_abc: not Lightning's
         for row in _read(metrics_csv, lambda text: list(csv.DictReader(io.StringIO(text)))):
             if row.get("train/loss"):
                 try:
@@ -78,7 +79,8 @@ def load_run(job_dir: Path) -> dict | None:
         except (KeyError, TypeError, AttributeError) as error:
             raise ReportError(f"{metrics_file}: not a metrics.json written by ddpm ({type(error).__name__}: {error}); "
                               "fix or remove it (python -m ddpm.evaluate writes a new one)") from None
-        bad = next((v for v in numbers if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))), None)
+        bad = next((v for v in numbers if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                                            or (isinstance(v, int) and abs(v) > 2**53))), None)
         if bad is not None:
             raise ReportError(f"{metrics_file}: holds {str(bad)[:40]!r} where a number belongs; fix or remove it "
                               "(python -m ddpm.evaluate writes a new one)")
@@ -89,17 +91,31 @@ class ReportError(ValueError):
     """A sweep directory the report cannot read or write: one line naming the file."""
 
 
+# The largest file of each kind a run writes, with a wide margin: a bigger one was not written by ddpm, and reading it
+# whole would only cost memory (a metrics.csv of a million logged steps is about 50 MB).
+MAX_BYTES = {".yaml": 1_000_000, ".json": 10_000_000, ".csv": 500_000_000}
+
+
 def _read(path: Path, parse):
-    """``parse`` of a file's UTF-8 text; ReportError naming the file when it is not UTF-8 or does not parse."""
+    """``parse`` of a file's UTF-8 text; ReportError naming the file when it is not a regular file (a FIFO would hang the
+    report), too large, not UTF-8 or does not parse."""
+    from ddpm.files import open_regular
+
+    limit = MAX_BYTES.get(path.suffix, 10_000_000)
     try:
-        return parse(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as error:
-        raise ReportError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); was it written by ddpm?") from None
-    except (yaml.YAMLError, ValueError, csv.Error) as error:  # a !!python tag is a yaml.constructor.ConstructorError
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ReportError(f"{path}: cannot be parsed ({type(error).__name__}: {first}); fix or remove it") from None
+        with open_regular(path) as f:
+            data = f.read(limit + 1)
     except OSError as error:
         raise ReportError(f"{path}: cannot be read ({error.strerror or error})") from None
+    if len(data) > limit:
+        raise ReportError(f"{path}: larger than {limit} bytes, more than ddpm writes there; fix or remove it")
+    try:
+        return parse(data.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ReportError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); was it written by ddpm?") from None
+    except (yaml.YAMLError, ValueError, csv.Error, RecursionError) as error:  # a !!python tag: yaml's ConstructorError
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ReportError(f"{path}: cannot be parsed ({type(error).__name__}: {first}); fix or remove it") from None
 
 
 def write_bytes(path: Path, data: bytes) -> None:

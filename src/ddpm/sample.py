@@ -3,6 +3,11 @@ images from a checkpoint, as a PNG grid and as raw uint8 arrays (samples.npz).""
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl+C while the imports below run (seconds): one line, not a traceback (ddpm.interrupts)
+    from ddpm.interrupts import quiet_while_starting
+
+    quiet_while_starting()
+
 import logging
 from dataclasses import replace
 from pathlib import Path

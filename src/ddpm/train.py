@@ -5,6 +5,11 @@
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl+C while the imports below run (seconds): one line, not a traceback (ddpm.interrupts)
+    from ddpm.interrupts import quiet_while_starting
+
+    quiet_while_starting()
+
 import json
 import logging
 import signal
