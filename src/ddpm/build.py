@@ -7,10 +7,12 @@ functions ``ddpm.load`` builds a checkpoint's model with; the optimizer, loggers
 
 from __future__ import annotations
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm.builders import build_denoiser, build_guidance, build_sampler, label_dropout
+from ddpm.core.errors import ConfigError
 from ddpm.training.module import DiffusionModule
 
 
@@ -39,5 +41,24 @@ def instantiate_loggers(node) -> list | bool:
     if not node:
         return False
     if "_target_" in node:
-        return [instantiate(node)]
-    return [instantiate(each) for each in node.values() if each]
+        return [built(node)]
+    return [built(each) for each in node.values() if each]
+
+
+def built(node, **kwargs):
+    """``instantiate(node, **kwargs)``, with a ConfigError raised by the built object's own checks (wandb's run id file,
+    say) passed on as it is, and Lightning's refusal of a setting (MisconfigurationException) as one: Hydra wraps
+    whatever a target raises in its InstantiationException, which would turn the one line into "Error executing job"
+    and a traceback."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        if isinstance(cause, MisconfigurationException):
+            target = str(node.get("_target_", "?")).rsplit(".", 1)[-1]
+            raise ConfigError(f"{target}: {(str(cause).strip().splitlines() or ['refused'])[0][:300]}") from None
+        raise

@@ -23,32 +23,34 @@ from ddpm.core.errors import ConfigError
 from ddpm.options import base_config, options, read_option, targets, train_defaults
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False,
-                    build_from_config: bool = True) -> dict:
+                    build_from_config: bool = True, key: str = "ckpt_path") -> dict:
     """A checkpoint written by ``ddpm.train``; ConfigError naming the file when it is missing, truncated, not ours,
     or carries a config that is not this project's (``rebuild_config``); its ``config`` is the rebuilt one. ``mmap``:
     map the tensors instead of reading them (to look at the config alone).
 
     ``build_from_config=False``: nothing will be built from its config (a run resuming from it builds from the
     command line's config and only compares the two), so the config is read as data, in today's names
-    (``upgrade_config``), and a callback of the user's own (``+callbacks.mine._target_=...``) does not refuse it."""
+    (``upgrade_config``), and a callback of the user's own (``+callbacks.mine._target_=...``) does not refuse it.
+    ``key``: the setting that named the file, for the messages (``guidance.guide.ckpt_path`` for a guide)."""
     path = Path(path).expanduser()
+    source = f"{key}={str(path)!r}"
     if not path.is_file():
-        raise ConfigError(f"ckpt_path={str(path)!r}: no such file")
+        raise ConfigError(f"{source}: no such file")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)  # tensors and plain data only
     except Exception as error:  # truncated zip, foreign pickle, text...: torch raises many kinds
-        raise ConfigError(f"ckpt_path={str(path)!r}: {_load_failure(error)}") from None
+        raise ConfigError(f"{source}: {_load_failure(error)}") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "config" not in checkpoint:
-        raise ConfigError(f"ckpt_path={str(path)!r}: not a ddpm checkpoint (no state_dict and config inside; "
+        raise ConfigError(f"{source}: not a ddpm checkpoint (no state_dict and config inside; "
                           "was it written by python -m ddpm.train?)")
     step = checkpoint.get("global_step", 0)
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ConfigError(f"ckpt_path={str(path)!r}: its global_step is {str(step)[:40]!r}, not a step count; not a ddpm "
+        raise ConfigError(f"{source}: its global_step is {str(step)[:40]!r}, not a step count; not a ddpm "
                           "checkpoint")
     if not build_from_config:
         checkpoint["config"] = upgrade_config(checkpoint["config"])
         return checkpoint
-    checkpoint["config"] = rebuild_config(checkpoint["config"], f"ckpt_path={str(path)!r}", checkpoint.get("choices"))
+    checkpoint["config"] = rebuild_config(checkpoint["config"], source, checkpoint.get("choices"))
     return checkpoint
 
 

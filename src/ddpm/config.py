@@ -101,7 +101,13 @@ def compose(overrides: list[str] | None = None, config_name: str = "train", outp
     with _own_global_hydra(), initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=output_dir is not None)
         if output_dir is not None:
+            from hydra.types import RunMode
+
+            from ddpm.training.rundirs import CREATED
+
             cfg.hydra.runtime.output_dir = str(output_dir)
+            cfg.hydra.mode = RunMode.RUN  # as `python -m ddpm.<entry>` runs it: a refused run removes what it made
+            CREATED.clear()  # a new run: nothing made yet (FreshRunDirs.on_run_start does this on the command line)
             HydraConfig.instance().set_config(cfg)
             with open_dict(cfg):  # as under @hydra.main, the task sees its config without the hydra node
                 del cfg["hydra"]

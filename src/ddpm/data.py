@@ -111,7 +111,7 @@ class Torchvision(ImageData):
     def __init__(self, name: str, download: bool = True, random_flip: bool = False, **kwargs):
         super().__init__(**kwargs)
         if name not in self.DATASETS:
-            raise ValueError(f"data.name={name!r}: must be one of {sorted(self.DATASETS)}")
+            raise ConfigError(f"data.name={name!r}: must be one of {sorted(self.DATASETS)}")
         self.name, self.download, self.random_flip = name, download, random_flip  # instance name shadows the class's
 
     def check(self) -> None:

@@ -191,9 +191,11 @@ def scheduler_config(betas: torch.Tensor, schedule: dict, prediction: str, x0_cl
 
 
 def check_out(out: str | Path) -> Path:
-    """``out`` as a path, or ConfigError when it holds anything: an export never writes into an existing folder."""
-    out = Path(out).expanduser()
-    if out.is_symlink():  # the export renames a folder into place: never onto (or through) a link
+    """``out`` as an absolute path (``.`` and ``..`` resolved as written, links not followed), or ConfigError when it
+    holds anything: an export never writes into an existing folder."""
+    given = Path(out).expanduser()
+    out = Path(os.path.abspath(given))
+    if given.is_symlink() or out.is_symlink():  # the export renames a folder into place: never onto (or through) a link
         raise ConfigError(f"out={str(out)!r} is a symbolic link: name a real folder that does not exist yet (nothing was written)")
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise ConfigError(f"out={str(out)!r} already exists and is not an empty folder: pick a new out (nothing was written)")

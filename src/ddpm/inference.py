@@ -35,6 +35,7 @@ from ddpm.core.guidance import Guidance, check_sampler_for
 from ddpm.core.probe import dry_run
 from ddpm.core.samplers import check_process, check_steps, randn_like
 from ddpm.options import read_option
+from ddpm.core.ema import MAX_SIGMA_REL
 from ddpm.snapshots import EMA_SOURCES, posthoc_state_dict, snapshot_dir
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,19 @@ def even_labels(num_samples: int, num_classes: int) -> torch.Tensor:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto``: cuda when available, else cpu."""
+    """``auto``: cuda when available, else cpu; ConfigError, one line, for a device this machine does not have."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(f"device={device!r}: not a device ({str(error).splitlines()[0][:80]}); use auto, cpu or cuda") from None
+    if resolved.type == "cuda" and not (torch.cuda.is_available() and (resolved.index or 0) < torch.cuda.device_count()):
+        raise ConfigError(f"device={str(device)!r}: this machine has {torch.cuda.device_count() if torch.cuda.is_available() else 0} "
+                          "CUDA devices; use auto or cpu")
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device={str(device)!r}: must be auto, cpu or cuda")
+    return resolved
 
 
 @contextlib.contextmanager
@@ -186,6 +196,8 @@ class Model:
         from tqdm.auto import tqdm
 
         labels, n = self.labels_for(labels, num_samples)
+        if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size > 0):
+            raise ConfigError(f"batch_size={batch_size!r}: must be an integer > 0 (images per forward pass)")
         run = self.sampler_for(sampler, steps, **sampler_options)
         guidance = self.guidance_for(guidance)
         check_sampler_for(guidance.method, sampler_name(run), (run.keywords if isinstance(run, partial) else {}).get("eta", 0.0))
@@ -291,6 +303,9 @@ class Model:
         comparable: reference set, feature space, sample count, sampler, guidance, weights, seed and checkpoint."""
         from ddpm.evaluation.metrics import inception_score as measure_inception, metric_name, prepare, sample_metrics
 
+        if labels is None and not (isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples >= 2):
+            raise ConfigError(f"num_samples={num_samples!r}: must be an integer >= 2 (a covariance needs two samples)")
+
         data = self.data() if data is None else data
         self.check_data(data)
         data.check()
@@ -342,19 +357,30 @@ def _weights(state: dict, prefix: str) -> dict[str, torch.Tensor]:
 
 
 def load(path: str | Path, ema: bool | float = True, device: str | torch.device = "auto", *, snapshots: str | Path | None = None,
-         ema_source: str = "auto", ema_sources: Sequence[float] | None = None) -> Model:
+         ema_source: str = "auto", ema_sources: Sequence[float] | None = None, key: str = "ckpt_path") -> Model:
     """The model of a checkpoint written by ``python -m ddpm.train``, through the same trust checks as the CLI.
 
     ``ema``: True, the classic EMA (``ema.decay``); False, the raw weights; a number, the power EMA of that relative
     width (Karras et al. 2024), the one tracked in the checkpoint if there is one (``ema_source``: auto | tracked |
     posthoc), else rebuilt from the run's snapshots (``snapshots``: their folder, default ``<run>/ema_snapshots``;
     ``ema_sources``: rebuild from these tracked widths only). ConfigError, one line, for anything that is not a ddpm
-    checkpoint of a model this project can build."""
-    source = f"ckpt_path={str(path)!r}"
+    checkpoint of a model this project can build. ``key``: the setting that named the file, for the messages."""
+    source = f"{key}={str(path)!r}"
     if ema_source not in EMA_SOURCES:
         raise ConfigError(f"ema.source={ema_source!r}: must be one of {list(EMA_SOURCES)}")
-    checkpoint = load_checkpoint(path, "cpu")
+    if not (isinstance(ema, bool) or (isinstance(ema, (int, float)) and 0 < ema < MAX_SIGMA_REL)):
+        raise ConfigError(f"ema={ema!r}: must be true (the classic EMA), false (the raw weights) or a relative EMA width in "
+                          f"(0, {MAX_SIGMA_REL:.4f})")
+    if ema_sources is not None and not (isinstance(ema_sources, (list, tuple)) and ema_sources and all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w < MAX_SIGMA_REL for w in ema_sources)):
+        raise ConfigError(f"ema_sources={ema_sources!r}: must be None or a non-empty list of relative EMA widths, e.g. [0.05, 0.1]")
+    device = resolve_device(device)
+    checkpoint = load_checkpoint(path, "cpu", key=key)
     config = checkpoint["config"]
+    missing = [node for node in ("model", "guidance", "data", "ema", "sampler") if not isinstance(config.get(node), dict)]
+    if missing:
+        raise ConfigError(f"{source}: its config holds no {missing[0]} settings (null or absent); not a model this project "
+                          "can build (was the file altered?)")
     from ddpm.validation import check_checkpoint_config  # the rules of the model's keys (no Hydra: plain dicts too)
 
     check_checkpoint_config(config, source)

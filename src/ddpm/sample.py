@@ -68,7 +68,8 @@ def guide_for(cfg: DictConfig, model: Model, method: str) -> Model | None:
     if path.resolve() == Path(cfg.ckpt_path).expanduser().resolve() and node.sigma_rel is None:
         raise ConfigError("guidance.guide: that is the model itself (autoguidance by it is the conditional model): "
                           "name an earlier step, another run or a shorter guidance.guide.sigma_rel")
-    guide = load(path, ema=True if node.sigma_rel is None else float(node.sigma_rel), device=model.device)
+    guide = load(path, ema=True if node.sigma_rel is None else float(node.sigma_rel), device=model.device,
+                 key="guidance.guide.step" if node.step is not None else "guidance.guide.ckpt_path")
     check_guide(model.denoiser, guide.denoiser)
     return guide
 

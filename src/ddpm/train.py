@@ -62,14 +62,13 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> Diffus
 
 def _fit(cfg: DictConfig, extra_callbacks: Sequence[L.Callback]) -> DiffusionModule:
     """``train`` once its config is valid and its directory locked."""
-    from hydra.utils import instantiate
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.utilities import rank_zero_only
     from lightning.pytorch.utilities.exceptions import SIGTERMException
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     import lightning as L
-    from ddpm.build import build_module, instantiate_loggers
+    from ddpm.build import build_module, built, instantiate_loggers
     from ddpm.builders import build
     from ddpm.config import resolve_precision
     from ddpm.training.checkpoint import AtomicCheckpointIO, CheckpointWriteError, LastCheckpoint, recorded_choices
@@ -95,7 +94,7 @@ def _fit(cfg: DictConfig, extra_callbacks: Sequence[L.Callback]) -> DiffusionMod
     # The training state it resumes from is checked against this run's own objects before a logger starts, and the
     # checkpoint IO hands Lightning that same checked dict (ddpm.training.resume).
     resumed = read_checked(ckpt_path, module, f"ckpt_path={ckpt_path!r}", Path(cfg.paths.checkpoint_dir)) if ckpt_path else None
-    callbacks = [instantiate(node) for name, node in (cfg.get("callbacks") or {}).items()
+    callbacks = [built(node) for name, node in (cfg.get("callbacks") or {}).items()
                  if node and (name != "progress_bar" or cfg.trainer.enable_progress_bar)] + list(extra_callbacks)
     for each in callbacks:
         if isinstance(each, LastCheckpoint):
@@ -103,7 +102,7 @@ def _fit(cfg: DictConfig, extra_callbacks: Sequence[L.Callback]) -> DiffusionMod
     logger = instantiate_loggers(cfg.get("logger"))
     if not logger:  # logger=none: a learning-rate monitor has nowhere to write (Lightning refuses it)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    trainer: L.Trainer = built(cfg.trainer, callbacks=callbacks, logger=logger)
     if resumed is not None:
         for plugin in [trainer.strategy.checkpoint_io]:
             if isinstance(plugin, AtomicCheckpointIO):

@@ -252,6 +252,12 @@ def _grid_images(cfg: Config) -> int:
 MEMORY = "images that fit in half of this machine's memory"
 
 
+def _on_gpu(cfg: Config) -> bool:
+    """Whether the configured trainer runs on a GPU (``auto``: when this machine has one)."""
+    accelerator = str(select(cfg, "trainer.accelerator", default="auto"))
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and _cuda_count() > 0)
+
+
 def _cuda_index(device: str) -> int:
     return int(str(device).partition(":")[2] or 0)
 
@@ -395,6 +401,9 @@ TRAIN_RULES = [
     Rule("trainer.devices", lambda v, _: positive_int(v) or v in ("auto", -1) or isinstance(v, (list, str)), "an integer > 0, a list of ids, or auto"),
     Rule("trainer.num_nodes", positive_int, "an integer > 0"),
     Rule("trainer.precision", one_of(*PRECISIONS), f"one of {list(PRECISIONS)}"),
+    Rule("trainer.precision", lambda v, cfg: not (str(v).startswith("16") and not _on_gpu(cfg)),
+         "a precision a CPU computes: float16 (16-mixed, 16-true) needs a GPU (trainer=gpu); on a CPU use bf16-mixed, "
+         "32-true or auto"),
     Rule("trainer.gradient_clip_val", optional(nonneg), "a number >= 0 or null"),
     Rule("trainer.log_every_n_steps", positive_int, "an integer > 0"),
     Rule("ckpt_path", optional(_existing_file), "null or an existing checkpoint file"),

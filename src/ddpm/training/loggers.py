@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 
 from ddpm.core.errors import ConfigError
+from ddpm.files import open_regular
 from ddpm.validation import Rule, one_of
 
 if TYPE_CHECKING:
@@ -98,12 +99,20 @@ def run_id(save_dir: str | Path) -> str:
     run by accident, nor anything but a run id)."""
     path = Path(save_dir) / "wandb" / RUN_ID_FILE
     if path.is_symlink() or path.exists():
-        text = path.read_bytes()[:100].decode("ascii", "replace").strip() if path.is_file() and not path.is_symlink() else ""
+        try:
+            with open_regular(path, follow_symlinks=False) as f:  # not a link, a FIFO or a folder: a file of its own
+                text = f.read(101).decode("ascii", "replace").strip()
+        except OSError as error:
+            text = f"<{error.strerror or error}>"
         if not RUN_ID.fullmatch(text):
             raise ConfigError(f"logger=wandb: {path} should hold this run's wandb id (1-64 of a-z, 0-9), and holds "
                               f"{text[:20]!r}: remove it to start a new wandb run, or restore it")
         return text
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"logger=wandb: {path.parent} cannot be made a folder ({error.strerror or error}): the run's "
+                          "wandb files go there; move what is in the way") from None
     new = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # as wandb makes its ids
     # Written whole to a temporary file, then linked into place: the link is atomic and fails if the name exists, so a
     # kill mid-write leaves no empty run_id (which would refuse every later segment), and of two segments started at
@@ -155,7 +164,10 @@ def wandb_logger(project: str, save_dir: str, mode: str = "auto", group: str | N
     what a SIGTERM to the whole job (scancel, scontrol requeue) can lose, since the service dies of it at once."""
     import wandb
 
-    os.makedirs(save_dir, exist_ok=True)
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"logger=wandb: {save_dir} cannot be made a folder ({error.strerror or error})") from None
     auto_group, auto_name, overrides = sweep_identity(experiment)
     mode = resolve_wandb_mode(mode)
     sync = f"upload it later with: wandb sync {Path(save_dir) / 'wandb'}/offline-run-*"
