@@ -19,7 +19,7 @@ SOURCE = ROOT / "src"
 LAYERS = [
     ("core", lambda m: m == "ddpm.core" or m.startswith("ddpm.core.")),
     ("foundation", lambda m: m in ("ddpm.options", "ddpm.files", "ddpm.data", "ddpm.images", "ddpm.snapshots",
-                                   "ddpm.checkpoints", "ddpm.builders")),
+                                   "ddpm.checkpoints", "ddpm.builders", "ddpm.interrupts")),
     ("evaluation", lambda m: m == "ddpm.evaluation" or m.startswith("ddpm.evaluation.")),
     ("rules", lambda m: m == "ddpm.validation"),
     ("inference", lambda m: m in ("ddpm", "ddpm.inference", "ddpm.diffusers_export")),

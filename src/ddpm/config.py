@@ -175,7 +175,7 @@ def run_cli(task, cfg: DictConfig):
     it with one line per problem on stderr and exit status 2, Ctrl+C with one line and 130, instead of a traceback."""
     import sys
 
-    from ddpm import interrupts
+    import ddpm.interrupts as interrupts
     from ddpm.files import WriteError
     from ddpm.training.module import NonFiniteLossError
     from ddpm.validation import ConfigError

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ddpm import interrupts
+from ddpm.interrupts import check as check_interrupt
 from ddpm.builders import build, build_denoiser, build_guidance, build_sampler, label_dropout
 from ddpm.checkpoints import load_checkpoint
 from ddpm.core.denoiser import Denoiser
@@ -221,7 +221,7 @@ class Model:
             @functools.wraps(model_fn)  # keeps what a sampler reads off it (CFG++'s renoise_with_eps)
             def call(x, t):
                 nonlocal evaluations
-                interrupts.check()  # a Ctrl+C that something caught on its way up still stops sampling here
+                check_interrupt()  # a Ctrl+C that something caught on its way up still stops sampling here
                 evaluations += 1
                 return model_fn(x, t)
             return call

@@ -214,8 +214,11 @@ class LastCheckpoint(L.Callback):
         every hook and before each step; found by tests/test_hardening.py, 1 run in 3 on 2 cores)."""
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        if isinstance(exception, KeyboardInterrupt) or trainer.global_step == 0 or self._saved_step == trainer.global_step:
-            return
+        from ddpm.training.module import NonFiniteLossError
+
+        if isinstance(exception, (KeyboardInterrupt, CheckpointWriteError, NonFiniteLossError)) or trainer.global_step == 0 \
+                or self._saved_step == trainer.global_step:
+            return  # a second Ctrl+C stops at once; a full disk or non-finite weights are not saved over what is there
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
         if progress.processed != progress.started:  # the error came inside the step: its weights did not move yet
             return
