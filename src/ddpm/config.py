@@ -177,7 +177,7 @@ def run_cli(task, cfg: DictConfig):
 
     import ddpm.interrupts as interrupts
     from ddpm.files import WriteError
-    from ddpm.training.module import NonFiniteLossError
+    from ddpm.core.errors import NonFiniteLossError
     from ddpm.validation import ConfigError
 
     _task_begins()

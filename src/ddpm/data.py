@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import functools
+
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
-from torchvision import datasets, transforms
 
 from ddpm.core.errors import ConfigError
+
+# torchvision is imported where a data set needs it (its import alone costs a command 2.7 s): digits never do.
 
 
 def to_rgb(image):
@@ -72,6 +75,8 @@ class ImageData:
 
     def to_unit_range(self) -> list:
         """Transforms from a PIL image to a tensor in [-1, 1] of ``image_size`` and ``channels``."""
+        from torchvision import transforms
+
         return [
             transforms.Grayscale(1) if self.channels == 1 else transforms.Lambda(to_rgb),
             transforms.Resize(self.image_size),
@@ -103,21 +108,27 @@ class Digits(ImageData):
         self.train_set, self.test_set = random_split(full, [len(full) - n_test, n_test], generator=split)
 
 
+def torchvision_datasets() -> dict:
+    from torchvision import datasets
+
+    return {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
+
+
 class Torchvision(ImageData):
     """MNIST, Fashion-MNIST or CIFAR-10 from torchvision, downloaded into ``root`` when ``download`` is set."""
 
-    DATASETS = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
+    NAMES = ("cifar10", "fashion_mnist", "mnist")
 
     def __init__(self, name: str, download: bool = True, random_flip: bool = False, **kwargs):
         super().__init__(**kwargs)
-        if name not in self.DATASETS:
-            raise ConfigError(f"data.name={name!r}: must be one of {sorted(self.DATASETS)}")
+        if name not in self.NAMES:
+            raise ConfigError(f"data.name={name!r}: must be one of {sorted(self.NAMES)}")
         self.name, self.download, self.random_flip = name, download, random_flip  # instance name shadows the class's
 
     def check(self) -> None:
         if not self.download:
             try:
-                self.DATASETS[self.name](str(self.root), train=True, download=False)
+                torchvision_datasets()[self.name](str(self.root), train=True, download=False)
             except RuntimeError:
                 raise ConfigError(f"data.root={str(self.root)!r}: no {self.name} files there and data.download=false; "
                                   f"put the dataset there, set data.download=true, or use data=digits") from None
@@ -125,14 +136,16 @@ class Torchvision(ImageData):
     def prepare_data(self) -> None:
         for train in (True, False):
             try:
-                self.DATASETS[self.name](str(self.root), train=train, download=self.download)
+                torchvision_datasets()[self.name](str(self.root), train=train, download=self.download)
             except (OSError, RuntimeError) as error:  # URLError is an OSError
                 reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
                 raise ConfigError(f"data.root={str(self.root)!r}: could not get {self.name} ({reason}); without internet "
                                   "use data=digits, or copy the files under data.root (DDPM_DATA)") from None
 
     def load(self) -> None:
-        make = self.DATASETS[self.name]
+        make = torchvision_datasets()[self.name]
+        from torchvision import transforms
+
         self.train_set = make(str(self.root), train=True, transform=transforms.Compose(self.to_unit_range()))
         self.test_set = make(str(self.root), train=False, transform=transforms.Compose(self.to_unit_range()))
 
@@ -153,8 +166,10 @@ class ImageFolderData(ImageData):
         expected = "class folders root/<class>/<image> of png/jpg/... images"
         if not self.root.is_dir():
             raise ConfigError(f"data.root={str(self.root)!r}: no such directory; expected {expected}")
+        from torchvision import transforms
+
         try:
-            train_set = ImageFolder(str(self.root), transform=transforms.Compose(self.to_unit_range()), loader=read_image)
+            train_set = image_folder_class()(str(self.root), transform=transforms.Compose(self.to_unit_range()), loader=read_image)
         except (FileNotFoundError, PermissionError) as error:
             raise ConfigError(f"data.root={str(self.root)!r}: {str(error).splitlines()[0]}; expected {expected}") from None
         found = len(train_set.classes)
@@ -165,30 +180,35 @@ class ImageFolderData(ImageData):
         self.train_set = train_set
 
 
-class ImageFolder(datasets.ImageFolder):
+@functools.cache
+def image_folder_class() -> type:
     """torchvision's ImageFolder without following directory symlinks (its walk follows them, so a link to a parent
     folder indexes the same images again and again): class folders and the folders below them are real folders;
-    an image that is a symlink to a file is read as usual."""
+    an image that is a symlink to a file is read as usual. Made on first use (torchvision's import is slow)."""
+    from torchvision import datasets
 
-    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir(follow_symlinks=False))
-        if not classes:
-            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
-        return classes, {name: i for i, name in enumerate(classes)}
+    class ImageFolder(datasets.ImageFolder):
+        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+            classes = sorted(e.name for e in os.scandir(directory) if e.is_dir(follow_symlinks=False))
+            if not classes:
+                raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+            return classes, {name: i for i, name in enumerate(classes)}
 
-    @staticmethod
-    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        samples = []
-        for name, index in sorted(class_to_idx.items()):
-            for folder, _, files in sorted(os.walk(os.path.join(directory, name), followlinks=False)):
-                samples += [(os.path.join(folder, f), index) for f in sorted(files)
-                            if f.lower().endswith(datasets.folder.IMG_EXTENSIONS)]
-        present = {index for _, index in samples}
-        empty = sorted(name for name, index in class_to_idx.items() if index not in present)
-        if empty and not allow_empty:
-            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}. "
-                                    f"Supported extensions are: {', '.join(datasets.folder.IMG_EXTENSIONS)}")
-        return samples
+        @staticmethod
+        def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+            samples = []
+            for name, index in sorted(class_to_idx.items()):
+                for folder, _, files in sorted(os.walk(os.path.join(directory, name), followlinks=False)):
+                    samples += [(os.path.join(folder, f), index) for f in sorted(files)
+                                if f.lower().endswith(datasets.folder.IMG_EXTENSIONS)]
+            present = {index for _, index in samples}
+            empty = sorted(name for name, index in class_to_idx.items() if index not in present)
+            if empty and not allow_empty:
+                raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}. "
+                                        f"Supported extensions are: {', '.join(datasets.folder.IMG_EXTENSIONS)}")
+            return samples
+
+    return ImageFolder
 
 
 def check_image(path: str) -> None:

@@ -20,7 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpm.config import cli_main, run_cli
 from ddpm.options import config_dir
-from ddpm.build import instantiate_loggers
 from ddpm.evaluation.records import write_metrics
 from ddpm.builders import build
 from ddpm.evaluation.metrics import PREPARATIONS
@@ -55,7 +54,9 @@ def evaluate(cfg: DictConfig) -> dict:
     write_metrics(Path(cfg.paths.output_dir) / "metrics.json", record)
     settle()
     log.info("%s", json.dumps(record["metrics"]))
-    loggers = instantiate_loggers(cfg.get("logger"))
+    from ddpm.build import instantiate_loggers  # here: Lightning's loggers (3 s to import) only when logging is asked for
+
+    loggers = instantiate_loggers(cfg.get("logger")) if cfg.get("logger") else False
     for logger in loggers or []:
         logger.log_hyperparams(record["protocol"])
         logger.log_metrics({f"eval/{key}": value for key, value in record["metrics"].items()},

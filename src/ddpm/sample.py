@@ -15,7 +15,6 @@ from pathlib import Path
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from torchvision.utils import save_image
 
 from ddpm.builders import build_sampler
 from ddpm.config import cli_main, native_bf16, run_cli
@@ -23,7 +22,7 @@ from ddpm.core.guidance import APG, Guidance, check_guide
 from ddpm.core.probe import dry_run
 from ddpm.core.samplers import check_steps
 from ddpm.files import atomic_write
-from ddpm.images import class_rows, to_grid, to_uint8
+from ddpm.images import class_rows, save_png, to_grid, to_uint8
 from ddpm.inference import Model, load, resolve_device
 from ddpm.options import config_dir
 from ddpm.training.rundirs import claim_outputs, commit, settle
@@ -145,14 +144,14 @@ def sample(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     nrow = class_rows(len(out["images"]), model.num_classes)
     grid = to_grid(out["images"], nrow=nrow, min_size=cfg.min_size)
-    atomic_write(run_dir / "grid.png", lambda f: save_image(grid, f, format="png"), what="samples")
+    atomic_write(run_dir / "grid.png", lambda f: save_png(grid, f), what="samples")
     labels = out["labels"].numpy() if out["labels"] is not None else np.full(len(out["images"]), -1)
     atomic_write(run_dir / "samples.npz", lambda f: np.savez_compressed(f, images=to_uint8(out["images"]), labels=labels),
                  what="samples")
     if out["trajectory"] is not None:
         k, steps = out["trajectory"].shape[:2]
         frames = to_grid(out["trajectory"].flatten(0, 1), nrow=steps, min_size=cfg.min_size)
-        atomic_write(run_dir / "trajectory.png", lambda f: save_image(frames, f, format="png"), what="samples")
+        atomic_write(run_dir / "trajectory.png", lambda f: save_png(frames, f), what="samples")
     settle()
     log.info("%d samples, %g network evaluations each, in %.1f s; wrote %s", len(out["images"]), out["nfe"], out["seconds"],
              run_dir)

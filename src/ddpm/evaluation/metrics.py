@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ddpm.files import atomic_write
 from ddpm.data import Digits, stack_dataset
@@ -278,6 +277,8 @@ def sample_metrics(extractor: nn.Module, reference: Reference, images: torch.Ten
     """Fréchet distance of ``images`` ([-1, 1]) to the reference in ``extractor``'s feature space; with labels and a
     classifier, its accuracy on the requested labels; the within-class diversity relative to the real data; improved
     precision and recall (k = 3) in the same feature space."""
+    from torchmetrics.image.fid import FrechetInceptionDistance  # here: its import costs a command a second
+
     features = _features(extractor, images)  # once: the Fréchet distance, accuracy and diversity all use them
     fd = FrechetInceptionDistance(feature=_Precomputed(features.shape[1]), reset_real_features=False)
     fd.real_features_sum.copy_(reference.features_sum)

@@ -22,6 +22,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from ddpm.core.denoiser import Denoiser
 from ddpm.core.ema import PowerEMA, ema_warmup_decay
+from ddpm.core.errors import NonFiniteLossError  # noqa: F401  (raised here; its home is light, for run_cli)
 from ddpm.core.guidance import Guidance, drop_labels
 from ddpm.inference import Model
 
@@ -220,10 +221,6 @@ def apply_optimizer_settings(checkpoint: dict, requested: dict) -> None:
         if "base_lrs" in scheduler:
             scheduler["base_lrs"] = [requested["lr"]] * len(scheduler["base_lrs"])
             scheduler["_last_lr"] = [group["lr"] for state in checkpoint["optimizer_states"] for group in state["param_groups"]]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or the weights became NaN or infinite; raised before any such checkpoint is written."""
 
 
 def _numpy_rng_state() -> tuple:

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
-from torchvision.utils import save_image
 
 from ddpm.core.guidance import guidance_usable
 from ddpm.evaluation.records import write_metrics
-from ddpm.images import class_rows, to_grid
+from ddpm.images import class_rows, save_png, to_grid
 from ddpm.training.progress import timed
 
 log = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ class SampleGrid(L.Callback):
             images = model.sample(n, steps=self.steps, seed=self.seed, batch_size=n)
         grid = to_grid(images, nrow=class_rows(len(images), num_classes), min_size=self.min_size)
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        save_image(grid, path)
+        save_png(grid, path)
         self._written[trainer.global_step] = path
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
