@@ -19,7 +19,7 @@ import time
 import torch
 
 from ddpm.core.denoiser import Denoiser
-from ddpm.core.diffusion import DDPMProcess
+from ddpm.core.processes.ddpm import DDPMProcess
 from ddpm.core.guidance import Guidance
 from ddpm.core.schedules import linear_betas
 from ddpm.core.unet import UNet

@@ -19,7 +19,7 @@ import time
 import torch
 
 from ddpm.core.denoiser import Denoiser
-from ddpm.core.diffusion import DDPMProcess
+from ddpm.core.processes.ddpm import DDPMProcess
 from ddpm.core.guidance import drop_labels, guided
 from ddpm.core.processes.edm import EDMProcess
 from ddpm.core.processes.flow import FlowProcess

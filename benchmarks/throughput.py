@@ -30,7 +30,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from ddpm.core.diffusion import DDPMProcess
+from ddpm.core.processes.ddpm import DDPMProcess
 from ddpm.core.denoiser import Denoiser
 from ddpm.core.guidance import drop_labels, guided
 from ddpm.training.module import ema_step

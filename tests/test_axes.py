@@ -55,7 +55,7 @@ def test_the_issue_command_composes(tmp_path):
                      "schedule=sigmoid", "guidance.rescale=0.7", "sampler=heun", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     for line in ("prediction: v", "loss_weight: min_snr", "_target_: ddpm.core.schedules.sigmoid_betas", "rescale: 0.7",
-                 "_target_: ddpm.core.samplers.heun.sample_heun"):
+                 "_target_: ddpm.core.samplers.heun.Heun"):  # premise changed (issue 30): a sampler is a class
         assert line in result.stdout, line
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ddpm.core.diffusion import DDPMProcess, extract, respace
+from ddpm.core.processes.ddpm import DDPMProcess, extract, respace
 from ddpm.core.denoiser import Denoiser
 from ddpm.core.prediction import to_x0_eps
 from ddpm.core.samplers import sampling_timesteps

@@ -12,7 +12,7 @@ from conftest import run_cli
 
 from ddpm import load
 from ddpm.core.denoiser import Denoiser
-from ddpm.core.diffusion import DDPMProcess
+from ddpm.core.processes.ddpm import DDPMProcess
 from ddpm.core.errors import ConfigError
 from ddpm.core.samplers import clip_x0, sampling_timesteps
 from ddpm.core.samplers.ddim import ddim_step

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ddpm.core.denoiser import Denoiser
-from ddpm.core.diffusion import DDPMProcess
+from ddpm.core.processes.ddpm import DDPMProcess
 from ddpm.core.guidance import check_guidance, drop_labels, guided
 from ddpm.core.schedules import linear_betas
 from ddpm.core.unet import UNet

@@ -21,7 +21,7 @@ LAYERS = [
     ("foundation", lambda m: m in ("ddpm.options", "ddpm.files", "ddpm.data", "ddpm.images", "ddpm.snapshots",
                                    "ddpm.checkpoints", "ddpm.builders", "ddpm.interrupts")),
     ("evaluation", lambda m: m == "ddpm.evaluation" or m.startswith("ddpm.evaluation.")),
-    ("rules", lambda m: m == "ddpm.validation"),
+    ("rules", lambda m: m in ("ddpm.validation", "ddpm.preflight", "ddpm.unread")),
     ("inference", lambda m: m in ("ddpm", "ddpm.inference", "ddpm.diffusers_export")),
     ("training", lambda m: m == "ddpm.training" or m.startswith("ddpm.training.")),
     ("entry points", lambda m: True),  # config, build, train, sample, evaluate, export, report

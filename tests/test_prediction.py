@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ddpm.core.denoiser import Denoiser
-from ddpm.core.diffusion import DDPMProcess
+from ddpm.core.processes.ddpm import DDPMProcess
 from ddpm.core.errors import ConfigError
 from ddpm.core.prediction import PREDICTIONS, loss_weight, network_target, to_x0_eps
 from ddpm.core.samplers.ddim import sample_ddim

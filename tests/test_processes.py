@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 
 from ddpm.core.denoiser import Denoiser
-from ddpm.core.diffusion import DDPMProcess
+from ddpm.core.processes.ddpm import DDPMProcess
 from ddpm.core.errors import ConfigError
 from ddpm.core.prediction import loss_weight, network_target, to_x0_eps
 from ddpm.core.processes.edm import EDMProcess

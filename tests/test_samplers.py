@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddpm.core.denoiser import Denoiser
-from ddpm.core.diffusion import DDPMProcess, respace
+from ddpm.core.processes.ddpm import DDPMProcess, respace
 from ddpm.core.prediction import network_target
 from ddpm.core.samplers import sampling_timesteps
 from ddpm.core.samplers.ddpm import ddpm_step, sample_ddpm

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ddpm.core.diffusion import DDPMProcess
+from ddpm.core.processes.ddpm import DDPMProcess
 from ddpm.core.schedules import cosine_betas, linear_betas
 
 

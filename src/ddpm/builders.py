@@ -7,6 +7,7 @@ files name (``ddpm.options.shipped_targets``); which one a node names was settle
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 from typing import Any, Callable
@@ -15,12 +16,14 @@ from torch import nn
 
 from ddpm.core.backbone import check_backbone
 from ddpm.core.denoiser import Denoiser
-from ddpm.core.diffusion import DDPMProcess
+from ddpm.core.processes.ddpm import DDPMProcess
 from ddpm.core.processes import Process
 from ddpm.core.errors import ConfigError
-from ddpm.core.guidance import APG, Guidance
+from ddpm.core.guidance import METHODS, Guidance  # noqa: F401  (Guidance: validation builds the defaults)
+from ddpm.core.settings import number, require
+from ddpm.core.samplers import Sampler
 from ddpm.core.schedules import rescale_zero_terminal_snr
-from ddpm.options import shipped_targets
+from ddpm.options import FROM_CHECKPOINT, merge, read_option, shipped_targets
 
 # Keys of an option node that are not arguments of its callable.
 NOT_ARGUMENTS = {"model": ("compile",), "schedule": ("zero_terminal_snr",), "sampler": ("precision", "compile")}
@@ -44,13 +47,21 @@ def build(node: dict, group: str = "", **kwargs) -> Any:
         raise ConfigError(f"{group or 'config'}: ddpm.builders builds flat option nodes only (found {nested or list(node)})")
     target = resolve_target(node["_target_"])
     arguments.update(kwargs)
-    return functools.partial(target, **arguments) if node.get("_partial_") else target(**arguments)
+    if node.get("_partial_"):
+        return functools.partial(target, **arguments)
+    try:
+        return target(**arguments)
+    except TypeError as error:  # a key the option does not have (an old checkpoint's, a typo added with +)
+        raise ConfigError(f"{group or 'config'}: {str(error).splitlines()[0]}") from None
 
 
-def build_net(model: dict, **kwargs) -> nn.Module:
+def build_net(model: dict, device: str | None = None, **kwargs) -> nn.Module:
     """The network of the ``model`` group, checked against the backbone contract; ``model.compile`` is a training
-    option, not a network argument."""
-    net = build(model, "model", **kwargs)
+    option, not a network argument. ``device="meta"``: built without memory or compute (its constructor's checks run)."""
+    import torch
+
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        net = build(model, "model", **kwargs)
     check_backbone(net, f"model._target_={model['_target_']}")
     return net
 
@@ -69,6 +80,8 @@ def build_process(config: dict) -> Process:
 
 def build_betas(schedule: dict):
     """The betas of a ``schedule`` node, rescaled to zero terminal SNR when ``schedule.zero_terminal_snr``."""
+    require(isinstance(schedule.get("zero_terminal_snr", False), bool), "schedule.zero_terminal_snr",
+            schedule.get("zero_terminal_snr"), "true or false")
     betas = build(schedule, "schedule")
     return rescale_zero_terminal_snr(betas) if schedule.get("zero_terminal_snr", False) else betas
 
@@ -87,31 +100,68 @@ def check_schedule_for(process: dict | None, schedule: dict | None) -> bool:
     return discrete
 
 
-def build_denoiser(config: dict) -> Denoiser:
-    """The denoiser of a run's config (its model, schedule, diffusion, guidance and data nodes)."""
-    conditional = config["guidance"]["conditional"]
-    num_classes = config["data"]["num_classes"] if conditional else None
+def build_denoiser(config: dict, device: str | None = None) -> Denoiser:
+    """The denoiser of a run's config (its model, schedule, diffusion, guidance and data nodes); the network's class
+    embedding covers ``model.num_classes`` labels (the data's, unless set; none for an unconditional model)."""
+    num_classes = network_classes(config)
     diffusion = config.get("diffusion", {})
-    return Denoiser(build_net(config["model"], num_classes=num_classes), build_process(config),
+    return Denoiser(build_net(config["model"], device=device, num_classes=num_classes), build_process(config),
                     diffusion.get("prediction", "eps"), diffusion.get("loss_weight", "uniform"),
                     diffusion.get("min_snr_gamma", 5.0))
 
 
-def build_sampler(node: dict) -> Callable:
-    """A sampler of the ``sampler`` group as a partial (``sampler(model_fn, diffusion, noise, ...)``)."""
+def network_classes(config: dict) -> int | None:
+    """The labels the network embeds: ``model.num_classes`` as set (the data's by default: conf/model/*.yaml), none for
+    an unconditional model (``guidance.conditional=false``)."""
+    if not config["guidance"].get("conditional"):
+        return None
+    return config["model"].get("num_classes", config["data"]["num_classes"])
+
+
+def build_sampler(node: dict) -> Sampler:
+    """A sampler of the ``sampler`` group (``ddpm.core.samplers``): its settings checked as it is made."""
     return build(node, "sampler")
 
 
 # The `guidance` node holds two things: how the model is trained (label dropout) and how its run samples by default.
 def label_dropout(guidance: dict) -> float:
     """Training: p_uncond, the probability a label becomes the null label (0 for an unconditional model)."""
-    return float(guidance.get("p_uncond", 0.0)) if guidance.get("conditional") else 0.0
+    require(isinstance(guidance.get("conditional", True), bool), "guidance.conditional", guidance.get("conditional"), "true or false")
+    p_uncond = guidance.get("p_uncond", 0.0)
+    require(number(p_uncond) and 0 <= p_uncond < 1, "guidance.p_uncond", p_uncond, "a probability in [0, 1)")
+    return float(p_uncond) if guidance.get("conditional") else 0.0
 
 
 def build_guidance(guidance: dict) -> Guidance:
-    """Sampling: the run's guidance (w, rescale, interval), what its grids, quality curve and final evaluation use and
-    what ``ddpm.load``'s model and ``ddpm.sample`` use unless told otherwise."""
-    interval, apg = guidance.get("interval"), guidance.get("apg") or {}
-    return Guidance(float(guidance.get("scale", 0.0)), float(guidance.get("rescale", 0.0)),
-                    None if interval is None else (float(interval[0]), float(interval[1])),
-                    method=guidance.get("method", "cfg"), apg=APG(**{k: float(v) for k, v in apg.items()}))
+    """Sampling: the run's guidance (w, rescale, interval, the method with its settings: ``guidance.<method>.*``), what
+    its grids, quality curve and final evaluation use and what ``ddpm.load``'s model and ``ddpm.sample`` use unless told
+    otherwise. Each part checks its own values."""
+    method = METHODS.get_option(guidance.get("method", "cfg"))
+    settings = guidance.get(method.name) or {}
+    try:
+        chosen = method(**settings)
+    except TypeError as error:  # a setting the method does not have
+        raise ConfigError(f"guidance.{method.name}: {str(error).splitlines()[0]}") from None
+    return Guidance(guidance.get("scale", 0.0), guidance.get("rescale", 0.0), guidance.get("interval"), chosen)
+
+
+def guidance_node(guidance: Guidance) -> dict:
+    """The config node of a ``Guidance`` (``build_guidance`` of it gives it back)."""
+    node = {"scale": guidance.scale, "rescale": guidance.rescale,
+            "interval": None if guidance.interval is None else list(guidance.interval), "method": guidance.method.name}
+    settings = guidance.method.settings()
+    return {**node, guidance.method.name: settings} if settings else node
+
+
+def from_checkpoint(saved: dict, given: dict) -> dict:
+    """``given`` (a sampling command's guidance node) over ``saved`` (the checkpoint's): every leaf of ``given`` that is
+    FROM_CHECKPOINT takes ``saved``'s value, or conf/guidance/cfg.yaml's default where the checkpoint never chose one
+    (the settings of a method it did not use); the rest is ``given``'s."""
+    def pick(saved, given):
+        if isinstance(given, dict):
+            saved = saved if isinstance(saved, dict) else {}
+            return {**saved, **{k: pick(saved.get(k), v) for k, v in given.items()}}
+        return saved if given == FROM_CHECKPOINT else given
+
+    defaults = {k: v for k, v in read_option("guidance", "cfg").items() if k not in ("conditional", "p_uncond")}
+    return pick(merge(defaults, saved), given)

@@ -56,7 +56,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
 
 # Modules that moved (ddpm/core, ddpm/training, ddpm/evaluation); a checkpoint written before names the old paths.
 MOVED_MODULES = {
-    **{f"ddpm.{m}": f"ddpm.core.{m}" for m in ("schedules", "diffusion", "guidance", "unet", "samplers")},
+    **{f"ddpm.{m}": f"ddpm.core.{m}" for m in ("schedules", "guidance", "unet", "samplers")},
+    "ddpm.diffusion": "ddpm.core.processes.ddpm", "ddpm.core.diffusion": "ddpm.core.processes.ddpm",
     **{f"ddpm.{m}": f"ddpm.training.{m}" for m in ("module", "callbacks", "checkpoint", "loggers", "rundirs")},
 }
 # Targets that were renamed or moved one by one (the data sets became plain datasets in ddpm.data, which training
@@ -70,6 +71,10 @@ RENAMED_TARGETS = {
         ("SaveResolvedConfig", "checkpoint"), ("LastCheckpoint", "checkpoint"), ("ProgressBar", "progress"),
         ("ProgressLog", "progress"))},
 }
+# Samplers were functions built as partials (``_partial_: true``); they are classes whose fields are the same keys.
+SAMPLER_CLASSES = {f"ddpm.core.samplers.{module}.sample_{module}": f"ddpm.core.samplers.{module}.{cls}" for module, cls in (
+    ("ddim", "DDIM"), ("ddpm", "DDPMSampler"), ("dpmpp_2m", "DPMSolverPP2M"), ("heun", "Heun"))}
+RENAMED_TARGETS.update(SAMPLER_CLASSES)
 
 
 # What a config without a ``diffusion`` node means (every checkpoint written before the node existed): eps, L_simple.
@@ -108,6 +113,8 @@ def upgrade_targets(config: Any) -> Any:
         if old is not None:
             out["_target_"] = MOVED_MODULES[old] + target[len(old):]
         out["_target_"] = RENAMED_TARGETS.get(out["_target_"], out["_target_"])
+        if out["_target_"] in SAMPLER_CLASSES.values():
+            out.pop("_partial_", None)
     return out
 
 

@@ -58,6 +58,27 @@ def on_gpus(accelerator: str, if_gpus, otherwise):
     return if_gpus if str(accelerator) in ("gpu", "cuda") else otherwise
 
 
+def sampling_guidance() -> dict:
+    """The ``guidance`` node of ``ddpm.sample``/``ddpm.evaluate`` (conf/sample.yaml): every sampling setting of
+    conf/guidance/cfg.yaml (scale, rescale, interval, method and each method's settings), each set to ``checkpoint``,
+    the run's own value (``ddpm.builders.from_checkpoint``). Made from the option file, so a method's new setting can
+    be given on the command line with nothing else to edit; label dropout (``conditional``, ``p_uncond``) is how the
+    model was trained, not a sampling setting."""
+    from ddpm.options import FROM_CHECKPOINT, read_option
+
+    def sentinel(node):
+        return {k: sentinel(v) for k, v in node.items()} if isinstance(node, dict) else FROM_CHECKPOINT
+
+    return {k: sentinel(v) for k, v in read_option("guidance", "cfg").items() if k not in ("conditional", "p_uncond")}
+
+
+def _store_sampling_guidance() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group="sampling_guidance", name="checkpoint", node=sampling_guidance())
+
+
+_store_sampling_guidance()
 OmegaConf.register_new_resolver("ddpm_slurm_gpus", slurm_gpus, replace=True)
 OmegaConf.register_new_resolver("ddpm_on_gpus", on_gpus, replace=True)
 

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
 
 from ddpm.core.errors import ConfigError
+from ddpm.core.settings import integer, number, one_of, require
 
 # torchvision is imported where a data set needs it (its import alone costs a command 2.7 s): digits never do.
 
@@ -35,12 +36,20 @@ def stack_dataset(dataset: Dataset, limit: int | None = None) -> tuple[torch.Ten
 
 class ImageData:
     """What every data set shares: its splits, its shape, and how training batches it (``batch_size``,
-    ``num_workers``, ``on_device``: read by ``ddpm.training.data.DataModule``, by nothing else)."""
+    ``num_workers``, ``on_device``: read by ``ddpm.training.data.DataModule``, by nothing else). Its settings are checked
+    as it is made (nothing is read from disk until ``check``, ``prepare_data`` or ``setup``)."""
 
     name = "images"  # names the dataset in evaluation protocols and cached reference statistics
 
     def __init__(self, root: str, batch_size: int, num_workers: int, image_size: int, channels: int, num_classes: int,
                  on_device: bool = False, sigma_data: float = 0.5):
+        positive = lambda v: integer(v) and v > 0  # noqa: E731
+        for key, value in (("batch_size", batch_size), ("image_size", image_size), ("num_classes", num_classes)):
+            require(positive(value), f"data.{key}", value, "an integer > 0")
+        require(integer(num_workers) and num_workers >= 0, "data.num_workers", num_workers, "an integer >= 0")
+        require(channels in (1, 3) and integer(channels), "data.channels", channels, "1 or 3")
+        require(isinstance(on_device, bool), "data.on_device", on_device, "true or false")
+        require(number(sigma_data) and sigma_data > 0, "data.sigma_data", sigma_data, "a number > 0 (the std of the data in [-1, 1])")
         self.root, self.batch_size, self.num_workers = Path(root).expanduser(), batch_size, num_workers
         self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
         self.on_device = on_device
@@ -70,7 +79,7 @@ class ImageData:
         sets = {"train": self.train_set, "test": self.test_set}
         if sets.get(split) is None:
             available = [name for name, dataset in sets.items() if dataset is not None]
-            raise ValueError(f"metrics.reference_split={split!r}: {self.name} has the splits {available}")
+            raise ConfigError(f"metrics.reference_split={split!r}: {self.name} has the splits {available}")
         return sets[split]
 
     def to_unit_range(self) -> list:
@@ -93,6 +102,8 @@ class Digits(ImageData):
 
     def __init__(self, test_fraction: float = 0.1, split_seed: int = 0, **kwargs):
         super().__init__(**kwargs)
+        require(number(test_fraction) and 0 < test_fraction < 1, "data.test_fraction", test_fraction, "a number in (0, 1)")
+        require(integer(split_seed), "data.split_seed", split_seed, "an integer")
         self.test_fraction, self.split_seed = test_fraction, split_seed
 
     def load(self) -> None:
@@ -121,8 +132,9 @@ class Torchvision(ImageData):
 
     def __init__(self, name: str, download: bool = True, random_flip: bool = False, **kwargs):
         super().__init__(**kwargs)
-        if name not in self.NAMES:
-            raise ConfigError(f"data.name={name!r}: must be one of {sorted(self.NAMES)}")
+        one_of("data.name", name, sorted(self.NAMES))
+        for key, value in (("download", download), ("random_flip", random_flip)):
+            require(isinstance(value, bool), f"data.{key}", value, "true or false")
         self.name, self.download, self.random_flip = name, download, random_flip  # instance name shadows the class's
 
     def check(self) -> None:
@@ -157,6 +169,7 @@ class ImageFolderData(ImageData):
 
     def __init__(self, random_flip: bool = False, **kwargs):
         super().__init__(**kwargs)
+        require(isinstance(random_flip, bool), "data.random_flip", random_flip, "true or false")
         self.random_flip = random_flip
 
     def check(self) -> None:

@@ -20,14 +20,17 @@ from ddpm.diffusers_export import FORMATS, check_out, export_diffusers
 from ddpm.inference import load
 from ddpm.options import config_dir
 from ddpm.sample import weights_of
-from ddpm.validation import SAMPLER_RULES, ConfigError, Rule, validate
+from ddpm.core.samplers import X0_CLIPS
+from ddpm.core.settings import number
+from ddpm.validation import ConfigError, validate
 
 log = logging.getLogger(__name__)
 
 RULES = (
-    Rule("format", lambda v, _: v in FORMATS, f"one of {list(FORMATS)}"),
-    Rule("out", lambda v, _: isinstance(v, str) and v.strip() != "", "a folder path, e.g. out=exports/digits"),
-    *(rule for rule in SAMPLER_RULES if rule.key in ("sampler.x0_clip", "sampler.percentile")),
+    ("format", lambda v, _: v in FORMATS, f"one of {list(FORMATS)}"),
+    ("out", lambda v, _: isinstance(v, str) and v.strip() != "", "a folder path, e.g. out=exports/digits"),
+    ("sampler.x0_clip", lambda v, _: v in X0_CLIPS, f"one of {list(X0_CLIPS)}"),
+    ("sampler.percentile", lambda v, _: number(v) and 0 < v <= 1, "a number in (0, 1]"),
 )
 
 

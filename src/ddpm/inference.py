@@ -18,7 +18,7 @@ import functools
 import logging
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -31,11 +31,12 @@ from ddpm.builders import build, build_denoiser, build_guidance, build_sampler, 
 from ddpm.checkpoints import load_checkpoint
 from ddpm.core.denoiser import Denoiser
 from ddpm.core.errors import ConfigError
-from ddpm.core.guidance import Guidance, check_sampler_for
+from ddpm.core.guidance import Guidance
 from ddpm.core.probe import dry_run
-from ddpm.core.samplers import check_process, check_steps, randn_like
+from ddpm.core.settings import integer, one_of, require
+from ddpm.core.samplers import Sampler, as_sampler, check_process, check_steps, randn_like, sampler_name
 from ddpm.options import read_option
-from ddpm.core.ema import MAX_SIGMA_REL
+from ddpm.core.ema import MAX_SIGMA_REL, valid_sigma_rel
 from ddpm.snapshots import EMA_SOURCES, posthoc_state_dict, snapshot_dir
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,6 @@ def evaluating(net: nn.Module):
         yield net
     finally:
         net.train(was_training)
-
-
-def sampler_name(sampler: Callable) -> str:
-    """``ddim`` for a partial of ``sample_ddim`` (the name of its option in conf/sampler/)."""
-    func = sampler.func if isinstance(sampler, partial) else sampler
-    return getattr(func, "__name__", type(func).__name__).removeprefix("sample_")
 
 
 class Model:
@@ -157,10 +152,10 @@ class Model:
             node = {k: v for k, v in {**node, **options}.items() if not (isinstance(v, str) and "${" in v)}
             sampler = build_sampler(node)
         elif options:
-            sampler = partial(sampler, **options)
+            sampler = replace(sampler, **options) if isinstance(sampler, Sampler) else partial(sampler, **options)
         if steps is not None:
             check_steps(steps, self.process.num_timesteps)
-            sampler = partial(sampler, steps=steps)
+            sampler = sampler.with_steps(steps) if isinstance(sampler, Sampler) else partial(sampler, steps=steps)
         return sampler
 
     def guidance_for(self, guidance: float | Guidance | None = None) -> Guidance:
@@ -196,18 +191,21 @@ class Model:
         from tqdm.auto import tqdm
 
         labels, n = self.labels_for(labels, num_samples)
-        if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size > 0):
-            raise ConfigError(f"batch_size={batch_size!r}: must be an integer > 0 (images per forward pass)")
+        require(integer(batch_size) and batch_size > 0, "batch_size", batch_size, "an integer > 0 (images per forward pass)")
+        require(integer(seed), "seed", seed, "an integer")
+        one_of("sampler.precision", precision, ("float32", "bf16"))
+        require(isinstance(compile, bool), "sampler.compile", compile, "true or false")
+        require(integer(trajectory) and 0 <= trajectory <= n, "trajectory", trajectory,
+                f"an integer in [0, {n}] (the trajectories of that many of the images)")
         run = self.sampler_for(sampler, steps, **sampler_options)
         guidance = self.guidance_for(guidance)
-        check_sampler_for(guidance.method, sampler_name(run), (run.keywords if isinstance(run, partial) else {}).get("eta", 0.0))
+        option = as_sampler(run)
+        guidance.check_sampler(sampler_name(run), getattr(option, "eta", 0.0))
         check_process(run, self.process)
         # one of this project's samplers walks this process on a probe network first (milliseconds): settings that
         # overflow are refused before any compute, naming them (ddpm.core.probe); a function of your own runs as it is
-        if getattr(run.func if isinstance(run, partial) else run, "__module__", "").startswith("ddpm.core.samplers"):
-            dry_run(run, self.process, self.denoiser.prediction, guidance=guidance, num_classes=self.num_classes)
-        if precision not in ("float32", "bf16"):
-            raise ConfigError(f"sampler.precision={precision!r}: must be one of ['float32', 'bf16']")
+        if option is not None:
+            dry_run(option, self.process, self.denoiser.prediction, guidance=guidance, num_classes=self.num_classes)
         device, net = self.device, self.net
         if compile:
             if id(net) not in self._compiled:  # one wrapper per weights: torch.compile compiles on its first call
@@ -329,7 +327,8 @@ class Model:
     def protocol(self, sampler: Callable, guidance: Guidance, seed: int, num_samples: int, reference_info: dict,
                  extractor_info: dict, **sampler_extra) -> dict:
         """What ``evaluate`` records beside its numbers: compare runs only when their protocols agree."""
-        options = dict(sampler.keywords) if isinstance(sampler, partial) else {}
+        option = as_sampler(sampler)
+        options = option.settings() if option is not None else dict(getattr(sampler, "keywords", {}))
         if options.get("steps") is None:
             options["steps"] = self.process.num_timesteps
         return {
@@ -337,13 +336,9 @@ class Model:
             "feature_extractor": extractor_info,
             "num_samples": num_samples,
             "sampler": {"name": sampler_name(sampler), **options, **sampler_extra},
-            "guidance_scale": float(guidance.scale),
-            "guidance_rescale": float(guidance.rescale),
-            "guidance_interval": None if guidance.interval is None else [float(v) for v in guidance.interval],
-            "guidance_method": guidance.method,
-            **({"apg": asdict(guidance.apg)} if guidance.method == "apg" else {}),
+            **guidance.protocol(),
             **({"guide": self._guides.get(id(guidance.guide), "a Denoiser given from Python")}
-               if guidance.method == "autoguidance" else {}),
+               if not guidance.method.unconditional else {}),
             "prediction": self.denoiser.prediction,
             "weights": self.weights,
             "seed": seed,
@@ -356,6 +351,19 @@ def _weights(state: dict, prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def check_load_arguments(ema, ema_source: str = "auto", ema_sources=None, device="auto") -> torch.device:
+    """``load``'s choice of weights and device, checked (ConfigError, one line naming the argument); the device."""
+    if ema_source not in EMA_SOURCES:
+        raise ConfigError(f"ema.source={ema_source!r}: must be one of {list(EMA_SOURCES)}")
+    if not (isinstance(ema, bool) or valid_sigma_rel(ema)):
+        raise ConfigError(f"ema={ema!r}: must be true (the classic EMA), false (the raw weights) or a relative EMA width in "
+                          f"(0, {MAX_SIGMA_REL:.4f})")
+    if ema_sources is not None and not (isinstance(ema_sources, (list, tuple)) and ema_sources and all(
+            valid_sigma_rel(w) for w in ema_sources)):
+        raise ConfigError(f"ema_sources={ema_sources!r}: must be None or a non-empty list of relative EMA widths, e.g. [0.05, 0.1]")
+    return resolve_device(device)
+
+
 def load(path: str | Path, ema: bool | float = True, device: str | torch.device = "auto", *, snapshots: str | Path | None = None,
          ema_source: str = "auto", ema_sources: Sequence[float] | None = None, key: str = "ckpt_path") -> Model:
     """The model of a checkpoint written by ``python -m ddpm.train``, through the same trust checks as the CLI.
@@ -366,15 +374,7 @@ def load(path: str | Path, ema: bool | float = True, device: str | torch.device 
     ``ema_sources``: rebuild from these tracked widths only). ConfigError, one line, for anything that is not a ddpm
     checkpoint of a model this project can build. ``key``: the setting that named the file, for the messages."""
     source = f"{key}={str(path)!r}"
-    if ema_source not in EMA_SOURCES:
-        raise ConfigError(f"ema.source={ema_source!r}: must be one of {list(EMA_SOURCES)}")
-    if not (isinstance(ema, bool) or (isinstance(ema, (int, float)) and 0 < ema < MAX_SIGMA_REL)):
-        raise ConfigError(f"ema={ema!r}: must be true (the classic EMA), false (the raw weights) or a relative EMA width in "
-                          f"(0, {MAX_SIGMA_REL:.4f})")
-    if ema_sources is not None and not (isinstance(ema_sources, (list, tuple)) and ema_sources and all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w < MAX_SIGMA_REL for w in ema_sources)):
-        raise ConfigError(f"ema_sources={ema_sources!r}: must be None or a non-empty list of relative EMA widths, e.g. [0.05, 0.1]")
-    device = resolve_device(device)
+    device = check_load_arguments(ema, ema_source, ema_sources, device)
     checkpoint = load_checkpoint(path, "cpu", key=key)
     config = checkpoint["config"]
     missing = [node for node in ("model", "guidance", "data", "ema", "sampler") if not isinstance(config.get(node), dict)]

@@ -51,6 +51,9 @@ def merge(base: Any, update: Any) -> Any:
     return copy.deepcopy(update)
 
 
+# ddpm.sample / ddpm.evaluate: a guidance setting given as this takes the checkpoint's own value (conf/sample.yaml)
+FROM_CHECKPOINT = "checkpoint"
+
 GLOBAL = "# @package _global_"  # an option whose keys go to the top of the config (conf/speed/*.yaml)
 
 
@@ -154,6 +157,16 @@ def train_defaults() -> dict[str, str]:
     return {k: v for entry in entries if isinstance(entry, dict) for k, v in entry.items() if not k.startswith("override ")}
 
 
-def train_node(key: str) -> Any:
-    """A top-level node of train.yaml itself (``diffusion``, ``ema``), as written there."""
-    return copy.deepcopy((yaml.safe_load((config_dir() / "train.yaml").read_text()) or {}).get(key))
+def select(cfg: Any, key: str, default: Any = None) -> Any:
+    """The plain value at a dotted key of a plain dict or a Config (resolving only that key), else ``default``."""
+    if isinstance(cfg, dict):
+        node = cfg
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+    from omegaconf import OmegaConf  # a DictConfig: omegaconf is loaded already
+
+    value = OmegaConf.select(cfg, key, default=default, throw_on_missing=False)
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value

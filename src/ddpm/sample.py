@@ -16,42 +16,37 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.builders import build_sampler
+from ddpm.builders import build_guidance, build_sampler, from_checkpoint, guidance_node
 from ddpm.config import cli_main, native_bf16, run_cli
-from ddpm.core.guidance import APG, Guidance, check_guide
+from ddpm.core.guidance import Guidance, GuidanceMethod, check_guide
 from ddpm.core.probe import dry_run
 from ddpm.core.samplers import check_steps
 from ddpm.files import atomic_write
 from ddpm.images import class_rows, save_png, to_grid, to_uint8
-from ddpm.inference import Model, load, resolve_device
+from ddpm.core.ema import MAX_SIGMA_REL, valid_sigma_rel
+from ddpm.inference import Model, check_load_arguments, load, resolve_device
 from ddpm.options import config_dir
 from ddpm.training.rundirs import claim_outputs, commit, settle
-from ddpm.validation import FROM_CHECKPOINT, ConfigError, validate
+from ddpm.validation import ConfigError, validate
 
 log = logging.getLogger(__name__)
 
 
 def guidance_of(cfg: DictConfig, model: Model) -> Guidance:
-    """The command line's guidance: each of ``guidance.scale``, ``rescale``, ``interval``, ``method`` and
-    ``apg.*`` as given, or, where it is ``checkpoint`` (the default), the checkpoint's own value, as
-    ``ddpm.load(...).sample()`` uses them all."""
-    own = model.guidance
-    pick = lambda given, default: default if given == FROM_CHECKPOINT else given  # noqa: E731
-    chosen = {key: pick(cfg.guidance[key], getattr(own, key)) for key in ("scale", "rescale", "interval", "method")}
-    apg = APG(**{key: float(pick(cfg.guidance.apg[key], getattr(own.apg, key))) for key in ("momentum", "norm_threshold", "eta")})
-    interval = chosen["interval"]
-    return Guidance(float(chosen["scale"]), float(chosen["rescale"]),
-                    None if interval is None else (float(interval[0]), float(interval[1])), method=chosen["method"], apg=apg)
+    """The command line's guidance over the checkpoint's: each setting as given, or, where it is ``checkpoint`` (the
+    default), the checkpoint's own, as ``ddpm.load(...).sample()`` uses them all (``builders.from_checkpoint``)."""
+    given = {k: v for k, v in OmegaConf.to_container(cfg.guidance, resolve=True).items() if k != "guide"}
+    return build_guidance(from_checkpoint(guidance_node(model.guidance), given))
 
 
-def guide_for(cfg: DictConfig, model: Model, method: str) -> Model | None:
+def guide_for(cfg: DictConfig, model: Model, method: GuidanceMethod) -> Model | None:
     """Autoguidance's guide from ``guidance.guide``: another run's checkpoint (``ckpt_path``), this run's checkpoint at
     an earlier step (``step``: ``step_NNNNNNN.ckpt`` beside ``ckpt_path``), with the EMA of width ``sigma_rel``
     (alone: ``ckpt_path``'s own checkpoint with that EMA). Loaded through ``ddpm.load``'s trust checks, on the model's
     device, and checked to be a model of the same data and process; None for the other methods."""
     node = cfg.guidance.guide
     given = {key: node[key] for key in ("ckpt_path", "step", "sigma_rel") if node[key] is not None}
-    if method != "autoguidance":  # a sweep over methods may name a guide for its autoguidance jobs: the others ignore it
+    if method.unconditional:  # a sweep over methods may name a guide for its autoguidance jobs: the others ignore it
         return None
     if not given:
         raise ConfigError("guidance.method=autoguidance needs a guide: guidance.guide.step=N (this run at step N), "
@@ -73,21 +68,40 @@ def guide_for(cfg: DictConfig, model: Model, method: str) -> Model | None:
     return guide
 
 
+def labels_of(cfg: DictConfig) -> list | None:
+    """The command line's ``labels``: null, or a list of class ids (``Model.labels_for`` checks them against the model)."""
+    if cfg.labels is not None and not OmegaConf.is_list(cfg.labels):
+        raise ConfigError(f"labels={cfg.labels!r}: must be null or a list of class ids >= 0, e.g. labels=[3] or labels=[3,3,7]")
+    return list(cfg.labels) if cfg.labels else None
+
+
 def draw_options(cfg: DictConfig, guidance: Guidance) -> dict:
     """``Model.draw``'s arguments from a sample/evaluate config and its checked guidance: the sampler node, guidance,
     seed, batches, precision."""
     node = OmegaConf.to_container(cfg.sampler, resolve=True)
-    return {"labels": list(cfg.labels) if cfg.labels else None, "num_samples": cfg.num_samples,
+    return {"labels": labels_of(cfg), "num_samples": cfg.num_samples,
             "sampler": build_sampler(node),  # less precision and compile, which are draw's (builders.NOT_ARGUMENTS)
             "guidance": guidance, "seed": cfg.seed, "batch_size": cfg.batch_size,
             "precision": cfg.sampler.precision, "compile": cfg.sampler.compile}
 
 
 def weights_of(cfg: DictConfig) -> dict:
-    """``ddpm.load``'s choice of weights from conf/weights.yaml's keys (use_ema, ema.sigma_rel, ema.snapshots, ...)."""
-    return {"ema": cfg.ema.sigma_rel if cfg.use_ema and cfg.ema.sigma_rel is not None else bool(cfg.use_ema),
-            "snapshots": cfg.ema.snapshots, "ema_source": cfg.ema.source,
-            "ema_sources": None if cfg.ema.sources is None else list(cfg.ema.sources)}
+    """``ddpm.load``'s choice of weights from conf/weights.yaml's keys (use_ema, ema.sigma_rel, ema.snapshots, ...),
+    checked as ``ddpm.load`` checks them (ConfigError naming the key), before anything is read."""
+    if not isinstance(cfg.use_ema, bool):
+        raise ConfigError(f"use_ema={cfg.use_ema!r}: must be true or false")
+    if cfg.ema.sigma_rel is not None and not cfg.use_ema:
+        raise ConfigError(f"ema.sigma_rel={cfg.ema.sigma_rel}: must be null with use_ema=false (the raw weights have no EMA "
+                          "length; drop one of the two)")
+    if cfg.ema.sigma_rel is not None and not valid_sigma_rel(cfg.ema.sigma_rel):
+        raise ConfigError(f"ema.sigma_rel={cfg.ema.sigma_rel!r}: must be null (the classic EMA) or a relative EMA width in "
+                          f"(0, {MAX_SIGMA_REL:.4f}), e.g. 0.05 or 0.10")
+    sources = cfg.ema.sources
+    weights = {"ema": cfg.ema.sigma_rel if cfg.use_ema and cfg.ema.sigma_rel is not None else bool(cfg.use_ema),
+               "snapshots": cfg.ema.snapshots, "ema_source": cfg.ema.source,
+               "ema_sources": list(sources) if OmegaConf.is_list(sources) else sources}
+    check_load_arguments(weights["ema"], weights["ema_source"], weights["ema_sources"], cfg.device)
+    return weights
 
 
 def load_for_sampling(cfg: DictConfig, entry: str, outputs: tuple[str, ...]) -> tuple[Model, Guidance]:
@@ -95,6 +109,7 @@ def load_for_sampling(cfg: DictConfig, entry: str, outputs: tuple[str, ...]) -> 
     directory, load the checkpoint (``ddpm.load``) and, for autoguidance, its guide, and check the requested labels,
     steps and guidance against it. Returns the model and the checked guidance."""
     validate(cfg, entry)
+    weights = weights_of(cfg)
     run_dir = Path(cfg.paths.output_dir)
     earlier = [name for name in outputs if (run_dir / name).exists()]
     if earlier:
@@ -106,8 +121,8 @@ def load_for_sampling(cfg: DictConfig, entry: str, outputs: tuple[str, ...]) -> 
     device = resolve_device(cfg.device)
     if cfg.sampler.precision == "auto":  # resolved in place, so the protocol records what ran
         cfg.sampler.precision = "bf16" if native_bf16(device.type) else "float32"
-    model = load(cfg.ckpt_path, device=device, **weights_of(cfg))
-    model.labels_for(list(cfg.labels) if cfg.labels else None, cfg.num_samples)
+    model = load(cfg.ckpt_path, device=device, **weights)
+    model.labels_for(labels_of(cfg), cfg.num_samples)
     if cfg.sampler.get("steps") is not None:
         check_steps(cfg.sampler.steps, model.process.num_timesteps)
     guidance = guidance_of(cfg, model)
@@ -123,7 +138,7 @@ def load_for_sampling(cfg: DictConfig, entry: str, outputs: tuple[str, ...]) -> 
 def check_memory(cfg: DictConfig, model: Model) -> None:
     """ConfigError, one line, when the images asked for (with their trajectory frames, enlarged to ``min_size`` in the
     PNG) would not fit in half of this machine's memory: refused before sampling rather than killed after it."""
-    from ddpm.validation import IMAGE_COPIES, machine_memory
+    from ddpm.preflight import IMAGE_COPIES, machine_memory
 
     n = len(cfg.labels) if cfg.labels else cfg.num_samples
     pixels = model.net.in_channels * model.net.image_size**2

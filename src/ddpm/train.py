@@ -173,7 +173,9 @@ def summarize(cfg: DictConfig, steps: int, seconds: float) -> None:
             if entry["metrics"]:
                 shown = ", ".join(f"{k} {v:.4g}" for k, v in entry["metrics"].items())
                 lines.append(f"  metrics.json, w={entry['guidance_scale']:g} ({n} samples): {shown}")
-    sampler = str(cfg.sampler.get("_target_", "")).rsplit(".", 1)[-1].removeprefix("sample_")
+    from ddpm.builders import build_sampler
+
+    sampler = build_sampler(OmegaConf.to_container(cfg.sampler, resolve=True)).name
     lines += [f"  sample:   python -m ddpm.sample ckpt_path={last}" + (f" sampler={sampler}" if sampler != "ddpm" else ""),
               f"  evaluate: python -m ddpm.evaluate ckpt_path={last}",
               f"  train on: python -m ddpm.train ckpt_path={last} trainer.max_steps={2 * steps}"]

@@ -12,9 +12,12 @@ squares: the EMA's profile at time t is a linear combination of the snapshots' p
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from ddpm.core.settings import integer, number, one_of, require
 
 
 def ema_warmup_decay(decay: float, step: int) -> float:
@@ -25,6 +28,36 @@ def ema_warmup_decay(decay: float, step: int) -> float:
 
 
 MAX_SIGMA_REL = 12 ** -0.5  # the width of gamma = 0 (a uniform average over the run): a power EMA is narrower
+SNAPSHOT_DTYPES = ("float32", "float16", "bfloat16")  # ema.snapshot_dtype: how snapshots are stored
+
+
+def valid_sigma_rel(value) -> bool:
+    return number(value) and 0 < value < MAX_SIGMA_REL
+
+
+@dataclass(frozen=True)
+class EMASettings:
+    """The ``ema`` node of a training run (train.yaml says what each key does): the classic EMA's ``decay`` (and its
+    ``warmup``), the power EMAs tracked (``sigma_rels``) and their snapshots (``snapshot_count`` per run, or
+    ``snapshot_every`` N steps, stored in ``snapshot_dtype``). Checked as it is made."""
+
+    decay: float = 0.995
+    warmup: bool = False
+    sigma_rels: tuple = (0.05, 0.10)
+    snapshot_count: int = 40
+    snapshot_every: int | None = None
+    snapshot_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        require(number(self.decay) and 0 <= self.decay < 1, "ema.decay", self.decay, "a number in [0, 1)")
+        require(isinstance(self.warmup, bool), "ema.warmup", self.warmup, "true or false")
+        require(isinstance(self.sigma_rels, (list, tuple)) and all(valid_sigma_rel(s) for s in self.sigma_rels), "ema.sigma_rels",
+                self.sigma_rels, f"a list of relative EMA widths in (0, {MAX_SIGMA_REL:.4f}), e.g. [0.05, 0.10] (Karras et al. 2024), or []")
+        require(integer(self.snapshot_count) and self.snapshot_count >= 0, "ema.snapshot_count", self.snapshot_count,
+                "an integer >= 0 (snapshots per run; 0: none)")
+        require(self.snapshot_every is None or (integer(self.snapshot_every) and self.snapshot_every >= 0), "ema.snapshot_every",
+                self.snapshot_every, "null (from ema.snapshot_count) or an integer >= 0 (0: no snapshots)")
+        one_of("ema.snapshot_dtype", self.snapshot_dtype, SNAPSHOT_DTYPES)
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
@@ -92,6 +125,20 @@ def combine(state_dicts: list[dict[str, torch.Tensor]], coefficients: torch.Tens
     return out
 
 
+@torch.no_grad()
+def lerp_weights_(average: nn.Module, net: nn.Module, weight: float) -> None:
+    """average <- average + weight (net - average), parameters and buffers, in one foreach op per dtype (every EMA
+    here updates through this: the classic one with weight 1 - decay, each power EMA with 1 - beta_t). Integer
+    buffers (BatchNorm's counters, say) follow the network."""
+    averaged, current = [*average.parameters(), *average.buffers()], [*net.parameters(), *net.buffers()]
+    floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+    if floats:
+        torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], weight)
+    for a, c in zip(averaged, current):
+        if not a.is_floating_point():
+            a.copy_(c)
+
+
 class PowerEMA(nn.Module):
     """Power-function EMAs of ``net``'s weights, one copy per ``sigma_rel``; ``update(net, step)`` after each optimizer
     step t = 1, 2, .... Buffers (e.g. normalisation statistics) are averaged too. Saved with the module's state."""
@@ -106,14 +153,8 @@ class PowerEMA(nn.Module):
 
     @torch.no_grad()
     def update(self, net: nn.Module, step: int) -> None:
-        current = [*net.parameters(), *net.buffers()]
         for average, gamma in zip(self.averages, self.gammas):
-            averaged = [*average.parameters(), *average.buffers()]
-            floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
-            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1 - power_ema_beta(step, gamma))
-            for a, c in zip(averaged, current):
-                if not a.is_floating_point():
-                    a.copy_(c)
+            lerp_weights_(average, net, 1 - power_ema_beta(step, gamma))
 
     def find(self, sigma_rel: float) -> nn.Module | None:
         """The average tracked at ``sigma_rel`` (to 1e-9), if any."""

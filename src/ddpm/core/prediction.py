@@ -48,9 +48,11 @@ def check_min_snr_gamma(gamma: float) -> None:
 def check_terminal_snr(prediction: str, alpha_bar_T: float) -> None:
     """The one rule of targets at zero terminal SNR: at alpha_bar_T = 0, eps gives x_0 = (x_T - eps) / 0."""
     if prediction not in ZERO_TERMINAL_SNR_PREDICTIONS and alpha_bar_T == 0:
-        raise ConfigError(f"diffusion.prediction={prediction} with a zero-terminal-SNR schedule: at t = T, x_0 = (x_T - eps) / "
-                          "alpha_T divides by alpha_T = 0, so an eps model cannot be sampled from there. Use "
-                          "diffusion.prediction=v (Lin et al. 2024) or x0, or schedule.zero_terminal_snr=false")
+        raise ConfigError(f"diffusion.prediction={prediction!r}: must be one of {list(ZERO_TERMINAL_SNR_PREDICTIONS)} with "
+                          f"schedule.zero_terminal_snr=true (diffusion.prediction={prediction} with a zero-terminal-SNR "
+                          "schedule: at t = T, x_0 = (x_T - eps) / alpha_T divides by alpha_T = 0, so an eps model cannot be "
+                          "sampled from there. Use diffusion.prediction=v (Lin et al. 2024) or x0, or "
+                          "schedule.zero_terminal_snr=false)")
 
 
 def target_coefficients(prediction: str, alpha: torch.Tensor, sigma: torch.Tensor,

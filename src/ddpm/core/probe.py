@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from ddpm.core.errors import ConfigError
+from ddpm.core.samplers import as_sampler, sampler_name
+from ddpm.core.settings import differing
 
 
 class NonFiniteInput(ArithmeticError):
@@ -49,11 +51,6 @@ class ProbeNet(nn.Module):
         return torch.tanh(x) + shift
 
 
-def sampler_name(sampler: Callable) -> str:
-    func = sampler.func if isinstance(sampler, partial) else sampler
-    return getattr(func, "__name__", type(func).__name__).removeprefix("sample_")
-
-
 def dry_run(sampler: Callable, process, prediction: str, *, guidance=None, what: str = "sampler",
             num_classes: int | None = 10, sigma_data: float | None = None) -> None:
     """Sample two 1 x 8 x 8 images with ``sampler`` on ``process`` through a probe network of target ``prediction`` (and
@@ -65,16 +62,15 @@ def dry_run(sampler: Callable, process, prediction: str, *, guidance=None, what:
     net = ProbeNet(1, 8, num_classes)
     denoiser = Denoiser(net, process, prediction)
     guidance = guidance if guidance is not None else Guidance()
-    if guidance.method == "autoguidance" and guidance.guide is not None:
+    if not guidance.method.unconditional:  # a guide of its own (autoguidance): a probe too
         guidance = replace(guidance, guide=Denoiser(ProbeNet(1, 8, num_classes), process, prediction))
     labels = torch.tensor([0, 1]) if num_classes else None
     model_fn = guidance.model_fn(denoiser, labels)
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn((2, 1, 8, 8), generator=generator)
-    settings = dict(sampler.keywords) if isinstance(sampler, partial) else {}
-    func = sampler.func if isinstance(sampler, partial) else sampler
-    where = (f"{what}: sampler={sampler_name(sampler)}{_settings(settings, func)} on process={process.name}"
-             f"{_settings(process.settings())}")
+    option = as_sampler(sampler)
+    where = (f"{what}: sampler={sampler_name(sampler)}{_settings(differing(option) if option is not None else {})} on "
+             f"process={process.name}{_settings(differing(process))}")
     try:
         with torch.no_grad():
             out = sampler(model_fn, process, noise, generator=generator)
@@ -91,12 +87,7 @@ def dry_run(sampler: Callable, process, prediction: str, *, guidance=None, what:
                           "size or its noise overflows)")
 
 
-def _settings(settings: dict, func: Callable | None = None) -> str:
-    """``(key=value, ...)`` of the settings that differ from ``func``'s defaults (all of them without ``func``)."""
-    import inspect
-
-    defaults = {}
-    if func is not None:
-        defaults = {k: p.default for k, p in inspect.signature(func).parameters.items() if p.default is not p.empty}
-    shown = {k: v for k, v in settings.items() if k != "name" and not callable(v) and not (k in defaults and defaults[k] == v)}
+def _settings(settings: dict) -> str:
+    """``(key=value, ...)``, or nothing for no settings."""
+    shown = {k: v for k, v in settings.items() if not callable(v)}
     return "(" + ", ".join(f"{k}={v}" for k, v in shown.items()) + ")" if shown else ""

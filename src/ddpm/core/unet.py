@@ -1,7 +1,7 @@
 """The DDPM U-Net (Ho et al. 2020, appendix B) with a class embedding for classifier-free guidance.
 
-The network knows nothing about schedules or prediction targets: it maps (x_t, timestep index, class label) to one
-tensor shaped like the image, which ``ddpm/core/denoiser.py`` reads as eps, x_0 or v (``diffusion.prediction``). With ``num_classes`` set it embeds ``num_classes + 1`` labels; the
+The network knows nothing about processes or prediction targets: it maps (x_t, the process's noise input c_noise(t),
+class label) to one tensor shaped like the image, which ``ddpm/core/denoiser.py`` reads as the configured target. With ``num_classes`` set it embeds ``num_classes + 1`` labels; the
 extra one (``null_label == num_classes``) stands for "no label" (Ho & Salimans 2022).
 """
 
@@ -16,6 +16,7 @@ from einops import rearrange
 from torch import nn
 
 from ddpm.core.errors import ConfigError
+from ddpm.core.settings import integer, number, require
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -44,7 +45,7 @@ class GroupNorm32(nn.GroupNorm):
 
 
 class ResBlock(nn.Module):
-    """Wide-ResNet block with GroupNorm, SiLU, dropout and an additive timestep(+class) embedding."""
+    """Wide-ResNet block with GroupNorm, SiLU, dropout and an additive noise-level (+class) embedding."""
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int):
         super().__init__()
@@ -106,11 +107,31 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def check_settings(image_size, in_channels, base_channels, channel_mult, num_res_blocks, attention_resolutions, dropout,
+                   num_heads, norm_groups, num_classes, channels_last, sdpa) -> None:
+    """The U-Net's settings, one by one (ConfigError naming the key); then ``check_layout``, how they fit together.
+    Validation builds the network on the meta device to check a config, so these are the only copy."""
+    positive = lambda v: integer(v) and v > 0  # noqa: E731
+    require(positive(image_size), "data.image_size", image_size, "an integer > 0")
+    require(positive(in_channels), "data.channels", in_channels, "an integer > 0")
+    for key, value in (("base_channels", base_channels), ("num_res_blocks", num_res_blocks), ("num_heads", num_heads),
+                       ("norm_groups", norm_groups)):
+        require(positive(value), f"model.{key}", value, "an integer > 0")
+    require(isinstance(channel_mult, (list, tuple)) and len(channel_mult) > 0 and all(positive(m) for m in channel_mult),
+            "model.channel_mult", channel_mult, "a non-empty list of integers > 0")
+    require(isinstance(attention_resolutions, (list, tuple)) and all(positive(r) for r in attention_resolutions),
+            "model.attention_resolutions", attention_resolutions, "a list of feature-map sizes (integers > 0)")
+    require(number(dropout) and 0 <= dropout < 1, "model.dropout", dropout, "a probability in [0, 1)")
+    require(num_classes is None or positive(num_classes), "model.num_classes", num_classes, "null or an integer > 0")
+    for key, value in (("channels_last", channels_last), ("sdpa", sdpa)):
+        require(isinstance(value, bool), f"model.{key}", value, "true or false")
+    check_layout(image_size, base_channels, channel_mult, attention_resolutions, norm_groups, num_heads)
+
+
 def check_layout(image_size: int, base_channels: int, channel_mult: Sequence[int], attention_resolutions: Sequence[int],
-                 norm_groups: int) -> None:
+                 norm_groups: int, num_heads: int = 1) -> None:
     """The U-Net's own shape rules, ConfigError naming the key: the image halves at each level but the last, attention
-    goes at resolutions it has, and GroupNorm's groups divide every level's channels. (Validation builds the network on
-    the meta device to check a config, so these are the only copy.)"""
+    goes at resolutions it has, and GroupNorm's groups and the attention heads divide every level's channels."""
     downsampling = 2 ** (len(channel_mult) - 1)
     if image_size % downsampling:
         raise ConfigError(f"data.image_size={image_size}: must be a multiple of the U-Net's downsampling factor {downsampling} "
@@ -124,11 +145,14 @@ def check_layout(image_size: int, base_channels: int, channel_mult: Sequence[int
     if any(w % norm_groups for w in widths):
         raise ConfigError(f"model.norm_groups={norm_groups}: must divide every level's channels {widths} "
                           "(model.base_channels * model.channel_mult)")
+    if any(w % num_heads for w in widths):
+        raise ConfigError(f"model.num_heads={num_heads}: must divide every level's channels {widths} (each head is as "
+                          "wide as the channels divided by the heads)")
 
 
 class UNet(nn.Module):
-    """The network of DDPM: ``forward(x, t, labels)`` returns a tensor shaped like ``x``, which the denoiser reads as
-    eps, x_0 or v (``diffusion.prediction``)."""
+    """The network of DDPM: ``forward(x, c_noise, labels)`` returns a tensor shaped like ``x``, which the denoiser
+    reads as its prediction target. Its constructor checks its settings (``check_settings``)."""
 
     def __init__(
         self,
@@ -152,7 +176,8 @@ class UNet(nn.Module):
         self.attention_resolutions, self.num_heads = tuple(attention_resolutions), num_heads
         self.norm_groups, self.dropout = norm_groups, dropout
         self.downsampling = 2 ** (len(channel_mult) - 1)
-        check_layout(image_size, base_channels, channel_mult, attention_resolutions, norm_groups)
+        check_settings(image_size, in_channels, base_channels, channel_mult, num_res_blocks, attention_resolutions, dropout,
+                       num_heads, norm_groups, num_classes, channels_last, sdpa)
         resolutions = [image_size // 2**level for level in range(len(channel_mult))]
 
         emb_dim = 4 * base_channels

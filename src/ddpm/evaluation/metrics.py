@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ddpm.core.settings import integer, one_of, require
 from ddpm.files import atomic_write
 from ddpm.data import Digits, stack_dataset
 
@@ -130,8 +131,7 @@ def load_digits_classifier(cache_dir: str | Path, seed: int = 0) -> tuple[Digits
 def build_extractor(name: str, dataset: str, cache_dir: str | Path) -> tuple[nn.Module, dict]:
     """The feature extractor ``name`` (``auto``: the digits classifier for digits, Inception-v3 otherwise) and a
     description of it for the protocol."""
-    if name not in EXTRACTORS:
-        raise ValueError(f"metrics.feature_extractor={name!r}: must be one of {list(EXTRACTORS)}")
+    one_of("metrics.feature_extractor", name, EXTRACTORS)
     if name == "auto":
         name = "digits_classifier" if dataset == "digits" else "inception"
     if name == "digits_classifier":
@@ -236,6 +236,9 @@ def prepare(feature_extractor: str, datamodule, split: str, cache_dir: str | Pat
     """The feature extractor for ``datamodule``'s images, its description, and the reference statistics of its
     ``split`` (cached on disk per dataset, split, resolution and extractor). Kept in memory too, so the callbacks
     of one run (sample_quality, evaluate_at_end) and the runs of one multirun share one extractor."""
+    one_of("metrics.feature_extractor", feature_extractor, EXTRACTORS)
+    one_of("metrics.reference_split", split, REFERENCE_SPLITS)
+    require(limit is None or (integer(limit) and limit >= 2), "metrics.reference_size", limit, "null or an integer >= 2")
     datamodule.prepare_data()
     key = {"dataset": datamodule.name, "split": split, "image_size": datamodule.image_size,
            "channels": datamodule.channels}

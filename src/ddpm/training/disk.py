@@ -60,11 +60,10 @@ def count_parameters(cfg: DictConfig) -> int:
     """The network's parameters and buffers, built on the meta device."""
     from omegaconf import OmegaConf
 
-    from ddpm.builders import build_net
+    from ddpm.builders import build_net, network_classes
 
-    num_classes = cfg.data.num_classes if cfg.guidance.conditional else None
-    with torch.device("meta"):
-        net = build_net(OmegaConf.to_container(cfg.model, resolve=True), num_classes=num_classes)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    net = build_net(config["model"], device="meta", num_classes=network_classes(config))
     return sum(t.numel() for t in (*net.parameters(), *net.buffers()) if t.is_floating_point())
 
 

@@ -16,7 +16,6 @@ from urllib.parse import urlparse
 
 from ddpm.core.errors import ConfigError
 from ddpm.files import open_regular
-from ddpm.validation import Rule, one_of
 
 if TYPE_CHECKING:
     from lightning.pytorch.loggers import WandbLogger
@@ -60,7 +59,7 @@ def wandb_credentials_available() -> bool:
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")  # logger.mode
 # Its rule, checked with the training config's before anything is built (ddpm.train passes it to validate).
-RULES = (Rule("logger.mode", one_of(*WANDB_MODES), f"one of {list(WANDB_MODES)}"),)
+RULES = (("logger.mode", lambda v, _: v in WANDB_MODES, f"one of {list(WANDB_MODES)}"),)
 
 
 def resolve_wandb_mode(mode: str = "auto") -> str:

@@ -21,7 +21,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from ddpm.core.denoiser import Denoiser
-from ddpm.core.ema import PowerEMA, ema_warmup_decay
+from ddpm.core.ema import PowerEMA, ema_warmup_decay, lerp_weights_
 from ddpm.core.errors import NonFiniteLossError  # noqa: F401  (raised here; its home is light, for run_cli)
 from ddpm.core.guidance import Guidance, drop_labels
 from ddpm.inference import Model
@@ -191,14 +191,7 @@ def ema_step(ema: AveragedModel, net: nn.Module, decay: float) -> None:
     The average of torch.optim.swa_utils.get_ema_multi_avg_fn, without ``AveragedModel.update_parameters``, whose
     ``n_averaged == 0`` tests read a device tensor on the host: two GPU synchronisations every training step.
     The average starts as the network itself (AveragedModel copies it), so no first-step copy is needed."""
-    averaged = [*ema.module.parameters(), *ema.module.buffers()]
-    current = [*net.parameters(), *net.buffers()]
-    floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
-    if floats:
-        torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1 - decay)
-    for a, c in zip(averaged, current):
-        if not a.is_floating_point():  # integer buffers (e.g. BatchNorm's counters) follow the network
-            a.copy_(c)
+    lerp_weights_(ema.module, net, 1 - decay)
     ema.n_averaged += 1
 
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import shutil
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
 from ddpm.core.guidance import guidance_usable
+from ddpm.core.samplers import as_sampler, check_steps
+from ddpm.core.settings import integer, number, one_of, require
 from ddpm.evaluation.records import write_metrics
 from ddpm.images import class_rows, save_png, to_grid
 from ddpm.training.progress import timed
@@ -33,8 +34,18 @@ class SampleGrid(L.Callback):
     sampler and guidance; save ``dirpath/step_XXXXXXX.png`` (and ``final.png``) and log it to wandb.
     ``steps`` overrides the sampler's number of steps for these grids (None: the sampler's own)."""
 
+    key = "callbacks.sample_grid"  # its node in conf/callbacks/default.yaml, for messages
+
     def __init__(self, dirpath: str, every_n_steps: int = 1000, per_class: int = 10, num_samples: int = 64,
                  seed: int = 0, min_size: int = 32, steps: int | None = None):
+        k = self.key
+        require(integer(every_n_steps) and every_n_steps >= 0, f"{k}.every_n_steps", every_n_steps, "an integer >= 0 (0: only the final grid)")
+        for name, value in (("per_class", per_class), ("num_samples", num_samples)):
+            require(integer(value) and value > 0, f"{k}.{name}", value, "an integer > 0")
+        require(integer(min_size) and min_size >= 0, f"{k}.min_size", min_size, "an integer >= 0")
+        require(integer(seed), f"{k}.seed", seed, "an integer")
+        if steps is not None:
+            check_steps(steps, None, key=f"{k}.steps")
         self.dirpath, self.every_n_steps, self.per_class = Path(dirpath), every_n_steps, per_class
         self.num_samples, self.seed, self.min_size, self.steps = num_samples, seed, min_size, steps
         self._written: dict[int, Path] = {}
@@ -80,9 +91,21 @@ class SampleQuality(L.Callback):
     ``quality/diversity`` on digits; ``quality/fid`` with Inception elsewhere) so quality-against-steps is a curve.
     Small samples bias Fréchet distances upwards: compare these curves with each other, not with ``ddpm.evaluate``."""
 
+    key = "callbacks.sample_quality"
+
     def __init__(self, every_n_steps: int = 500, num_samples: int = 500, steps: int | None = 50, seed: int = 0,
                  feature_extractor: str = "auto", reference_split: str = "train", cache_dir: str | None = None,
                  sampler=None):
+        from ddpm.evaluation.metrics import EXTRACTORS, REFERENCE_SPLITS
+
+        k = self.key
+        require(integer(every_n_steps) and every_n_steps >= 0, f"{k}.every_n_steps", every_n_steps, "an integer >= 0 (0: off)")
+        require(integer(num_samples) and num_samples >= 2, f"{k}.num_samples", num_samples, "an integer >= 2")
+        require(integer(seed), f"{k}.seed", seed, "an integer")
+        if steps is not None:
+            check_steps(steps, None, key=f"{k}.steps")
+        one_of(f"{k}.feature_extractor", feature_extractor, EXTRACTORS)
+        one_of(f"{k}.reference_split", reference_split, REFERENCE_SPLITS)
         self.every_n_steps, self.num_samples, self.steps, self.seed = every_n_steps, num_samples, steps, seed
         self.sampler = sampler  # None: the module's sampler (with ``steps``)
         self.feature_extractor, self.reference_split, self.cache_dir = feature_extractor, reference_split, cache_dir
@@ -137,8 +160,13 @@ class EvaluateAtEnd(SampleQuality):
     what ``ddpm.report`` tabulates for a sweep. Scales above 0 are skipped (null) for a model trained without label
     dropout (p_uncond = 0), which never saw the null label."""
 
+    key = "callbacks.evaluate_at_end"
+
     def __init__(self, path: str, guidance_scales=(1.0,), num_samples: int = 1000, **kwargs):
         super().__init__(every_n_steps=0, num_samples=num_samples, **kwargs)
+        scales = list(guidance_scales) if not isinstance(guidance_scales, (str, bytes)) and hasattr(guidance_scales, "__iter__") else None
+        require(scales is not None and all(number(w) and w >= 0 for w in scales), f"{self.key}.guidance_scales",
+                guidance_scales, "a list of guidance scales w >= 0, e.g. [0, 1, 2]")
         self.path, self.guidance_scales = Path(path), [float(w) for w in guidance_scales]
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
@@ -174,7 +202,8 @@ class EvaluateAtEnd(SampleQuality):
 
 
 def _describe(sampler, steps) -> dict:
-    """A sampler partial as plain data for protocols."""
-    if isinstance(sampler, partial):
-        return {"name": sampler.func.__name__.removeprefix("sample_"), **sampler.keywords}
+    """A sampler as plain data for protocols (None: the run's configured sampler at ``steps``)."""
+    option = as_sampler(sampler) if sampler is not None else None
+    if option is not None:
+        return {"name": option.name, **option.settings()}
     return {"name": "configured", "steps": steps}

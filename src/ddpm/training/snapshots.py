@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from ddpm.core.ema import EMASettings
 from ddpm.snapshots import SNAPSHOT_DTYPES, snapshot_step
 from ddpm.training.checkpoint import atomic_save
 
@@ -35,6 +36,7 @@ class EMASnapshots(L.Callback):
     on a NaN), then writes the steps it has not written yet."""
 
     def __init__(self, dirpath: str, count: int = 40, every_n_steps: int | None = None, dtype: str = "float32"):
+        EMASettings(snapshot_count=count, snapshot_every=every_n_steps, snapshot_dtype=dtype)  # their rules: ema.*
         self.dirpath, self.count, self.every_n_steps, self.dtype = Path(dirpath), count, every_n_steps, SNAPSHOT_DTYPES[dtype]
         self.interval = every_n_steps or 0
 

@@ -9,9 +9,11 @@ A process says (all float64, for a tensor of times ``t``):
                           0..1000, which the U-Net's sinusoidal embedding resolves)
     scale_input(x_t, t)   c_in x_t, what the network receives as its image (1 but for EDM)
     sampling_times(...)   the levels a sampler evaluates the network at, ascending
-and the prediction targets it defines (``predictions``, the first its default). Processes:
-``ddpm/core/diffusion.py`` (discrete DDPM, ``discrete = True``), ``flow.py``, ``edm.py`` and ``trigflow.py`` here; a new
-one is one module and one YAML file in ``conf/process/``. The network knows nothing of any of this.
+and the prediction targets it defines (``predictions``, the first its default). A process is an option (``core/settings.py``):
+its constructor's keyword arguments are its config keys (conf/process/<name>.yaml), checked as it is made, and
+``settings()`` gives them back. Processes, one module each: ``ddpm.py`` (discrete DDPM, ``discrete = True``),
+``flow.py``, ``edm.py`` and ``trigflow.py``; a new one is one module here and one YAML file in ``conf/process/`` (the
+package imports its modules; each class registers itself in ``PROCESSES``). The network knows nothing of any of this.
 
 Conventions: samplers (``sampler.lambda_min``) use DPM-Solver's half log-SNR log(alpha/sigma) = lambda/2, as
 diffusers does; this interface speaks lambda itself. Every continuous process here ends at t = 0 (clean data).
@@ -25,28 +27,23 @@ import torch
 from torch import nn
 
 from ddpm.core.errors import ConfigError
+from ddpm.core.settings import Registry, number, one_of, require, settings_of
 
 TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
+PROCESSES = Registry("process")
 
 
 def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r}: must be one of {list(allowed)}")
+    one_of(key, value, allowed)
 
 
 def check_positive(key: str, value) -> None:
-    if not (_number(value) and value > 0):
-        raise ConfigError(f"{key}={value!r}: must be a number > 0")
+    require(number(value) and value > 0, key, value, "a number > 0")
 
 
 def check_between(key: str, value, lo: float, hi: float) -> None:
     """``value`` in the open interval (lo, hi)."""
-    if not (_number(value) and lo < value < hi):
-        raise ConfigError(f"{key}={value!r}: must be a number in ({lo}, {hi})")
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    require(number(value) and lo < value < hi, key, value, f"a number in ({lo}, {hi})")
 
 
 class Process(nn.Module):
@@ -60,6 +57,11 @@ class Process(nn.Module):
     t_max = 1.0                # the noisiest level a sampler starts from
     t_min = 0.0                # the least noisy level a sampler evaluates (set by each continuous process)
     num_timesteps: int | None = None  # T of a discrete process; None: any number of sampling steps
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):
+            PROCESSES.add(cls)
 
     def __init__(self, sigma_data: float = 1.0):
         super().__init__()
@@ -130,11 +132,15 @@ class Process(nn.Module):
 
     # --- identity -----------------------------------------------------------------------------------------------
     def settings(self) -> dict:
+        """Its config keys and values (tensors left out: a discrete process's betas are its schedule's)."""
+        return {k: v for k, v in settings_of(self).items() if not isinstance(v, torch.Tensor)}
+
+    def path_settings(self) -> dict:
         """What defines the path and its preconditioning (two models share a process when these are equal)."""
         return {"name": self.name, "sigma_data": self.sigma_data}
 
     def same_path(self, other: "Process") -> bool:
-        return type(self) is type(other) and self.settings() == other.settings()
+        return type(self) is type(other) and self.path_settings() == other.path_settings()
 
 
 def draw_time(distribution: str, n: int, device, logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
@@ -144,3 +150,6 @@ def draw_time(distribution: str, n: int, device, logit_mean: float = 0.0, logit_
         return torch.rand(n, device=device, dtype=torch.float64)
     check_choice("process.time_distribution", distribution, TIME_DISTRIBUTIONS)
     return torch.sigmoid(logit_mean + logit_std * torch.randn(n, device=device, dtype=torch.float64))
+
+
+PROCESSES.load(__name__)  # every process module here registers its class

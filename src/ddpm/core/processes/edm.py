@@ -9,7 +9,8 @@ import math
 import torch
 
 from ddpm.core.errors import ConfigError
-from ddpm.core.processes import Process, _number, check_choice, check_positive
+from ddpm.core.processes import Process, check_choice, check_positive
+from ddpm.core.settings import number
 
 SIGMA_DISTRIBUTIONS = ("log_normal", "uniform_lambda")
 
@@ -26,13 +27,21 @@ class EDMProcess(Process):
         check_positive("process.P_std", P_std)
         check_positive("process.c_noise_scale", c_noise_scale)
         check_choice("process.sigma_distribution", sigma_distribution, SIGMA_DISTRIBUTIONS)
-        if not (_number(sigma_max) and sigma_max > sigma_min):
+        if not (number(sigma_max) and sigma_max > sigma_min):
             raise ConfigError(f"process.sigma_max={sigma_max!r}: must be a number > process.sigma_min={sigma_min}")
-        if not _number(P_mean):
+        if not number(P_mean):
             raise ConfigError(f"process.P_mean={P_mean!r}: must be a number (Karras et al.: -1.2)")
         self.t_min, self.t_max = float(sigma_min), float(sigma_max)
         self.sigma_distribution, self.P_mean, self.P_std = sigma_distribution, float(P_mean), float(P_std)
         self.c_noise_scale = float(c_noise_scale)
+
+    @property
+    def sigma_min(self) -> float:
+        return self.t_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.t_max
 
     def alpha_sigma(self, t):
         t = t.double()
@@ -60,5 +69,5 @@ class EDMProcess(Process):
         DDPM's indices 0..999, which would barely tell ln(sigma) / 4 in [-1.6, 1.1] apart."""
         return self.c_noise_scale * t.double().log() / 4
 
-    def settings(self):
-        return {**super().settings(), "c_noise_scale": self.c_noise_scale}
+    def path_settings(self):
+        return {**super().path_settings(), "c_noise_scale": self.c_noise_scale}

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from ddpm.core.errors import ConfigError
-from ddpm.core.processes import TIME_DISTRIBUTIONS, Process, _number, check_between, check_choice, check_positive, draw_time
+from ddpm.core.processes import TIME_DISTRIBUTIONS, Process, check_between, check_choice, check_positive, draw_time
+from ddpm.core.settings import number
 
 
 class FlowProcess(Process):
@@ -28,7 +29,7 @@ class FlowProcess(Process):
         check_positive("process.logit_std", logit_std)
         check_positive("process.c_noise_scale", c_noise_scale)
         check_between("process.t_min", t_min, 0, 1)
-        if not _number(logit_mean):
+        if not number(logit_mean):
             raise ConfigError(f"process.logit_mean={logit_mean!r}: must be a number (Esser et al.: 0)")
         self.time_distribution, self.logit_mean, self.logit_std = time_distribution, float(logit_mean), float(logit_std)
         self.t_min, self.c_noise_scale = float(t_min), float(c_noise_scale)
@@ -47,5 +48,5 @@ class FlowProcess(Process):
     def c_noise(self, t):
         return self.c_noise_scale * t
 
-    def settings(self):
-        return {**super().settings(), "c_noise_scale": self.c_noise_scale}
+    def path_settings(self):
+        return {**super().path_settings(), "c_noise_scale": self.c_noise_scale}

@@ -1,26 +1,33 @@
-"""Samplers: one module each, one shared signature (after k-diffusion)::
+"""Samplers: one module each, one class each, one shared call (after k-diffusion)::
 
-    sample(model_fn, process, noise, *, generator=None, callback=None, progress=False, **options) -> x_0
+    sampler = DDIM(steps=50, eta=0.0)                     # its settings, checked as it is made (conf/sampler/ddim.yaml)
+    x_0 = sampler(model_fn, process, noise, *, generator=None, callback=None, progress=False)
 
-``model_fn(x_t, t) -> (x_0, eps)`` is the (possibly guided) denoiser (``ddpm/core/denoiser.py``), ``t`` the process's
-time (an index 0..T-1 for DDPM, a float for the continuous processes), so no sampler knows the network's prediction
-target; samplers read the process only through ``sampling_times`` and ``alpha_sigma`` (``ddpm/core/processes``);
-``noise`` is x_T; ``generator`` draws any further noise, so a seeded generator makes the output
-reproducible; ``callback(i, x_t, x0_pred)`` sees every step. Hydra builds them as partials
-(``conf/sampler/*.yaml``), so the options live in config and the call site stays the same.
+A sampler is a frozen dataclass (``Sampler``): its fields are its config keys with their defaults, ``__post_init__``
+refuses a value in one line naming the key, ``name`` is its option in ``conf/sampler/``, ``check_process`` states which
+processes it can walk. ``model_fn(x_t, t) -> (x_0, eps)`` is the (possibly guided) denoiser (``ddpm/core/denoiser.py``),
+``t`` the process's time (an index 0..T-1 for DDPM, a float for the continuous processes), so no sampler knows the
+network's prediction target; samplers read the process only through ``sampling_times`` and ``alpha_sigma``
+(``ddpm/core/processes``); ``noise`` is x_T; ``generator`` draws any further noise, so a seeded generator makes the
+output reproducible; ``callback(i, x_t, x0_pred)`` sees every step. Each module also keeps its function
+(``sample_ddim(model_fn, process, noise, **settings)``) for scripts. A new sampler is one module here and one YAML file
+in ``conf/sampler/``: the package imports its modules, and each class registers itself in ``SAMPLERS``.
 """
 
 from __future__ import annotations
 
 import math
-
-from typing import Callable
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Callable, ClassVar
 
 import torch
 
 from ddpm.core.errors import ConfigError
+from ddpm.core.settings import Registry, number, one_of, require, settings_of
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (x_t, t) -> (x_0, eps)
+SAMPLERS = Registry("sampler")
 
 
 def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -82,20 +89,104 @@ def check_steps(steps: int, num_timesteps: int | None, key: str = "sampler.steps
         raise ConfigError(f"{key}={steps}: must be an integer between 1 and {bound}")
 
 
-def check_process(sampler: Callable, process) -> None:
-    """The one rule of which sampler walks which process: one marked ``discrete_only`` (ancestral DDPM) needs the
-    discrete process; Heun's churn needs a continuous one (its raised noise level is no timestep)."""
-    from functools import partial
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler option (see the module docstring). ``steps``: network evaluations (None: all T, for the discrete
+    process's ancestral sampler); ``x0_clip`` and ``percentile``: what each step does to the predicted x_0."""
 
-    func, options = (sampler.func, sampler.keywords) if isinstance(sampler, partial) else (sampler, {})
-    name = getattr(func, "__name__", "?").removeprefix("sample_")
-    if getattr(func, "discrete_only", False) and not process.discrete:
-        raise ConfigError(f"sampler={name} with process={process.name}: ancestral DDPM (Ho et al. Algorithm 2) walks "
-                          "the discrete process's own steps; use sampler=ddim (its eta=1 is ancestral on any process), "
-                          "heun or dpmpp_2m")
-    if options.get("S_churn", 0) and process.discrete:
-        raise ConfigError(f"sampler.S_churn={options['S_churn']} with process={process.name}: churn raises the noise "
-                          "level between the discrete timesteps; use S_churn=0 or a continuous process (flow, edm, trigflow)")
+    name: ClassVar[str] = ""
+    discrete_only: ClassVar[bool] = False  # walks the discrete process's own steps (ancestral DDPM)
+    steps: int | None = 50
+    x0_clip: str = "clip"
+    percentile: float = 0.995
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):
+            SAMPLERS.add(cls)
+
+    def __post_init__(self) -> None:
+        if self.steps is not None:
+            check_steps(self.steps, None)
+        one_of("sampler.x0_clip", self.x0_clip, X0_CLIPS)
+        require(number(self.percentile) and 0 < self.percentile <= 1, "sampler.percentile", self.percentile,
+                "a number in (0, 1]")
+
+    def settings(self) -> dict:
+        return settings_of(self)
+
+    def with_steps(self, steps: int | None) -> "Sampler":
+        """The same sampler at another number of steps (None: its own)."""
+        return self if steps is None else replace(self, steps=steps)
+
+    def check_process(self, process) -> None:
+        """ConfigError, one line, unless this sampler can walk ``process``: its steps at most the discrete process's T;
+        ancestral DDPM (``discrete_only``) on the discrete process only."""
+        if self.discrete_only and not process.discrete:
+            raise ConfigError(f"sampler={self.name} with process={process.name}: ancestral DDPM (Ho et al. Algorithm 2) "
+                              "walks the discrete process's own steps; use sampler=ddim (its eta=1 is ancestral on any "
+                              "process), heun or dpmpp_2m")
+        if self.steps is not None:
+            check_steps(self.steps, process.num_timesteps)
+
+    def __call__(self, model_fn: ModelFn, process, noise: torch.Tensor, *, generator: torch.Generator | None = None,
+                 callback: Callable | None = None, progress: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class SpacedSampler(Sampler):
+    """A sampler over the process's ``sampling_times``: ``spacing`` (time | logsnr | karras), the half log-SNR
+    ``lambda_min`` it starts from (None: the process's noisiest level) and the karras spacing's ``rho``."""
+
+    spacing: str = "time"
+    lambda_min: float | None = None
+    rho: float = 7.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        one_of("sampler.spacing", self.spacing, SPACINGS)
+        check_lambda_min(self.lambda_min)
+        require(number(self.rho) and self.rho > 0, "sampler.rho", self.rho, "a number > 0 (EDM: 7)")
+
+
+def as_sampler(sampler) -> Sampler | None:
+    """The ``Sampler`` behind ``sampler``: itself, or the class of one of the modules' functions (plain or a partial,
+    as scripts call them) made with its keywords; None for a function of your own (it has no settings to check)."""
+    if isinstance(sampler, Sampler):
+        return sampler
+    func, keywords = (sampler.func, sampler.keywords) if isinstance(sampler, partial) else (sampler, {})
+    option = getattr(func, "option", None)
+    return option(**keywords) if option is not None else None
+
+
+def sampler_name(sampler) -> str:
+    """The name of a sampler's option in conf/sampler/ (a function of your own: its own name)."""
+    option = as_sampler(sampler)
+    if option is not None:
+        return option.name
+    func = sampler.func if isinstance(sampler, partial) else sampler
+    return getattr(func, "__name__", type(func).__name__)
+
+
+def check_process(sampler, process) -> None:
+    """``Sampler.check_process`` for a sampler given as a class instance or as one of the modules' functions."""
+    option = as_sampler(sampler)
+    if option is not None:
+        option.check_process(process)
+
+
+def functional(option: type) -> Callable:
+    """``sample_<name>(model_fn, process, noise, *, generator, callback, progress, **settings)``: the option as a
+    function, for scripts (and ``check_process`` finds its class through it)."""
+    def sample(model_fn: ModelFn, process, noise: torch.Tensor, *, generator=None, callback=None, progress=False,
+               **settings) -> torch.Tensor:
+        return option(**settings)(model_fn, process, noise, generator=generator, callback=callback, progress=progress)
+
+    sample.__name__ = sample.__qualname__ = f"sample_{option.name}"
+    sample.__doc__ = f"{option.__name__}(**settings)(model_fn, process, noise, ...): {option.__doc__.splitlines()[0]}"
+    sample.option = option
+    return sample
 
 
 def nearest_index(levels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -165,3 +256,6 @@ def initial_x(process, noise: torch.Tensor, sigma_start: float) -> torch.Tensor:
     Algorithm 2, line 1: x_T ~ N(0, I)), ``sigma_start`` times it for the continuous ones (Karras et al. Algorithm 1,
     line 1: x_0 ~ N(0, t_0^2 I)), whose noisiest level need not have unit variance (EDM: sigma = 80)."""
     return noise if process.discrete else noise * sigma_start
+
+
+SAMPLERS.load(__name__)  # every sampler module here registers its class

@@ -4,13 +4,14 @@ step), and ancestral at eta = 1 (the DDPM posterior's variance)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
-from ddpm.core.errors import ConfigError
-from ddpm.core.samplers import ModelFn, clip_x0, initial_x, levels, randn_like
+from ddpm.core.samplers import ModelFn, SpacedSampler, clip_x0, functional, initial_x, levels, randn_like
+from ddpm.core.settings import number, require
 
 
 def ddim_step(
@@ -32,28 +33,34 @@ def ddim_step(
     return x_prev, x0
 
 
-def check_eta(eta: float) -> None:
-    """The one rule of ``sampler.eta``: a number >= 0 (0 deterministic DDIM, 1 the DDPM posterior's variance)."""
-    if not (isinstance(eta, (int, float)) and not isinstance(eta, bool) and eta >= 0):
-        raise ConfigError(f"sampler.eta={eta}: must be >= 0 (0 = deterministic, 1 = DDPM)")
-
-
-def sample_ddim(
-    model_fn: ModelFn, process, noise: torch.Tensor, *, steps: int = 50, eta: float = 0.0, spacing: str = "time",
-    lambda_min: float | None = None, rho: float = 7.0, x0_clip: str = "clip", percentile: float = 0.995, generator: torch.Generator | None = None,
-    callback: Callable | None = None, progress: bool = False,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class DDIM(SpacedSampler):
     """DDIM over ``steps`` levels (``process.sampling_times``: evenly in time by default, which for EDM, whose time is
-    sigma, is linear in sigma: use ``spacing=karras`` there); one model evaluation per step."""
-    check_eta(eta)
-    renoise = getattr(model_fn, "renoise_with_eps", False)  # CFG++'s model_fn: renoise with its eps, not x0's
-    times, alpha, sigma = levels(process, noise, steps, spacing, lambda_min, rho)
-    x = initial_x(process, noise, sigma[-1].item())
-    for i in tqdm(reversed(range(len(times))), total=len(times), disable=not progress, desc="ddim", leave=False):
-        z = randn_like(x, generator) if eta > 0 and i > 0 else None
-        x0, eps = model_fn(x, times[i].expand(x.shape[0]))
-        x, x0 = ddim_step(alpha[i + 1], sigma[i + 1], alpha[i], sigma[i], x, x0, z, eta, x0_clip, percentile,
-                          eps if renoise else None)
-        if callback is not None:
-            callback(i, x, x0)
-    return x
+    sigma, is linear in sigma: use ``spacing=karras`` there); one model evaluation per step. ``eta``: 0 deterministic
+    (the probability-flow ODE's Euler step), 1 the DDPM posterior's variance."""
+
+    name: ClassVar[str] = "ddim"
+    order: ClassVar[int] = 1
+    steps: int = 50
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(number(self.eta) and self.eta >= 0, "sampler.eta", self.eta, ">= 0 (0 = deterministic, 1 = DDPM)")
+
+    def __call__(self, model_fn: ModelFn, process, noise: torch.Tensor, *, generator: torch.Generator | None = None,
+                 callback: Callable | None = None, progress: bool = False) -> torch.Tensor:
+        renoise = getattr(model_fn, "renoise_with_eps", False)  # CFG++'s model_fn: renoise with its eps, not x0's
+        times, alpha, sigma = levels(process, noise, self.steps, self.spacing, self.lambda_min, self.rho)
+        x = initial_x(process, noise, sigma[-1].item())
+        for i in tqdm(reversed(range(len(times))), total=len(times), disable=not progress, desc="ddim", leave=False):
+            z = randn_like(x, generator) if self.eta > 0 and i > 0 else None
+            x0, eps = model_fn(x, times[i].expand(x.shape[0]))
+            x, x0 = ddim_step(alpha[i + 1], sigma[i + 1], alpha[i], sigma[i], x, x0, z, self.eta, self.x0_clip,
+                              self.percentile, eps if renoise else None)
+            if callback is not None:
+                callback(i, x, x0)
+        return x
+
+
+sample_ddim = functional(DDIM)

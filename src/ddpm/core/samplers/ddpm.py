@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
-from ddpm.core.diffusion import DDPMProcess, extract, respace
-from ddpm.core.errors import ConfigError
-from ddpm.core.samplers import ModelFn, clip_x0, randn_like, sampling_timesteps
+from ddpm.core.processes.ddpm import DDPMProcess, extract, respace
+from ddpm.core.samplers import ModelFn, Sampler, clip_x0, functional, randn_like, sampling_timesteps
+from ddpm.core.settings import one_of
 
 VARIANCES = ("beta", "posterior")
 
@@ -33,24 +34,34 @@ def ddpm_step(
     return mean + sigma2.sqrt() * noise, x0
 
 
-def sample_ddpm(
-    model_fn: ModelFn, process: DDPMProcess, noise: torch.Tensor, *, steps: int | None = None,
-    variance: str = "beta", x0_clip: str = "clip", percentile: float = 0.995, generator: torch.Generator | None = None,
-    callback: Callable | None = None, progress: bool = False,
-) -> torch.Tensor:
-    """Algorithm 2 over ``steps`` evenly spaced timesteps (all T when None); one model evaluation per step."""
-    if variance not in VARIANCES:
-        raise ConfigError(f"sampler.variance={variance!r}: must be one of {list(VARIANCES)}")
-    timesteps = sampling_timesteps(process.alphas_cumprod, steps or process.num_timesteps).to(noise.device)
-    spaced = respace(process, timesteps)
-    x = noise
-    for i in tqdm(reversed(range(len(timesteps))), total=len(timesteps), disable=not progress, desc="ddpm", leave=False):
-        x0, _ = model_fn(x, timesteps[i].expand(x.shape[0]))
-        z = randn_like(x, generator) if i > 0 else None
-        x, x0 = ddpm_step(spaced, i, x, x0, z, variance, x0_clip, percentile)
-        if callback is not None:
-            callback(i, x, x0)
-    return x
+@dataclass(frozen=True)
+class DDPMSampler(Sampler):
+    """Algorithm 2 over ``steps`` evenly spaced timesteps (all T when None); one model evaluation per step.
+    ``variance``: sigma_t^2 = beta_t (``beta``) or the posterior's beta-tilde_t (``posterior``), the paper's two
+    choices."""
+
+    name: ClassVar[str] = "ddpm"
+    order: ClassVar[int] = 0
+    discrete_only: ClassVar[bool] = True  # Algorithm 2 walks the discrete process's steps
+    steps: int | None = None
+    variance: str = "beta"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        one_of("sampler.variance", self.variance, VARIANCES)
+
+    def __call__(self, model_fn: ModelFn, process: DDPMProcess, noise: torch.Tensor, *, generator: torch.Generator | None = None,
+                 callback: Callable | None = None, progress: bool = False) -> torch.Tensor:
+        timesteps = sampling_timesteps(process.alphas_cumprod, self.steps or process.num_timesteps).to(noise.device)
+        spaced = respace(process, timesteps)
+        x = noise
+        for i in tqdm(reversed(range(len(timesteps))), total=len(timesteps), disable=not progress, desc="ddpm", leave=False):
+            x0, _ = model_fn(x, timesteps[i].expand(x.shape[0]))
+            z = randn_like(x, generator) if i > 0 else None
+            x, x0 = ddpm_step(spaced, i, x, x0, z, self.variance, self.x0_clip, self.percentile)
+            if callback is not None:
+                callback(i, x, x0)
+        return x
 
 
-sample_ddpm.discrete_only = True  # Algorithm 2 walks the discrete process's steps (ddpm.core.samplers.check_process)
+sample_ddpm = functional(DDPMSampler)

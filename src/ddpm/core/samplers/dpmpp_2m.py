@@ -4,12 +4,13 @@ data-prediction (x_0) parameterisation and in lambda, good in 10-20 model evalua
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
-from ddpm.core.samplers import ModelFn, clip_x0, initial_x, levels
+from ddpm.core.samplers import ModelFn, SpacedSampler, clip_x0, functional, initial_x, levels
 
 
 def half_log_snr(alpha: float, sigma: float) -> float:
@@ -37,12 +38,8 @@ def dpmpp_2m_step(
     return level_next[1] / level[1] * x - level_next[0] * math.expm1(-h) * d
 
 
-def sample_dpmpp_2m(
-    model_fn: ModelFn, process, noise: torch.Tensor, *, steps: int = 20, spacing: str = "logsnr",
-    lambda_min: float | None = -5.1,
-    x0_clip: str = "clip", percentile: float = 0.995, generator: torch.Generator | None = None,
-    callback: Callable | None = None, progress: bool = False,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class DPMSolverPP2M(SpacedSampler):
     """``steps`` model evaluations from the noisiest level to the least noisy one, spaced evenly in log-SNR
     (``spacing=logsnr``) or in t (``time``) or ``karras``; the output is the x_0 predicted at the last one.
     Deterministic: ``generator`` is unused, the randomness is all in ``noise``.
@@ -52,19 +49,31 @@ def sample_dpmpp_2m(
     steps); log-SNR spacing keeps it within 2% from 10 steps on (tests/test_samplers.py). ``lambda_min``: the log-SNR
     floor of that spacing (``sampling_timesteps``: it keeps the cosine schedule's clipped last step from taking a
     quarter of the steps; for flow and TrigFlow, whose t = 1 has lambda = -inf, it is where the spacing starts)."""
-    times, alpha, sigma = levels(process, noise, steps, spacing, lambda_min)
-    alpha, sigma = alpha.tolist(), sigma.tolist()
-    n = len(times)
-    level = lambda i: (alpha[n - i], sigma[n - i])  # noqa: E731  (i = 0 is the noisiest level, i = n the clean end)
-    x, x0_last = initial_x(process, noise, sigma[n]), None
-    for i in tqdm(range(n), disable=not progress, desc="dpmpp_2m", leave=False):
-        x0, _ = model_fn(x, times[n - 1 - i].expand(x.shape[0]))
-        x0 = clip_x0(x0, x0_clip, percentile)
-        if i == n - 1:
-            x = x0
-        else:
-            x = dpmpp_2m_step(x, x0, x0_last, level(i), level(i + 1), level(i - 1) if i > 0 else None)
-        x0_last = x0
-        if callback is not None:
-            callback(n - 1 - i, x, x0)
-    return x
+
+    name: ClassVar[str] = "dpmpp_2m"
+    order: ClassVar[int] = 2
+    steps: int = 20
+    spacing: str = "logsnr"
+    lambda_min: float | None = -5.1
+
+    def __call__(self, model_fn: ModelFn, process, noise: torch.Tensor, *, generator: torch.Generator | None = None,
+                 callback: Callable | None = None, progress: bool = False) -> torch.Tensor:
+        times, alpha, sigma = levels(process, noise, self.steps, self.spacing, self.lambda_min, self.rho)
+        alpha, sigma = alpha.tolist(), sigma.tolist()
+        n = len(times)
+        level = lambda i: (alpha[n - i], sigma[n - i])  # noqa: E731  (i = 0 is the noisiest level, i = n the clean end)
+        x, x0_last = initial_x(process, noise, sigma[n]), None
+        for i in tqdm(range(n), disable=not progress, desc="dpmpp_2m", leave=False):
+            x0, _ = model_fn(x, times[n - 1 - i].expand(x.shape[0]))
+            x0 = clip_x0(x0, self.x0_clip, self.percentile)
+            if i == n - 1:
+                x = x0
+            else:
+                x = dpmpp_2m_step(x, x0, x0_last, level(i), level(i + 1), level(i - 1) if i > 0 else None)
+            x0_last = x0
+            if callback is not None:
+                callback(n - 1 - i, x, x0)
+        return x
+
+
+sample_dpmpp_2m = functional(DPMSolverPP2M)
