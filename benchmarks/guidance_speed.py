@@ -23,7 +23,7 @@ from ddpm.core.processes.ddpm import DDPMProcess
 from ddpm.core.guidance import Guidance
 from ddpm.core.schedules import linear_betas
 from ddpm.core.unet import UNet
-from ddpm.inference import Model
+from ddpm.inference import Pipeline
 from ddpm.options import read_option
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     process = DDPMProcess(linear_betas(1000)).to(device)
-    model = Model(Denoiser(network(0, device), process), p_uncond=0.1)
+    model = Pipeline(Denoiser(network(0, device), process), p_uncond=0.1)
     guide = Denoiser(network(1, device), process)
     settings = {"cfg": Guidance(1.0), "apg": Guidance(1.0, method="apg"), "cfgpp": Guidance(0.5, method="cfgpp"),
                 "autoguidance": Guidance(1.0, method="autoguidance", guide=guide), "none (w = 0)": Guidance(0.0)}

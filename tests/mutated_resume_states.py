@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import TINY  # noqa: E402
 
-from ddpm.build import build_module  # noqa: E402
+from ddpm.training.assemble import build_module  # noqa: E402
 from ddpm.config import compose  # noqa: E402
 from ddpm.core.errors import ConfigError  # noqa: E402
 from ddpm.training.resume import check_resume_state, reference_loops  # noqa: E402

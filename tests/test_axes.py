@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import run_cli
 
-from ddpm.build import build_module
+from ddpm.training.assemble import build_module
 from ddpm.inference import load
 from ddpm.core.schedules import rescale_zero_terminal_snr
 from ddpm.train import train

@@ -11,7 +11,7 @@ from conftest import TINY, run_cli
 from hydra.utils import instantiate
 from PIL import Image
 
-from ddpm.build import build_module
+from ddpm.training.assemble import build_module
 from ddpm.config import compose, resolve_precision
 from ddpm.options import config_dir, experiments_root
 
@@ -100,14 +100,14 @@ def test_guidance_options(option, tiny_cfg):
     module = build_module(tiny_cfg(f"guidance={option}"))
     assert module.conditional == (option != "none")
     labels = torch.arange(10) if module.conditional else None
-    images = module.model().sample(labels, num_samples=3, seed=0)
+    images = module.pipeline().sample(labels, num_samples=3, seed=0)
     assert images.shape[0] == (10 if module.conditional else 3)
 
 
 @pytest.mark.parametrize("option", options("sampler"))
 def test_sampler_options(option, tiny_cfg):
     module = build_module(tiny_cfg(f"sampler={option}", "sampler.steps=5"))
-    images = module.model().sample(torch.arange(4), seed=0)
+    images = module.pipeline().sample(torch.arange(4), seed=0)
     assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()
 
 
@@ -138,7 +138,7 @@ def test_logger_options(option, tiny_cfg, offline_env):
     if option == "none":
         assert not cfg.logger
         return
-    from ddpm.build import instantiate_loggers
+    from ddpm.training.assemble import instantiate_loggers
 
     loggers = instantiate_loggers(cfg.logger)
     assert loggers and all(isinstance(logger, L.pytorch.loggers.Logger) for logger in loggers)

@@ -164,7 +164,8 @@ def test_guidance_sweep_is_one_multirun(checkpoint, cache_dir, tmp_path):
     assert [r["protocol"]["guidance_scale"] for r in records] == [0.0, 0.5, 1.0, 2.0]
     assert all("fd_digits" in r["metrics"] and "guided_accuracy" in r["metrics"] for r in records)
     # One process, four evaluations: the extractor and the reference statistics were built once.
-    assert [r["process"] for r in records] == [{"extractor_and_reference_uses": i + 1, "extractor_and_reference_built": 1}
+    # premise changed (issue 30): the key was "process", which in this project names the diffusion process
+    assert [r["command"] for r in records] == [{"extractor_and_reference_uses": i + 1, "extractor_and_reference_built": 1}
                                               for i in range(4)]
 
 
@@ -235,7 +236,7 @@ SAMPLE_FLAGS = ["sampler.steps=7", "num_samples=20", "guidance.scale=1.5", "seed
 
 @classifier_group
 def test_sample_and_evaluate_give_what_they_gave_before_the_python_api(cache_dir, tmp_path):
-    """Issue 22's acceptance 3: since ``ddpm.sample`` and ``ddpm.evaluate`` go through ``ddpm.load`` and ``Model.draw``,
+    """Issue 22's acceptance 3: since ``ddpm.sample`` and ``ddpm.evaluate`` go through ``ddpm.load`` and ``Pipeline.draw``,
     they draw the same images and measure the same numbers as the commit before (f777b58, which stored them in
     tests/data/inference_before_api.json), for every sampler; and the Python API gives exactly what the CLI gives."""
     from ddpm.core.guidance import Guidance
@@ -275,7 +276,7 @@ def test_sample_and_evaluate_give_what_they_gave_before_the_python_api(cache_dir
 @classifier_group
 def test_trainings_final_evaluation_records_each_w_with_ddpm_evaluates_protocol(cache_dir, tmp_path):
     """One metrics.json writer (evaluation/records.py): training's final evaluation writes one entry per w, each with
-    the protocol ddpm.evaluate records (Model.protocol), and the report's reader takes both shapes."""
+    the protocol ddpm.evaluate records (Pipeline.protocol), and the report's reader takes both shapes."""
     from ddpm.evaluation.records import evaluations
 
     cfg = compose([*[o for o in TINY if "evaluate_at_end" not in o], "trainer.max_steps=4", "~callbacks.sample_grid",

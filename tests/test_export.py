@@ -21,7 +21,7 @@ from ddpm.core.unet import UNet
 from ddpm.config import compose
 from ddpm.diffusers_export import export_diffusers, scheduler_config, to_unet2d, unet_config
 from ddpm.export import export
-from ddpm.inference import Model
+from ddpm.inference import Pipeline
 from ddpm.options import read_option
 
 diffusers = pytest.importorskip("diffusers")
@@ -56,8 +56,8 @@ def perturbed(layout: dict, seed: int = 0) -> UNet:
     return net
 
 
-def model_of(net: UNet, betas: torch.Tensor, schedule: dict, prediction: str = "eps") -> Model:
-    return Model(Denoiser(net, DDPMProcess(betas), prediction), p_uncond=0.1 if net.num_classes else 0.0,
+def model_of(net: UNet, betas: torch.Tensor, schedule: dict, prediction: str = "eps") -> Pipeline:
+    return Pipeline(Denoiser(net, DDPMProcess(betas), prediction), p_uncond=0.1 if net.num_classes else 0.0,
                  config={"schedule": schedule})
 
 
@@ -164,7 +164,7 @@ def test_over_the_same_timesteps_diffusers_ddim_is_ddpms_ddim_step(betas, schedu
 
     labels = torch.arange(10).repeat(2)
     ours = model.sample(labels, sampler=diffusers_walk, guidance=1.0, seed=0)
-    noise = torch.randn((20, 1, 8, 8), generator=torch.Generator().manual_seed(0))  # Model.draw's first draw
+    noise = torch.randn((20, 1, 8, 8), generator=torch.Generator().manual_seed(0))  # Pipeline.draw's first draw
     theirs = diffusers_ddim(unet, scheduler, noise, labels, w=1.0, steps=50)
     assert (ours - theirs).abs().max() < 1e-4
     assert clip_x0(theirs).equal(theirs)  # (the samples are in range: the clip was exercised, not bypassed)

@@ -33,7 +33,7 @@ def test_same_seed_same_checkpoint_identical_npz(checkpoint, tmp_path, sampler):
                        "batch_size=8", "trajectory=2"], config_name="sample", output_dir=tmp_path / run)
         out = sample(cfg)
         # network evaluations per image, as metrics.json counts them (premise changed, issue 22: sample's total over the
-        # three batches was 3 * 8; it now draws through Model.draw, which counts per batch for both)
+        # three batches was 3 * 8; it now draws through Pipeline.draw, which counts per batch for both)
         assert out["nfe"] == 8
         outputs.append(np.load(tmp_path / run / "samples.npz"))
         assert (tmp_path / run / "grid.png").is_file() and (tmp_path / run / "trajectory.png").is_file()
@@ -52,7 +52,7 @@ def test_sample_cli(checkpoint, tmp_path):
 
 
 def test_sampling_precision_bf16_runs_the_network_in_bf16(tiny_cfg):
-    from ddpm.build import build_module
+    from ddpm.training.assemble import build_module
 
     module = build_module(tiny_cfg())
     torch.manual_seed(0)
@@ -60,7 +60,7 @@ def test_sampling_precision_bf16_runs_the_network_in_bf16(tiny_cfg):
         torch.nn.init.normal_(p, std=0.05)
     seen = []
     module.ema.module.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
-    images = {p: module.model().sample(torch.arange(4), seed=0, precision=p)
+    images = {p: module.pipeline().sample(torch.arange(4), seed=0, precision=p)
               for p in ("float32", "bf16")}
     assert seen[0] == torch.float32 and seen[-1] == torch.bfloat16
     assert images["bf16"].dtype == torch.float32 and torch.isfinite(images["bf16"]).all()
@@ -69,10 +69,10 @@ def test_sampling_precision_bf16_runs_the_network_in_bf16(tiny_cfg):
 
 @pytest.mark.slow
 def test_sampling_with_a_compiled_network_matches_eager(tiny_cfg):
-    from ddpm.build import build_module
+    from ddpm.training.assemble import build_module
 
     module = build_module(tiny_cfg())
-    model = module.model()
+    model = module.pipeline()
     eager = model.sample(torch.arange(4), seed=0)
     compiled = model.sample(torch.arange(4), seed=0, compile=True)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import TINY, run_cli
 
-from ddpm.build import build_module
+from ddpm.training.assemble import build_module
 from ddpm.inference import load
 from ddpm.train import train
 

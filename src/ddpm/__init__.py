@@ -4,7 +4,7 @@ From Python, a trained model is ``ddpm.load(path)`` (``ddpm.inference``): no Lig
 """
 
 __version__ = "0.1.0"
-__all__ = ["Guidance", "Model", "load"]
+__all__ = ["Guidance", "Pipeline", "load"]
 
 
 def __getattr__(name: str):
@@ -13,4 +13,7 @@ def __getattr__(name: str):
         from ddpm import inference
 
         return getattr(inference, name)
+    if name == "Model":  # its name until issue 30: `model=` is the network's group, so the trained model is a Pipeline
+        raise AttributeError("ddpm.Model is now ddpm.Pipeline (what ddpm.load returns: a denoiser over chosen weights, "
+                             "with its sampler and guidance); the `model=` config group is the network")
     raise AttributeError(f"module 'ddpm' has no attribute {name!r}")

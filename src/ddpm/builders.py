@@ -1,6 +1,6 @@
 """A run's config, as plain data, into the core's objects: the network, the process, the denoiser and the sampler.
 
-No Hydra: training (``ddpm.build``, from the composed config) and the Python API (``ddpm.load``, from a checkpoint's
+No Hydra: training (``ddpm.training.assemble``, from the composed config) and the Python API (``ddpm.load``, from a checkpoint's
 rebuilt config) build through these same functions. ``build`` only calls the callables that this project's option
 files name (``ddpm.options.shipped_targets``); which one a node names was settled by ``ddpm.checkpoints`` for a file.
 """

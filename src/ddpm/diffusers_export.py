@@ -203,7 +203,7 @@ def check_out(out: str | Path) -> Path:
 
 
 def export_diffusers(model, out: str | Path, x0_clip: str = "clip", percentile: float = 0.995) -> Path:
-    """Write ``model`` (a ``ddpm.Model``) as a diffusers folder at ``out``: ``unet/`` (config.json and safetensors),
+    """Write ``model`` (a ``ddpm.Pipeline``) as a diffusers folder at ``out``: ``unet/`` (config.json and safetensors),
     ``scheduler/scheduler_config.json``, ``ddpm_export.json`` (provenance and the guidance convention) and, for an
     unconditional model, ``model_index.json`` so ``DDIMPipeline.from_pretrained(out)`` loads it.
 

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def evaluate(cfg: DictConfig) -> dict:
     """Sample ``cfg.num_samples`` images from the checkpoint and measure them against the reference split
-    (``Model.evaluate``), then write metrics.json and log it."""
+    (``Pipeline.evaluate``), then write metrics.json and log it."""
     model, guidance = load_for_sampling(cfg, "evaluate", ("metrics.json",))
     # The checkpoint's own dataset, unless another is chosen (+data=NAME); it must match the model.
     if cfg.get("data"):
@@ -47,14 +47,14 @@ def evaluate(cfg: DictConfig) -> dict:
                             reference_split=cfg.metrics.reference_split, reference_size=cfg.metrics.reference_size,
                             cache_dir=cfg.metrics.cache_dir, inception_score=cfg.metrics.inception_score, progress=True,
                             **options)
-    # not part of the protocol: how this process shared the extractor and reference statistics (a multirun of N
-    # evaluations in one process: uses N, built 1)
-    record["process"] = {"extractor_and_reference_uses": PREPARATIONS["uses"],
+    # not part of the protocol: how this command shared the extractor and reference statistics (a multirun of N
+    # evaluations in one command: uses N, built 1)
+    record["command"] = {"extractor_and_reference_uses": PREPARATIONS["uses"],
                          "extractor_and_reference_built": PREPARATIONS["built"]}
     write_metrics(Path(cfg.paths.output_dir) / "metrics.json", record)
     settle()
     log.info("%s", json.dumps(record["metrics"]))
-    from ddpm.build import instantiate_loggers  # here: Lightning's loggers (3 s to import) only when logging is asked for
+    from ddpm.training.assemble import instantiate_loggers  # here: Lightning's loggers (3 s to import) only when logging is asked for
 
     loggers = instantiate_loggers(cfg.get("logger")) if cfg.get("logger") else False
     for logger in loggers or []:

@@ -1,4 +1,6 @@
-"""A trained model as a Python object: ``ddpm.load(path)`` and ``Model.sample`` / ``Model.evaluate``.
+"""A trained model as a Python object, a ``Pipeline``: ``ddpm.load(path)`` and ``Pipeline.sample`` / ``Pipeline.evaluate``
+(a pipeline: a denoiser over chosen weights with its sampler and guidance, as diffusers calls one; ``model=`` is the
+network's config group).
 
     import ddpm
     model = ddpm.load("outputs/.../checkpoints/last.ckpt", ema=True, device="auto")
@@ -6,7 +8,8 @@
     record = model.evaluate(num_samples=1000)                                              # {"metrics", "protocol"}
 
 This is the one inference path: ``ddpm.sample``, ``ddpm.evaluate`` and the training callbacks sample through
-``Model.draw``, and ``Model.evaluate`` makes every metrics record. No Lightning, Hydra, omegaconf or wandb is imported
+``Pipeline.draw``; ``Pipeline.evaluate`` measures (``ddpm.evaluate`` writes its record, training's final evaluation one
+per w with the same ``Pipeline.protocol``). No Lightning, Hydra, omegaconf or wandb is imported
 on this path (tests/test_layout.py checks it): a checkpoint is read by ``ddpm.checkpoints`` (which never lets a file
 choose what code runs) and built by ``ddpm.builders``.
 """
@@ -77,7 +80,7 @@ def evaluating(net: nn.Module):
         net.train(was_training)
 
 
-class Model:
+class Pipeline:
     """A denoiser over chosen weights, with what sampling it needs to know about its training: whether it saw the null
     label (``p_uncond``), its guidance and sampler defaults, and where it came from (``config``, ``weights``, ``step``).
 
@@ -112,7 +115,7 @@ class Model:
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
-    def to(self, device: str | torch.device) -> "Model":
+    def to(self, device: str | torch.device) -> "Pipeline":
         self.net.to(resolve_device(device))
         self.process.to(resolve_device(device))
         return self
@@ -166,7 +169,7 @@ class Model:
             guidance = self.guidance
         elif not isinstance(guidance, Guidance):
             guidance = Guidance(scale=float(guidance))
-        if isinstance(guidance.guide, Model):  # autoguidance's guide given as a loaded model: its denoiser, and where from
+        if isinstance(guidance.guide, Pipeline):  # autoguidance's guide given as a loaded model: its denoiser, and where from
             guide = guidance.guide
             self._guides[id(guide.denoiser)] = {"path": str(Path(guide.path).resolve()) if guide.path else None,
                                                 "global_step": guide.step, "weights": guide.weights}
@@ -365,7 +368,7 @@ def check_load_arguments(ema, ema_source: str = "auto", ema_sources=None, device
 
 
 def load(path: str | Path, ema: bool | float = True, device: str | torch.device = "auto", *, snapshots: str | Path | None = None,
-         ema_source: str = "auto", ema_sources: Sequence[float] | None = None, key: str = "ckpt_path") -> Model:
+         ema_source: str = "auto", ema_sources: Sequence[float] | None = None, key: str = "ckpt_path") -> Pipeline:
     """The model of a checkpoint written by ``python -m ddpm.train``, through the same trust checks as the CLI.
 
     ``ema``: True, the classic EMA (``ema.decay``); False, the raw weights; a number, the power EMA of that relative
@@ -421,7 +424,7 @@ def load(path: str | Path, ema: bool | float = True, device: str | torch.device 
         log.info("power EMA sigma_rel=%g at step %d rebuilt from %d snapshots in %s", sigma_rel, info["step"],
                  info["snapshots"], directory)
         weights = {"power_ema": {"source": "posthoc", **info}}
-    model = Model(denoiser.with_net(denoiser.net.requires_grad_(False).eval()),
+    model = Pipeline(denoiser.with_net(denoiser.net.requires_grad_(False).eval()),
                   p_uncond=label_dropout(config["guidance"]), guidance=build_guidance(config["guidance"]),
                   sampler=default_sampler, config=config, weights=weights, step=checkpoint.get("global_step"), path=str(path))
     return model.to(device)
@@ -446,4 +449,4 @@ class NonFiniteSamples(ConfigError):
     """Sampling gave NaN or infinite values; nothing was written (exit status 2, one line naming the likely cause)."""
 
 
-__all__ = ["Guidance", "Model", "load"]
+__all__ = ["Guidance", "Pipeline", "load"]

@@ -24,10 +24,9 @@ import yaml
 
 from ddpm.evaluation.stats import LEVEL, compare, holm, mean_interval
 from ddpm.evaluation.records import evaluations
+from ddpm.evaluation.registry import QUALITY, lower_is_better, metric
 from ddpm.files import WriteError, atomic_write, spreadsheet_safe
 
-QUALITY = ("fd_digits", "fid", "precision", "recall", "guided_accuracy", "diversity", "inception_score")
-LOWER_IS_BETTER = {"fd_digits", "fid", "final_loss"}
 
 
 def _parse_value(text: str):
@@ -169,9 +168,15 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+# Not quality: what an evaluation cost (recorded beside the metrics, not tabled as one).
+COSTS = ("nfe", "sampling_seconds", "images_per_second")
+
+
 def _metric_names(runs: list[dict]) -> list[str]:
-    present = {k for r in runs for _, m in r["evaluations"] if m for k in m}
-    return [k for k in QUALITY if k in present]
+    """The metrics the runs hold: the registered ones in their order (``ddpm.evaluation.registry``), then any other
+    (a Fréchet distance in another feature space, a metric this project does not know), never dropped."""
+    present = {k for r in runs for _, m in r["evaluations"] if m for k in m} - set(COSTS)
+    return [k for k in QUALITY if k in present] + sorted(present - set(QUALITY))
 
 
 def build_report(sweep_dir: Path) -> str:
@@ -268,7 +273,7 @@ def findings(rows: list[dict], group_keys: list[str], metrics: list[str], scales
         for row_group in sorted({json.dumps(r["group"]) for r in rows}):
             series = sorted((r["w"], r) for r in rows if json.dumps(r["group"]) == row_group and r["w"] is not None)
             label = ", ".join(f"{k}={v}" for k, v in zip(group_keys, json.loads(row_group))) or "all runs"
-            for name in ("guided_accuracy", "diversity", *[m for m in metrics if m in LOWER_IS_BETTER][:1]):
+            for name in ("guided_accuracy", "diversity", *[m for m in metrics if lower_is_better(m)][:1]):
                 points = [(w, r[name][0]) for w, r in series if name in r and r[name][2] > 0]
                 if len(points) > 1:
                     trend = " -> ".join(f"{v:.3g} (w={w:g})" for w, v in points)
@@ -293,7 +298,9 @@ def _finding(key: str, name: str, w, others: str, by_value: dict[str, list], tes
     comparison is appended to ``tests`` (for Holm's correction over the page)."""
     if len(by_value) < 2 or any(len(v) != 1 for v in by_value.values()):
         return []
-    ranked = sorted(by_value.items(), key=lambda kv: kv[1][0][name][0], reverse=name not in LOWER_IS_BETTER)
+    if name != "final_loss" and (metric(name) is None or metric(name).lower_is_better is None):
+        return []  # no better direction known: tabled, never ranked
+    ranked = sorted(by_value.items(), key=lambda kv: kv[1][0][name][0], reverse=not lower_is_better(name))
     (best, [best_row]), (second, [second_row]) = ranked[0], ranked[1]
     (mb, sb, nb), (ms, ss, ns) = best_row[name], second_row[name]
     where = (f" at w={w:g}" if w is not None and name != "final_loss" else "") + (f" ({others})" if others else "")
@@ -336,7 +343,7 @@ def grid(rows: list[dict], group_keys: list[str], metrics: list[str], scales: li
     distinct = lambda keys: list({json.dumps([value_of(r, k) for k in keys]): [value_of(r, k) for k in keys] for r in cells}.values())  # noqa: E731
     row_values, col_values = order([v for [v] in distinct([row_key])]), order([v for [v] in distinct([col_key])])
     panels = distinct(rest)
-    lower = name in LOWER_IS_BETTER
+    lower = lower_is_better(name)
     best = min(cells, key=lambda r: r[name][0] if lower else -r[name][0])
     fig, axs = plt.subplots(1, len(panels), figsize=(max(6.5, 1.6 + 1.3 * len(col_values) * len(panels)), 1.4 + 0.55 * len(row_values)), squeeze=False)
     for ax, panel in zip(axs[0], panels):
@@ -413,7 +420,7 @@ def plot_quality(rows: list[dict], group_keys: list[str], metrics: list[str], ou
     scaled = [r for r in rows if r["w"] is not None]
     if not scaled or not metrics:
         return
-    shown = [m for m in ("fd_digits", "fid", "guided_accuracy", "diversity") if m in metrics]
+    shown = [m for m in metrics if m in ("guided_accuracy", "diversity") or m == "fid" or m.startswith("fd_")][:4]
     fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), squeeze=False)
     for ax, name in zip(axes[0], shown):
         for group in sorted({json.dumps(r["group"]) for r in scaled}):

@@ -24,7 +24,7 @@ from ddpm.core.samplers import check_steps
 from ddpm.files import atomic_write
 from ddpm.images import class_rows, save_png, to_grid, to_uint8
 from ddpm.core.ema import MAX_SIGMA_REL, valid_sigma_rel
-from ddpm.inference import Model, check_load_arguments, load, resolve_device
+from ddpm.inference import Pipeline, check_load_arguments, load, resolve_device
 from ddpm.options import config_dir
 from ddpm.training.rundirs import claim_outputs, commit, settle
 from ddpm.validation import ConfigError, validate
@@ -32,14 +32,14 @@ from ddpm.validation import ConfigError, validate
 log = logging.getLogger(__name__)
 
 
-def guidance_of(cfg: DictConfig, model: Model) -> Guidance:
+def guidance_of(cfg: DictConfig, model: Pipeline) -> Guidance:
     """The command line's guidance over the checkpoint's: each setting as given, or, where it is ``checkpoint`` (the
     default), the checkpoint's own, as ``ddpm.load(...).sample()`` uses them all (``builders.from_checkpoint``)."""
     given = {k: v for k, v in OmegaConf.to_container(cfg.guidance, resolve=True).items() if k != "guide"}
     return build_guidance(from_checkpoint(guidance_node(model.guidance), given))
 
 
-def guide_for(cfg: DictConfig, model: Model, method: GuidanceMethod) -> Model | None:
+def guide_for(cfg: DictConfig, model: Pipeline, method: GuidanceMethod) -> Pipeline | None:
     """Autoguidance's guide from ``guidance.guide``: another run's checkpoint (``ckpt_path``), this run's checkpoint at
     an earlier step (``step``: ``step_NNNNNNN.ckpt`` beside ``ckpt_path``), with the EMA of width ``sigma_rel``
     (alone: ``ckpt_path``'s own checkpoint with that EMA). Loaded through ``ddpm.load``'s trust checks, on the model's
@@ -69,14 +69,14 @@ def guide_for(cfg: DictConfig, model: Model, method: GuidanceMethod) -> Model | 
 
 
 def labels_of(cfg: DictConfig) -> list | None:
-    """The command line's ``labels``: null, or a list of class ids (``Model.labels_for`` checks them against the model)."""
+    """The command line's ``labels``: null, or a list of class ids (``Pipeline.labels_for`` checks them against the model)."""
     if cfg.labels is not None and not OmegaConf.is_list(cfg.labels):
         raise ConfigError(f"labels={cfg.labels!r}: must be null or a list of class ids >= 0, e.g. labels=[3] or labels=[3,3,7]")
     return list(cfg.labels) if cfg.labels else None
 
 
 def draw_options(cfg: DictConfig, guidance: Guidance) -> dict:
-    """``Model.draw``'s arguments from a sample/evaluate config and its checked guidance: the sampler node, guidance,
+    """``Pipeline.draw``'s arguments from a sample/evaluate config and its checked guidance: the sampler node, guidance,
     seed, batches, precision."""
     node = OmegaConf.to_container(cfg.sampler, resolve=True)
     return {"labels": labels_of(cfg), "num_samples": cfg.num_samples,
@@ -104,7 +104,7 @@ def weights_of(cfg: DictConfig) -> dict:
     return weights
 
 
-def load_for_sampling(cfg: DictConfig, entry: str, outputs: tuple[str, ...]) -> tuple[Model, Guidance]:
+def load_for_sampling(cfg: DictConfig, entry: str, outputs: tuple[str, ...]) -> tuple[Pipeline, Guidance]:
     """Validate ``cfg`` for ``entry`` (sample | evaluate), refuse to overwrite earlier ``outputs`` in the run
     directory, load the checkpoint (``ddpm.load``) and, for autoguidance, its guide, and check the requested labels,
     steps and guidance against it. Returns the model and the checked guidance."""
@@ -135,7 +135,7 @@ def load_for_sampling(cfg: DictConfig, entry: str, outputs: tuple[str, ...]) -> 
     return model, guidance
 
 
-def check_memory(cfg: DictConfig, model: Model) -> None:
+def check_memory(cfg: DictConfig, model: Pipeline) -> None:
     """ConfigError, one line, when the images asked for (with their trajectory frames, enlarged to ``min_size`` in the
     PNG) would not fit in half of this machine's memory: refused before sampling rather than killed after it."""
     from ddpm.preflight import IMAGE_COPIES, machine_memory

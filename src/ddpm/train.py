@@ -68,7 +68,7 @@ def _fit(cfg: DictConfig, extra_callbacks: Sequence[L.Callback]) -> DiffusionMod
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     import lightning as L
-    from ddpm.build import build_module, built, instantiate_loggers
+    from ddpm.training.assemble import build_module, built, instantiate_loggers
     from ddpm.builders import build
     from ddpm.config import resolve_precision
     from ddpm.training.checkpoint import AtomicCheckpointIO, CheckpointWriteError, LastCheckpoint, recorded_choices

@@ -3,7 +3,7 @@ network (built on the meta device), the process and its schedule, the samplers, 
 set (nothing read), the EMAs; so validating a config is building what it configures through ``ddpm.builders`` and
 collecting the one-line ``ConfigError`` each part raises (``built``). ``_relations`` are the rules between two options,
 ``TRAIN_KEYS`` the keys of Lightning's trainer, the optimizer and ``ddpm.train`` itself; ``ddpm.sample``'s and
-``ddpm.evaluate``'s own arguments are ``Model.draw``'s and ``Model.evaluate``'s, checked there. Every problem is one
+``ddpm.evaluate``'s own arguments are ``Pipeline.draw``'s and ``Pipeline.evaluate``'s, checked there. Every problem is one
 line (``guidance.p_uncond=1.5: must be a probability in [0, 1)``); Hydra reports unknown groups and keys first."""
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 ``Denoiser.output`` feeds the network the process's preconditioned input (c_in x_t, c_noise(t)); ``__call__`` turns
 its raw output into (x_0, eps) for the samplers and guidance, which see only a ``model_fn(x_t, t) -> (x_0, eps)``;
-``loss`` is the training objective. A new prediction target is one line in ``ddpm/core/prediction.py``, a new process
-one module in ``ddpm/core/processes``.
+``loss`` is the training objective. A new prediction target is its coefficient pair (target = a x_0 + b eps) in
+``ddpm/core/prediction.py``'s ``target_coefficients``, a new process one module in ``ddpm/core/processes``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """metrics.json: the one writer and the one reader of evaluation records.
 
 Two producers write one shape each, through ``write_metrics``:
-- ``ddpm.evaluate``: one evaluation, ``{"metrics": ..., "protocol": ..., "process": ...}`` (``Model.evaluate``'s record);
+- ``ddpm.evaluate``: one evaluation, ``{"metrics": ..., "protocol": ..., "command": ...}`` (``Pipeline.evaluate``'s
+  record, and how the command shared its feature extractor between the evaluations of a multirun);
 - training's final evaluation (``EvaluateAtEnd``): one per guidance scale, ``{"global_step", "final_loss",
   "evaluations": [{"guidance_scale", "metrics", "protocol"}, ...], "protocol"}``, each entry's protocol the same
-  ``Model.protocol`` as ddpm.evaluate's (files from before it have the shared one only).
+  ``Pipeline.protocol`` as ddpm.evaluate's (files from before it have the shared one only).
 ``evaluations`` reads either as ``[(w, metrics)]``; ``ddpm.report`` reads nothing else.
 """
 

@@ -1,8 +1,8 @@
 """The LightningModule: glue between the denoiser (network + process + prediction target), guidance and a sampler.
 
-It owns no math and builds nothing: ``ddpm.build`` makes every part from the config and hands them over (the
+It owns no math and builds nothing: ``ddpm.training.assemble`` makes every part from the config and hands them over (the
 lightning-hydra-template habit). The composed config travels inside every checkpoint (``checkpoint["config"]``),
-so ``ddpm.load`` rebuilds the model from the file alone; ``module.model()`` is the same ``ddpm.Model`` over the live
+so ``ddpm.load`` rebuilds the model from the file alone; ``module.pipeline()`` is the same ``ddpm.Pipeline`` over the live
 weights, which the callbacks sample with.
 """
 
@@ -24,7 +24,7 @@ from ddpm.core.denoiser import Denoiser
 from ddpm.core.ema import PowerEMA, ema_warmup_decay, lerp_weights_
 from ddpm.core.errors import NonFiniteLossError  # noqa: F401  (raised here; its home is light, for run_cli)
 from ddpm.core.guidance import Guidance, drop_labels
-from ddpm.inference import Model
+from ddpm.inference import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -175,11 +175,11 @@ class DiffusionModule(L.LightningModule):
         random.setstate(states["python"])
 
     # --- sampling -------------------------------------------------------------------------------
-    def model(self, use_ema: bool = True) -> Model:
-        """The module as a ``ddpm.Model`` over its live weights (the EMA copy, or the raw ones), its sampler and its
+    def pipeline(self, use_ema: bool = True) -> Pipeline:
+        """The module as a ``ddpm.Pipeline`` over its live weights (the EMA copy, or the raw ones), its sampler and its
         guidance: callbacks sample through the same path as ``ddpm.sample``. Nothing is copied."""
         net = self.ema.module if use_ema else self.net
-        return Model(self.denoiser.with_net(net), p_uncond=self.p_uncond if self.conditional else 0.0,
+        return Pipeline(self.denoiser.with_net(net), p_uncond=self.p_uncond if self.conditional else 0.0,
                      guidance=self.guidance,
                      sampler=self.sampler, config=self.config, weights="ema" if use_ema else "raw", step=self.global_step)
 

@@ -1,4 +1,4 @@
-"""Callbacks that sample the model while it trains, through ``module.model()`` (the same ``ddpm.Model`` path as
+"""Callbacks that sample the model while it trains, through ``module.pipeline()`` (the same ``ddpm.Pipeline`` path as
 ``ddpm.sample``): sample grids, quality curves, and the final evaluation that ``ddpm.report`` tabulates."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from ddpm.core.guidance import guidance_usable
 from ddpm.core.samplers import as_sampler, check_steps
 from ddpm.core.settings import integer, number, one_of, require
 from ddpm.evaluation.records import write_metrics
+from ddpm.evaluation.registry import sized
 from ddpm.images import class_rows, save_png, to_grid
 from ddpm.training.progress import timed
 
@@ -68,7 +69,7 @@ class SampleGrid(L.Callback):
     def write(self, trainer: L.Trainer, pl_module, name: str) -> Path | None:
         if not trainer.is_global_zero:
             return None
-        model = pl_module.model()  # the EMA weights, the configured sampler and guidance
+        model = pl_module.pipeline()  # the EMA weights, the configured sampler and guidance
         num_classes = model.num_classes
         n = num_classes * self.per_class if num_classes is not None else self.num_samples
         path = self.dirpath / f"{name}.png"
@@ -138,21 +139,11 @@ class SampleQuality(L.Callback):
 
         if self._extractor is None:
             self._prepare(trainer, pl_module)
-        model = pl_module.model()
+        model = pl_module.pipeline()
         guidance = None if guidance_scale is None else replace(model.guidance, scale=guidance_scale)
         out = model.draw(self.num_samples, sampler=self.sampler, steps=None if self.sampler else self.steps,
                          guidance=guidance, seed=self.seed, batch_size=self.num_samples)
         return sample_metrics(self._extractor, self._reference, out["images"], out["labels"])
-
-
-def sized(metrics: dict, num_samples: int) -> dict:
-    """Fréchet distances, precision and recall carry their sample count in their name (``fd_digits_n500``,
-    ``recall_n500``): they depend on it, so a 500-sample curve and a 1,000-sample evaluation are different
-    measurements, never one series."""
-    return {(f"{key}_n{num_samples}" if key in SIZED or key.startswith("fd_") else key): value for key, value in metrics.items()}
-
-
-SIZED = ("fid", "precision", "recall")  # and every fd_*
 
 
 class EvaluateAtEnd(SampleQuality):
@@ -184,7 +175,7 @@ class EvaluateAtEnd(SampleQuality):
             usable = guidance_usable(pl_module.p_uncond, w, pl_module.conditional)
             with timed(f"final evaluation at w={w:g} on {self.num_samples} samples"):
                 metrics = self.measure(trainer, pl_module, guidance_scale=w) if usable else None
-            model = pl_module.model()
+            model = pl_module.pipeline()
             run = model.sampler_for(self.sampler, None if self.sampler else self.steps)
             protocol = model.protocol(run, replace(model.guidance, scale=w), self.seed, self.num_samples,
                                       self._reference.info, self._extractor_info, precision="float32", compile=False)
