@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 # Config keys that fix the network and the data it models: resuming or sampling across a change in any of
 # them would load weights into a different model.
-MODEL_KEYS = ("model", "schedule", "diffusion.prediction", "guidance.conditional", "data.image_size", "data.channels", "data.num_classes")
+MODEL_KEYS = ("model", "process", "schedule", "diffusion.prediction", "guidance.conditional", "data.image_size", "data.channels",
+              "data.num_classes")
 # How the network computes, not what it computes: a resumed run may switch these.
 SPEED_KEYS = ("model.channels_last", "model.sdpa", "model.compile")
 
