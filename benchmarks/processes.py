@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from ddpm.core.objectives.denoising import Denoising
 from ddpm.core.denoiser import Denoiser
 from ddpm.core.processes.ddpm import DDPMProcess
 from ddpm.core.guidance import drop_labels, guided
@@ -48,7 +49,7 @@ def arm(name: str, batch: int, seed: int = 0):
 
     def train_step() -> float:
         start = time.perf_counter()
-        loss = denoiser.loss(x0, labels=drop_labels(labels, 0.1, net.null_label))
+        loss = Denoising()(denoiser, x0, drop_labels(labels, 0.1, net.null_label))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -30,6 +30,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from ddpm.core.objectives.denoising import Denoising
 from ddpm.core.processes.ddpm import DDPMProcess
 from ddpm.core.denoiser import Denoiser
 from ddpm.core.guidance import drop_labels, guided
@@ -153,7 +154,7 @@ def ddpm_impl(network: str, batch: int, device: str, options: Options = Options(
 
     def train_step():
         with _autocast(device, options.bf16):
-            loss = denoiser.loss(x0, labels=drop_labels(labels, P_UNCOND, net.null_label), net=run)
+            loss = Denoising()(denoiser, x0, drop_labels(labels, P_UNCOND, net.null_label), net=run)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

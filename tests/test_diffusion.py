@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from ddpm.core.objectives.denoising import Denoising
 from ddpm.core.processes.ddpm import DDPMProcess, extract, respace
 from ddpm.core.denoiser import Denoiser
 from ddpm.core.prediction import to_x0_eps
@@ -91,11 +92,11 @@ def test_training_loss_is_zero_for_the_true_noise_and_draws_t_over_1_to_T():
         seen.append(t)
         return (xt - diffusion.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1) * x0) / diffusion.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)
 
-    assert Denoiser(Bare(oracle), diffusion).loss(x0).item() < 1e-20  # the loss is the denoiser's, for every process
+    assert Denoising()(Denoiser(Bare(oracle), diffusion), x0).item() < 1e-20  # the loss is the denoiser's, for every process
     t = torch.cat(seen)
     assert set(t.tolist()) == {0, 1, 2, 3, 4}  # uniform over all of 1..T (indices 0..T-1)
     wrong = lambda xt, t: torch.zeros_like(xt)  # noqa: E731
-    assert Denoiser(Bare(wrong), diffusion).loss(x0).item() == pytest.approx(1.0, abs=0.05)  # E||eps||^2 / d = 1
+    assert Denoising()(Denoiser(Bare(wrong), diffusion), x0).item() == pytest.approx(1.0, abs=0.05)  # E||eps||^2 / d = 1
 
 
 class Bare(torch.nn.Module):

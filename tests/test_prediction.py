@@ -5,6 +5,7 @@ float64, and the one-point perfect-oracle test for every target through every sa
 import pytest
 import torch
 
+from ddpm.core.objectives.denoising import Denoising
 from ddpm.core.denoiser import Denoiser
 from ddpm.core.processes.ddpm import DDPMProcess
 from ddpm.core.errors import ConfigError
@@ -86,10 +87,10 @@ def test_loss_is_zero_at_a_perfect_prediction(prediction, weighting):
         return x0, (x_t - a.sqrt() * x0) / (1 - a).sqrt()
 
     denoiser = Denoiser(Oracle(exact, diffusion, prediction), diffusion, prediction, weighting)
-    assert denoiser.loss(x0).item() < 1e-12
+    assert Denoising()(denoiser, x0).item() < 1e-12
     wrong = Denoiser(Oracle(lambda x_t, t: (torch.zeros_like(x_t), torch.zeros_like(x_t)), diffusion, prediction),
                      diffusion, prediction, weighting)
-    assert wrong.loss(x0).item() > 0.01
+    assert Denoising()(wrong, x0).item() > 0.01
 
 
 def test_min_snr_loss_is_the_weighted_mean_of_the_per_sample_errors():
@@ -104,7 +105,7 @@ def test_min_snr_loss_is_the_weighted_mean_of_the_per_sample_errors():
 
     torch.manual_seed(0)
     net.in_channels, net.image_size, net.num_classes, net.null_label, net.forward = 1, 2, None, None, net
-    loss = Denoiser(net, diffusion, "x0", "min_snr").loss(x0)
+    loss = Denoising()(Denoiser(net, diffusion, "x0", "min_snr"), x0)
     snr = diffusion.alphas_cumprod[seen["t"]] / (1 - diffusion.alphas_cumprod[seen["t"]])
     expected = (snr.clamp(max=5) * x0.float().square().flatten(1).mean(1).double()).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from scipy import stats
 
+from ddpm.core.objectives.denoising import Denoising
 from ddpm.core.denoiser import Denoiser
 from ddpm.core.processes.ddpm import DDPMProcess
 from ddpm.core.errors import ConfigError
@@ -332,9 +333,9 @@ def test_the_loss_is_zero_at_a_perfect_prediction(name, weighting):
     for prediction in process.predictions:
         # knows x_0 (one fixed batch): its posterior mean is x_0 itself
         perfect = Denoiser(Oracle(process, prediction, lambda x_t, a, s: x0), process, prediction, weighting)
-        assert perfect.loss(x0).item() < 1e-12
+        assert Denoising()(perfect, x0).item() < 1e-12
         wrong = Denoiser(Oracle(process, prediction, lambda x_t, a, s: torch.zeros_like(x_t)), process, prediction, weighting)
-        assert wrong.loss(x0).item() > 1e-3
+        assert Denoising()(wrong, x0).item() > 1e-3
 
 
 def test_sampling_levels_are_spaced_as_named():

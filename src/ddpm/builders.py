@@ -16,6 +16,8 @@ from torch import nn
 
 from ddpm.core.backbone import check_backbone
 from ddpm.core.denoiser import Denoiser
+from ddpm.core.objectives import Objective
+from ddpm.core.objectives.denoising import Denoising
 from ddpm.core.processes.ddpm import DDPMProcess
 from ddpm.core.processes import Process
 from ddpm.core.errors import ConfigError
@@ -101,13 +103,23 @@ def check_schedule_for(process: dict | None, schedule: dict | None) -> bool:
 
 
 def build_denoiser(config: dict, device: str | None = None) -> Denoiser:
-    """The denoiser of a run's config (its model, schedule, diffusion, guidance and data nodes); the network's class
-    embedding covers ``model.num_classes`` labels (the data's, unless set; none for an unconditional model)."""
+    """The denoiser of a run's config (its model, schedule, diffusion, objective, guidance and data nodes); the
+    network's class embedding covers ``model.num_classes`` labels (the data's, unless set; none for an unconditional
+    model), and it embeds a second time when the objective asks for one."""
     num_classes = network_classes(config)
     diffusion = config.get("diffusion", {})
-    return Denoiser(build_net(config["model"], device=device, num_classes=num_classes), build_process(config),
-                    diffusion.get("prediction", "eps"), diffusion.get("loss_weight", "uniform"),
-                    diffusion.get("min_snr_gamma", 5.0))
+    objective, process, prediction = build_objective(config), build_process(config), diffusion.get("prediction", "eps")
+    objective.check(process, prediction)
+    extra = {"second_time": True} if objective.second_time else {}
+    net = build_net(config["model"], device=device, num_classes=num_classes, **extra)
+    return Denoiser(net, process, prediction, diffusion.get("loss_weight", "uniform"),
+                    diffusion.get("min_snr_gamma", 5.0), boundary=objective.boundary)
+
+
+def build_objective(config: dict) -> Objective:
+    """The training objective of a run's config (none, in a checkpoint from before objectives: denoising)."""
+    node = config.get("objective")
+    return Denoising() if not node else build(node, "objective")
 
 
 def network_classes(config: dict) -> int | None:

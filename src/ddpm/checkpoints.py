@@ -151,7 +151,7 @@ IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z", re.ASCII)  # keys of a conf
 SCALARS = (str, int, float, bool, type(None))
 # The groups a run chooses options of (train.yaml's defaults list, less hydra's own and the presets, which act through
 # the choices and values they set).
-CHOSEN_GROUPS = ("data", "model", "process", "schedule", "guidance", "sampler", "optim", "trainer", "callbacks", "logger",
+CHOSEN_GROUPS = ("data", "model", "process", "objective", "schedule", "guidance", "sampler", "optim", "trainer", "callbacks", "logger",
                  "paths", "speed")
 
 

@@ -205,10 +205,13 @@ class Pipeline:
         option = as_sampler(run)
         guidance.check_sampler(sampler_name(run), getattr(option, "eta", 0.0))
         check_process(run, self.process)
+        if option is not None:
+            option.check_model(self.denoiser)
         # one of this project's samplers walks this process on a probe network first (milliseconds): settings that
         # overflow are refused before any compute, naming them (ddpm.core.probe); a function of your own runs as it is
         if option is not None:
-            dry_run(option, self.process, self.denoiser.prediction, guidance=guidance, num_classes=self.num_classes)
+            dry_run(option, self.process, self.denoiser.prediction, guidance=guidance, num_classes=self.num_classes,
+                    boundary=self.denoiser.boundary)
         device, net = self.device, self.net
         if compile:
             if id(net) not in self._compiled:  # one wrapper per weights: torch.compile compiles on its first call
@@ -220,11 +223,11 @@ class Pipeline:
 
         def counted(model_fn):
             @functools.wraps(model_fn)  # keeps what a sampler reads off it (CFG++'s renoise_with_eps)
-            def call(x, t):
+            def call(x, t, **cond):
                 nonlocal evaluations
                 check_interrupt()  # a Ctrl+C that something caught on its way up still stops sampling here
                 evaluations += 1
-                return model_fn(x, t)
+                return model_fn(x, t, **cond)
             return call
 
         batches = range(0, n, batch_size)

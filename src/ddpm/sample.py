@@ -129,8 +129,11 @@ def load_for_sampling(cfg: DictConfig, entry: str, outputs: tuple[str, ...]) -> 
     guidance = model.guidance_for(replace(guidance, guide=guide_for(cfg, model, guidance.method)))
     check_memory(cfg, model)
     # The sampler walks the checkpoint's process on a probe network first: settings that overflow are refused now
-    dry_run(build_sampler(OmegaConf.to_container(cfg.sampler, resolve=True)), model.process, model.denoiser.prediction,
-            guidance=guidance, what="sampler", num_classes=model.num_classes)
+    sampler = build_sampler(OmegaConf.to_container(cfg.sampler, resolve=True))
+    sampler.check_process(model.process)  # e.g. ancestral DDPM on a flow checkpoint: one line naming both, not a traceback
+    sampler.check_model(model.denoiser)
+    dry_run(sampler, model.process, model.denoiser.prediction, guidance=guidance, what="sampler",
+            num_classes=model.num_classes, boundary=model.denoiser.boundary)
     commit(run_dir)  # the folder is this command's and every check passed: its record and log file (rundirs.commit)
     return model, guidance
 

@@ -68,7 +68,7 @@ def _fit(cfg: DictConfig, extra_callbacks: Sequence[L.Callback]) -> DiffusionMod
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     import lightning as L
-    from ddpm.training.assemble import build_module, built, instantiate_loggers
+    from ddpm.training.assemble import build_module, built, instantiate_loggers, start_from
     from ddpm.builders import build
     from ddpm.config import resolve_precision
     from ddpm.training.checkpoint import AtomicCheckpointIO, CheckpointWriteError, LastCheckpoint, recorded_choices
@@ -94,6 +94,8 @@ def _fit(cfg: DictConfig, extra_callbacks: Sequence[L.Callback]) -> DiffusionMod
     # The training state it resumes from is checked against this run's own objects before a logger starts, and the
     # checkpoint IO hands Lightning that same checked dict (ddpm.training.resume).
     resumed = read_checked(ckpt_path, module, f"ckpt_path={ckpt_path!r}", Path(cfg.paths.checkpoint_dir)) if ckpt_path else None
+    if cfg.get("init_from") and not ckpt_path:  # a resumed run continues from its own weights, not init_from's
+        start_from(module, cfg.init_from)
     callbacks = [built(node) for name, node in (cfg.get("callbacks") or {}).items()
                  if node and (name != "progress_bar" or cfg.trainer.enable_progress_bar)] + list(extra_callbacks)
     for each in callbacks:

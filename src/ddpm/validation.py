@@ -34,6 +34,8 @@ TRAIN_KEYS: list[Rule] = [
     ("ckpt_path", lambda v, _: v is None or (isinstance(v, str) and Path(v).expanduser().is_file()),
      "null or an existing checkpoint file"),
     ("resume", lambda v, _: v in ("auto", "never"), "one of ['auto', 'never']"),
+    ("init_from", lambda v, _: v is None or (isinstance(v, str) and Path(v).expanduser().is_file()),
+     "null or an existing checkpoint file"),
     ("model.compile", lambda v, _: isinstance(v, bool), "true or false"),
     ("optim.optimizer.lr", lambda v, _: number(v) and v > 0, "a number > 0"),
     ("optim.optimizer.fused", lambda v, _: v is None or isinstance(v, bool), "true, false or null"),
@@ -55,21 +57,22 @@ def built(cfg: Config, entry: str) -> tuple[dict, list[str]]:
     import ddpm.builders as b
     from ddpm.core.ema import EMASettings
 
-    plain = {k: select(cfg, k) for k in ("data", "model", "process", "schedule", "diffusion", "guidance", "sampler", "ema")}
+    plain = {k: select(cfg, k) for k in ("data", "model", "process", "objective", "schedule", "diffusion", "guidance",
+                                         "sampler", "ema")}
     if entry == "train":
         steps: list[tuple[str, Callable]] = [
             ("data", lambda: b.build(plain["data"], "data")), ("ema", lambda: EMASettings(**plain["ema"])),
             ("p_uncond", lambda: b.label_dropout(plain["guidance"])), ("guidance", lambda: b.build_guidance(plain["guidance"])),
             ("model", lambda: b.build_net(plain["model"], device="meta", num_classes=b.network_classes(plain))),
-            ("process", lambda: b.build_process(plain)), ("sampler", lambda: b.build_sampler(plain["sampler"])),
-            ("denoiser", lambda: b.build_denoiser(plain, device="meta"))]
+            ("process", lambda: b.build_process(plain)), ("objective", lambda: b.build_objective(plain)),
+            ("sampler", lambda: b.build_sampler(plain["sampler"])), ("denoiser", lambda: b.build_denoiser(plain, device="meta"))]
     else:
         given = {k: v for k, v in (plain["guidance"] or {}).items() if k != "guide"}
         steps = [("sampler", lambda: b.build_sampler(plain["sampler"])),
                  ("guidance", lambda: b.build_guidance(b.from_checkpoint({}, given)))] if entry != "export" else []
     objects, lines = {}, []
     for name, make in steps:
-        if {"sampler": {"process"}, "denoiser": {"model", "process"}}.get(name, set()) - set(objects) and entry == "train":
+        if {"sampler": {"process"}, "denoiser": {"model", "process", "objective"}}.get(name, set()) - set(objects) and entry == "train":
             continue
         try:
             objects[name] = make()
@@ -98,6 +101,7 @@ def _relations(cfg: Config, entry: str, objects: dict) -> None:
         raise ConfigError(f"model.num_classes={model_classes}: must be at least data.num_classes={data_classes} (the class "
                           "embedding has a row per class, and one more for the null label)")
     sampler.check_process(process)
+    sampler.check_model(objects["denoiser"])
     from ddpm.preflight import preflight
 
     preflight(cfg, process, objects["denoiser"].prediction, sampler, guidance)
@@ -138,7 +142,7 @@ def validate(cfg: Config, entry: str, rules: tuple[Rule, ...] = ()) -> None:
 
 
 # The keys that make a checkpoint's model: a file can hold any value at a key it may set.
-CHECKPOINT_KEYS = ("model", "process", "schedule", "diffusion", "guidance", "sampler", "ema", "data")
+CHECKPOINT_KEYS = ("model", "process", "objective", "schedule", "diffusion", "guidance", "sampler", "ema", "data")
 
 
 def check_checkpoint_config(config: dict, source: str) -> None:

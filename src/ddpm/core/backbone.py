@@ -4,7 +4,9 @@ A backbone is an ``nn.Module`` with ``in_channels``, ``image_size``, ``num_class
 ignored) and ``null_label`` (the label classifier-free guidance's dropout writes, usually ``num_classes``), whose
 ``forward(x, c_noise, labels)`` maps images (B, in_channels, image_size, image_size), the process's noise input c_noise(t)
 (the timestep index 0..T-1 for DDPM, a float in about the same range for the others) and class labels to one tensor
-shaped like the images: whatever the prediction target is, the network does not know.
+shaped like the images: whatever the prediction target is, the network does not know. An objective that needs a
+second time r (``second_time``: MeanFlow) builds the network with ``second_time=True``; it then takes
+``c_noise_r=c_noise(r)`` by keyword (absent: r = t) and says ``second_time`` is true.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from ddpm.core.errors import ConfigError
 ATTRIBUTES = ("in_channels", "image_size", "num_classes", "null_label")
 
 
-def check_backbone(net: object, source: str = "model") -> None:
+def check_backbone(net: object, source: str = "model", second_time: bool = False) -> None:
     """ConfigError naming what ``net`` lacks, if it does not meet the contract above."""
     net = getattr(net, "_orig_mod", net)  # a torch.compile'd network: check the network it wraps
     missing = [name for name in ATTRIBUTES if not hasattr(net, name)]
     forward = getattr(net, "forward", None)
     if forward is None or len(inspect.signature(forward).parameters) < 3:
         missing.append("forward(x, c_noise, labels)")
+    if second_time and not getattr(net, "second_time", False):
+        missing.append("second_time (a second time r, by keyword c_noise_r)")
     if missing:
         raise ConfigError(f"{source}: {type(net).__name__} is not a backbone: it lacks {missing}. A network needs "
                           f"{list(ATTRIBUTES)} and forward(x, c_noise, labels) (ddpm/core/backbone.py)")

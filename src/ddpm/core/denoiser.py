@@ -1,9 +1,12 @@
-"""The one place between the network and everything else: the one call of the network, for training and sampling.
+"""The preconditioned model: the one place between the network and everything else, for training and sampling.
 
-``Denoiser.output`` feeds the network the process's preconditioned input (c_in x_t, c_noise(t)); ``__call__`` turns
-its raw output into (x_0, eps) for the samplers and guidance, which see only a ``model_fn(x_t, t) -> (x_0, eps)``;
-``loss`` is the training objective. A new prediction target is its coefficient pair (target = a x_0 + b eps) in
-``ddpm/core/prediction.py``'s ``target_coefficients``, a new process one module in ``ddpm/core/processes``.
+``Denoiser.output`` feeds the network the process's preconditioned input (c_in x_t, c_noise(t), and c_noise(r) when a
+second time r is asked for); ``__call__`` turns its raw output into (x_0, eps) by the prediction target's c_skip and
+c_out (``ddpm/core/prediction.py``), and for a consistency model (``boundary=True``) into the consistency function
+whose boundary condition holds exactly. Samplers and guidance see only a ``model_fn(x_t, t, **cond) -> (x_0, eps)``;
+the training objectives (``ddpm/core/objectives``) call ``output`` and ``__call__``. A new prediction target is its
+coefficient pair (target = a x_0 + b eps) in ``target_coefficients``, a new process one module in
+``ddpm/core/processes``, a new objective one module in ``ddpm/core/objectives``.
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ import torch
 from torch import nn
 
 from ddpm.core.backbone import check_backbone
-from ddpm.core.prediction import (check_loss_weight, check_min_snr_gamma, check_prediction, check_terminal_snr, loss_weight,
-                                  network_target, to_x0_eps)
+from ddpm.core.prediction import (boundary_skip, check_loss_weight, check_min_snr_gamma, check_prediction,
+                                  check_terminal_snr, to_x0_eps)
 from ddpm.core.processes import Process
 
 
@@ -26,10 +29,11 @@ class Denoiser:
     """A network of a given prediction target on a given process: ``denoiser(x_t, t, labels) -> (x_0, eps)``.
 
     A plain object holding references: the LightningModule owns ``net`` and ``process`` as submodules, and
-    ``with_net`` gives the same denoiser over other weights (the EMA copy) without copying anything."""
+    ``with_net`` gives the same denoiser over other weights (the EMA copy) without copying anything. ``boundary``: read
+    the output as a consistency function (``boundary_skip``), as the consistency objectives train it."""
 
     def __init__(self, net: nn.Module, process: Process, prediction: str | None = None,
-                 loss_weight: str = "uniform", min_snr_gamma: float = 5.0):
+                 loss_weight: str = "uniform", min_snr_gamma: float = 5.0, boundary: bool = False):
         check_backbone(net)
         prediction = process.predictions[0] if prediction is None else prediction
         check_prediction(prediction, process.predictions, process.name)
@@ -38,11 +42,11 @@ class Denoiser:
         check_loss_weight(loss_weight)
         check_min_snr_gamma(min_snr_gamma)
         self.net, self.process, self.prediction = net, process, prediction
-        self.loss_weight, self.min_snr_gamma = loss_weight, min_snr_gamma
+        self.loss_weight, self.min_snr_gamma, self.boundary = loss_weight, min_snr_gamma, boundary
 
     def with_net(self, net: nn.Module) -> "Denoiser":
         """The same target, process and loss over other weights (e.g. the EMA copy of the network)."""
-        return Denoiser(net, self.process, self.prediction, self.loss_weight, self.min_snr_gamma)
+        return Denoiser(net, self.process, self.prediction, self.loss_weight, self.min_snr_gamma, self.boundary)
 
     def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """alpha_t and sigma_t of the process, shaped to broadcast over ``like``."""
@@ -50,31 +54,27 @@ class Denoiser:
         return per_sample(alpha, like), per_sample(sigma, like)
 
     def output(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
-               net: nn.Module | None = None) -> torch.Tensor:
-        """The network's raw output F(c_in x_t, c_noise(t), labels): the one place the network is called."""
-        return (self.net if net is None else net)(self.process.scale_input(x_t, t), self.process.c_noise(t), labels)
+               net: nn.Module | None = None, r: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's raw output F(c_in x_t, c_noise(t), labels[, c_noise(r)]): the one place the network is called.
+        ``r``: a second time (MeanFlow's), given to the network by keyword only when asked for, so a denoising
+        network is called exactly as before."""
+        extra = {} if r is None else {"c_noise_r": self.process.c_noise(r)}
+        return (self.net if net is None else net)(self.process.scale_input(x_t, t), self.process.c_noise(t), labels, **extra)
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
+                 r: torch.Tensor | None = None, net: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         alpha, sigma = self.alpha_sigma(t, x_t)
-        return to_x0_eps(self.prediction, self.output(x_t, t, labels), x_t, alpha, sigma, self.process.sigma_data)
+        x0, eps = to_x0_eps(self.prediction, self.output(x_t, t, labels, net, r), x_t, alpha, sigma, self.process.sigma_data)
+        if not self.boundary:
+            return x0, eps
+        # f(x, t) = b x / alpha + (1 - b) x_0, b = 1 exactly at t_min (Song et al. 2023, eq. 5's boundary condition)
+        t_min = torch.full_like(t, self.process.t_min, dtype=torch.float64)
+        b = per_sample(boundary_skip(*self.process.alpha_sigma(t.double()), *self.process.alpha_sigma(t_min),
+                                     self.process.sigma_data), x_t)
+        x0 = b * (x_t / alpha) + (1 - b) * x0
+        return x0, (x_t - alpha * x0) / sigma
 
     def eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """The eps consistent with ``x0`` at x_t (x_t = alpha x_0 + sigma eps)."""
         alpha, sigma = self.alpha_sigma(t, x_t)
         return (x_t - alpha * x0) / sigma
-
-    def loss(self, x0: torch.Tensor, labels: torch.Tensor | None = None, net: nn.Module | None = None) -> torch.Tensor:
-        """The training loss, one form for every process (Ho et al. Algorithm 1, Lipman et al. eq. 23, Karras et al.
-        eq. 2 with their lambda as ``diffusion.loss_weight=edm``): t from the process's distribution, eps ~ N(0, I),
-        x_t = alpha_t x_0 + sigma_t eps, and the mean over the batch of weight(t) ||target - F||^2 / d. ``net``: the same
-        weights run differently (e.g. torch.compile'd); default ``self.net``."""
-        t = self.process.sample_t(x0.shape[0], x0.device)
-        eps = torch.randn_like(x0)
-        alpha, sigma = self.process.alpha_sigma(t)
-        a, s = per_sample(alpha, x0), per_sample(sigma, x0)
-        target = network_target(self.prediction, x0, eps, a, s, self.process.sigma_data)
-        error = (self.output(a * x0 + s * eps, t, labels, net).float() - target.float()).square().flatten(1).mean(1)
-        if self.loss_weight == "uniform":
-            return error.mean()
-        weight = loss_weight(self.loss_weight, self.prediction, alpha, sigma, self.min_snr_gamma, self.process.sigma_data)
-        return (weight.to(error) * error).mean()

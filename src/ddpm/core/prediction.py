@@ -114,3 +114,13 @@ def loss_weight(kind: str, prediction: str, alpha: torch.Tensor, sigma: torch.Te
         return on_x0
     a, b = target_coefficients(prediction, alpha, sigma, sigma_data)
     return on_x0 * (sigma / (alpha * b - sigma * a)) ** 2
+
+
+def boundary_skip(alpha: torch.Tensor, sigma: torch.Tensor, alpha_min: torch.Tensor, sigma_min: torch.Tensor,
+                  sigma_data: float = 1.0) -> torch.Tensor:
+    """The skip weight b of a consistency function f(x, t) = b x / alpha + (1 - b) x_0(x, t): Song et al. 2023's
+    c_skip (Appendix C) at the EDM level s = sigma / alpha, shifted to the least noisy level s_min = sigma_min /
+    alpha_min: b = sd^2 / ((s - s_min)^2 + sd^2), 1 exactly at s = s_min (the boundary condition f(x, t_min) =
+    x / alpha(t_min), which is x on EDM) and about 0 at high noise (f is then the denoiser)."""
+    s, s_min = sigma / alpha, sigma_min / alpha_min
+    return sigma_data**2 / ((s - s_min) ** 2 + sigma_data**2)

@@ -31,6 +31,8 @@ class ProbeNet(nn.Module):
     else returns tanh(x) + 0.1 cos(t): bounded, and varying with both (so guidance's differences and rescaling see
     something to work on)."""
 
+    second_time = True  # takes a second time r too (MeanFlow's samplers), checked like the first
+
     def __init__(self, in_channels: int = 1, image_size: int = 8, num_classes: int | None = 10):
         super().__init__()
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
@@ -39,7 +41,10 @@ class ProbeNet(nn.Module):
     def null_label(self) -> int | None:
         return self.num_classes
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
+                c_noise_r: torch.Tensor | None = None) -> torch.Tensor:
+        if c_noise_r is not None and not torch.isfinite(c_noise_r.float()).all():
+            raise NonFiniteInput("the network's second noise input c_noise(r) is beyond float32")
         if not torch.isfinite(t.float()).all():  # a network embeds its noise input in float32 (or lower)
             raise NonFiniteInput(f"the network's noise input c_noise(t) is {t[~torch.isfinite(t.float())][0].item():.4g} "
                                  "(beyond float32)")
@@ -52,18 +57,18 @@ class ProbeNet(nn.Module):
 
 
 def dry_run(sampler: Callable, process, prediction: str, *, guidance=None, what: str = "sampler",
-            num_classes: int | None = 10, sigma_data: float | None = None) -> None:
+            num_classes: int | None = 10, sigma_data: float | None = None, boundary: bool = False) -> None:
     """Sample two 1 x 8 x 8 images with ``sampler`` on ``process`` through a probe network of target ``prediction`` (and
-    ``guidance``, a ``ddpm.core.guidance.Guidance``, when given): ConfigError, one line naming ``what`` and the
+    ``guidance``, a ``ddpm.core.guidance.Guidance``, when given; ``boundary``: read as a consistency function): ConfigError, one line naming ``what`` and the
     sampler's and process's settings, when a level, a network input or the result is not finite."""
     from ddpm.core.denoiser import Denoiser
     from ddpm.core.guidance import Guidance
 
     net = ProbeNet(1, 8, num_classes)
-    denoiser = Denoiser(net, process, prediction)
+    denoiser = Denoiser(net, process, prediction, boundary=boundary)
     guidance = guidance if guidance is not None else Guidance()
     if not guidance.method.unconditional:  # a guide of its own (autoguidance): a probe too
-        guidance = replace(guidance, guide=Denoiser(ProbeNet(1, 8, num_classes), process, prediction))
+        guidance = replace(guidance, guide=Denoiser(ProbeNet(1, 8, num_classes), process, prediction, boundary=boundary))
     labels = torch.tensor([0, 1]) if num_classes else None
     model_fn = guidance.model_fn(denoiser, labels)
     generator = torch.Generator().manual_seed(0)

@@ -108,7 +108,7 @@ class Upsample(nn.Module):
 
 
 def check_settings(image_size, in_channels, base_channels, channel_mult, num_res_blocks, attention_resolutions, dropout,
-                   num_heads, norm_groups, num_classes, channels_last, sdpa) -> None:
+                   num_heads, norm_groups, num_classes, channels_last, sdpa, second_time=False) -> None:
     """The U-Net's settings, one by one (ConfigError naming the key); then ``check_layout``, how they fit together.
     Validation builds the network on the meta device to check a config, so these are the only copy."""
     positive = lambda v: integer(v) and v > 0  # noqa: E731
@@ -123,7 +123,7 @@ def check_settings(image_size, in_channels, base_channels, channel_mult, num_res
             "model.attention_resolutions", attention_resolutions, "a list of feature-map sizes (integers > 0)")
     require(number(dropout) and 0 <= dropout < 1, "model.dropout", dropout, "a probability in [0, 1)")
     require(num_classes is None or positive(num_classes), "model.num_classes", num_classes, "null or an integer > 0")
-    for key, value in (("channels_last", channels_last), ("sdpa", sdpa)):
+    for key, value in (("channels_last", channels_last), ("sdpa", sdpa), ("second_time", second_time)):
         require(isinstance(value, bool), f"model.{key}", value, "true or false")
     check_layout(image_size, base_channels, channel_mult, attention_resolutions, norm_groups, num_heads)
 
@@ -151,8 +151,9 @@ def check_layout(image_size: int, base_channels: int, channel_mult: Sequence[int
 
 
 class UNet(nn.Module):
-    """The network of DDPM: ``forward(x, c_noise, labels)`` returns a tensor shaped like ``x``, which the denoiser
-    reads as its prediction target. Its constructor checks its settings (``check_settings``)."""
+    """The network of DDPM: ``forward(x, c_noise, labels, c_noise_r=None)`` returns a tensor shaped like ``x``, which
+    the denoiser reads as its prediction target; ``second_time``: it embeds a second time r too (set by the objective,
+    ``ddpm.builders``). Its constructor checks its settings (``check_settings``)."""
 
     def __init__(
         self,
@@ -168,6 +169,7 @@ class UNet(nn.Module):
         num_classes: int | None = None,
         channels_last: bool = False,
         sdpa: bool = True,
+        second_time: bool = False,
     ):
         super().__init__()
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
@@ -177,13 +179,19 @@ class UNet(nn.Module):
         self.norm_groups, self.dropout = norm_groups, dropout
         self.downsampling = 2 ** (len(channel_mult) - 1)
         check_settings(image_size, in_channels, base_channels, channel_mult, num_res_blocks, attention_resolutions, dropout,
-                       num_heads, norm_groups, num_classes, channels_last, sdpa)
+                       num_heads, norm_groups, num_classes, channels_last, sdpa, second_time)
         resolutions = [image_size // 2**level for level in range(len(channel_mult))]
 
         emb_dim = 4 * base_channels
         self.base_channels = base_channels
         self.time_embed = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes is not None else None
+        # A second time r, for the objectives that ask for one (MeanFlow's u(z, r, t)): the gap c_noise(t) - c_noise(r)
+        # embedded like t, through a zero-initialised last layer, so the network starts as the denoising one; absent
+        # otherwise, so a denoising network and its checkpoints are unchanged.
+        self.second_time = second_time
+        self.gap_embed = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(),
+                                       zero_init(nn.Linear(emb_dim, emb_dim))) if second_time else None
 
         block = lambda i, o: ResBlock(i, o, emb_dim, dropout, norm_groups)  # noqa: E731
         attention = lambda c: AttentionBlock(c, num_heads, norm_groups, sdpa)  # noqa: E731
@@ -226,8 +234,14 @@ class UNet(nn.Module):
         """The class index meaning "unconditional" (Ho & Salimans 2022), or None for an unconditional net."""
         return self.num_classes
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
+                c_noise_r: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.time_embed(timestep_embedding(t, self.base_channels).to(x.dtype))
+        if self.gap_embed is not None:  # r = t (no second time given): a gap of zero
+            gap = torch.zeros_like(t) if c_noise_r is None else t - c_noise_r
+            emb = emb + self.gap_embed(timestep_embedding(gap, self.base_channels).to(x.dtype))
+        elif c_noise_r is not None:
+            raise ValueError("this UNet embeds no second time r: build it with second_time=True (objective=meanflow)")
         if self.class_embed is not None:
             if labels is None:
                 raise ValueError("this UNet is class-conditional: pass labels (use null_label for unconditional)")

@@ -11,7 +11,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm.builders import build_denoiser, build_guidance, build_sampler, label_dropout
+from ddpm.builders import build_denoiser, build_guidance, build_objective, build_sampler, label_dropout
 from ddpm.core.errors import ConfigError
 from ddpm.training.module import DiffusionModule
 
@@ -33,7 +33,28 @@ def build_module(cfg: DictConfig, choices: dict[str, str] | None = None) -> Diff
         config=config,
         compile_net=bool(cfg.model.get("compile", False)),
         choices=choices,
+        objective=build_objective(config),
     )
+
+
+def start_from(module: DiffusionModule, path: str) -> None:
+    """Start a new run from another checkpoint's weights (``init_from=``: ECT tunes a consistency model from a
+    denoising one): that checkpoint's EMA weights, read through ``ddpm.load``'s trust checks, become this run's network
+    and every EMA of it; the optimizer starts afresh. The networks must match key for key and shape for shape, but for
+    the zero-initialised layers an objective adds (the second time's embedding), which keep their initial zeros."""
+    from ddpm.inference import load
+
+    source = f"init_from={str(path)!r}"
+    theirs = load(path, ema=True, device="cpu", key="init_from").net.state_dict()
+    ours = module.net.state_dict()
+    added = {k for k in ours if k.startswith("gap_embed.")} - set(theirs)
+    different = sorted((set(ours) - added) ^ set(theirs)) or [k for k in theirs if theirs[k].shape != ours[k].shape]
+    if different:
+        raise ConfigError(f"{source}: its network differs from this run's at {different[0]!r} (model, data and "
+                          "num_classes must be the same)")
+    averages = [module.net, module.ema.module, *(module.power_ema.averages if module.power_ema is not None else [])]
+    for net in averages:
+        net.load_state_dict(theirs, strict=False)
 
 
 def instantiate_loggers(node) -> list | bool:

@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 
 # Config keys that fix the network and the data it models: resuming or sampling across a change in any of
 # them would load weights into a different model.
-MODEL_KEYS = ("model", "process", "schedule", "diffusion.prediction", "guidance.conditional", "data.image_size", "data.channels",
-              "data.num_classes")
+MODEL_KEYS = ("model", "process", "objective._target_", "schedule", "diffusion.prediction", "guidance.conditional",
+              "data.image_size", "data.channels", "data.num_classes")
+# What a checkpoint from before a key existed trained with (before objectives: the denoising one).
+BEFORE_THE_KEY = {"objective._target_": "ddpm.core.objectives.denoising.Denoising"}
 # How the network computes, not what it computes: a resumed run may switch these.
 SPEED_KEYS = ("model.channels_last", "model.sdpa", "model.compile")
 
@@ -114,7 +116,7 @@ def config_differences(saved: dict, requested: dict, keys: tuple[str, ...] = MOD
     for key in sorted(set(saved_flat) | set(requested_flat)):
         if not any(key == k or key.startswith(k + ".") for k in keys) or key in SPEED_KEYS:
             continue
-        a, b = saved_flat.get(key, "<absent>"), requested_flat.get(key, "<absent>")
+        a, b = saved_flat.get(key, BEFORE_THE_KEY.get(key, "<absent>")), requested_flat.get(key, "<absent>")
         if a != b:
             lines.append(f"{key}: checkpoint {a!r}, requested {b!r}")
     return lines

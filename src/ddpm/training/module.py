@@ -1,4 +1,5 @@
-"""The LightningModule: glue between the denoiser (network + process + prediction target), guidance and a sampler.
+"""The LightningModule: glue between the denoiser (network + process + prediction target), the training objective,
+guidance and a sampler.
 
 It owns no math and builds nothing: ``ddpm.training.assemble`` makes every part from the config and hands them over (the
 lightning-hydra-template habit). The composed config travels inside every checkpoint (``checkpoint["config"]``),
@@ -24,6 +25,8 @@ from ddpm.core.denoiser import Denoiser
 from ddpm.core.ema import PowerEMA, ema_warmup_decay, lerp_weights_
 from ddpm.core.errors import NonFiniteLossError  # noqa: F401  (raised here; its home is light, for run_cli)
 from ddpm.core.guidance import Guidance, drop_labels
+from ddpm.core.objectives import Objective
+from ddpm.core.objectives.denoising import Denoising
 from ddpm.inference import Pipeline
 
 log = logging.getLogger(__name__)
@@ -44,11 +47,13 @@ class DiffusionModule(L.LightningModule):
         config: dict | None = None,
         compile_net: bool = False,
         choices: dict[str, str] | None = None,
+        objective: Objective = Denoising(),
     ):
         super().__init__()
         net = denoiser.net
         self.denoiser, self.net, self.process, self.sampler = denoiser, net, denoiser.process, sampler
         self.optimizer_factory, self.warmup_steps = optimizer, warmup_steps
+        self.objective = objective  # the training loss (ddpm/core/objectives): denoising, consistency, meanflow, ...
         # training: label dropout (p_uncond); sampling: the guidance this run's callbacks sample with, saved as its default
         self.p_uncond, self.guidance = p_uncond, guidance
         self.config, self.choices = config, choices  # the resolved config and its group options, saved in every checkpoint
@@ -73,7 +78,7 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x0, labels = batch
         labels = drop_labels(labels, self.p_uncond, self.net.null_label) if self.conditional else None
-        loss = self.denoiser.loss(x0, labels=labels, net=self._train_net)
+        loss = self.objective(self.denoiser, x0, labels, net=self._train_net, ema=self.ema.module, step=self.global_step)
         first_bad = ~torch.isfinite(loss.detach()) & (self._nonfinite[0] < 0)
         candidate = torch.stack([loss.new_full((), float(self.global_step)).float(), loss.detach().float()])
         self._nonfinite.copy_(torch.where(first_bad, candidate, self._nonfinite))

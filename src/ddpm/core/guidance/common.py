@@ -131,7 +131,8 @@ class Guidance:
                 "guidance_method": self.method.name, **({self.method.name: settings} if settings else {})}
 
     def model_fn(self, denoiser: Denoiser, labels: torch.Tensor | None) -> ModelFn:
-        """The denoiser as model_fn(x_t, t) -> (x_0, eps), the one function every sampler calls.
+        """The denoiser as model_fn(x_t, t, **cond) -> (x_0, eps), the one function every sampler calls (``cond``: a
+        second time r, for the samplers of MeanFlow's average velocity).
 
         An unconditional network ignores labels (and w, unless a guide guides it). For the methods whose second
         prediction is the unconditional one, both halves run as one batched forward pass, skipped when no sample of the
@@ -149,24 +150,25 @@ class Guidance:
             raise ConfigError("a class-conditional model needs labels to sample")
         labels = labels if conditional else None
         if (w == 0 and method.zero_is_conditional) or (not conditional and method.unconditional):
-            return lambda x, t: denoiser(x, t, labels)
+            return lambda x, t, **cond: denoiser(x, t, labels, **cond)
 
         both_labels = None if labels is None else torch.cat([labels, torch.full_like(labels, net.null_label)])
         state = method.start()
 
-        def model_fn(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def model_fn(x: torch.Tensor, t: torch.Tensor, **cond) -> tuple[torch.Tensor, torch.Tensor]:
             inside = None
             if interval is not None:
                 alpha_t, sigma_t = denoiser.process.alpha_sigma(t)
                 sigma = sigma_t / alpha_t  # float64; inf at alpha = 0
                 inside = (sigma > interval[0]) & (sigma <= interval[1])
                 if not inside.any():
-                    return denoiser(x, t, labels)
+                    return denoiser(x, t, labels, **cond)
             if method.unconditional:  # one network at two labels: one batched forward pass
-                x0_both, eps_both = denoiser(torch.cat([x, x]), torch.cat([t, t]), both_labels)
+                both = {key: torch.cat([value, value]) for key, value in cond.items()}
+                x0_both, eps_both = denoiser(torch.cat([x, x]), torch.cat([t, t]), both_labels, **both)
                 (x0_c, x0_o), (eps_c, eps_o) = x0_both.chunk(2), eps_both.chunk(2)
             else:  # two networks: two forward passes
-                (x0_c, eps_c), (x0_o, eps_o) = denoiser(x, t, labels), guide(x, t, labels)
+                (x0_c, eps_c), (x0_o, eps_o) = denoiser(x, t, labels, **cond), guide(x, t, labels, **cond)
             x0, eps = method.combine(w, (x0_c, eps_c), (x0_o, eps_o), x, t, denoiser, state)
             if rescale > 0:
                 x0 = rescale_guidance(x0, x0_c, rescale)

@@ -2,6 +2,8 @@
 
 A process says (all float64, for a tensor of times ``t``):
     alpha_sigma(t)        alpha(t) and sigma(t)
+    d_alpha_sigma(t)      their derivatives d alpha/dt and d sigma/dt, so the velocity dx_t/dt = alpha' x_0 +
+                          sigma' eps is defined on every continuous path (MeanFlow's target reads it)
     log_snr(t)            lambda(t) = log(alpha^2 / sigma^2), decreasing in t
     t_of_log_snr(lam)     its inverse, so a sampler can space levels in lambda or in sigma = sigma/alpha for any process
     sample_t(n)           the training distribution of t
@@ -71,6 +73,17 @@ class Process(nn.Module):
     # --- the path -----------------------------------------------------------------------------------------------
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def d_alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """d alpha/dt and d sigma/dt; the discrete process's t is an index, where no derivative is defined."""
+        raise ConfigError(f"process={self.name}: its time is a discrete index, so the velocity dx_t/dt is undefined; "
+                          "use a continuous process (flow, edm, trigflow)")
+
+    def velocity(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The conditional velocity dx_t/dt = alpha'(t) x_0 + sigma'(t) eps at x_t = alpha x_0 + sigma eps."""
+        d_alpha, d_sigma = self.d_alpha_sigma(t)
+        shape = (-1, *([1] * (x0.ndim - 1)))
+        return d_alpha.to(x0).view(shape) * x0 + d_sigma.to(x0).view(shape) * eps
 
     def log_snr(self, t: torch.Tensor) -> torch.Tensor:
         """lambda(t) = log(alpha^2 / sigma^2) (+inf at sigma = 0, -inf at alpha = 0)."""

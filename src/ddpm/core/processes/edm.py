@@ -47,6 +47,10 @@ class EDMProcess(Process):
         t = t.double()
         return torch.ones_like(t), t
 
+    def d_alpha_sigma(self, t):
+        t = t.double()
+        return torch.zeros_like(t), torch.ones_like(t)
+
     def t_of_log_snr(self, lam):
         """lambda = -2 ln sigma."""
         return torch.exp(-lam.double() / 2)

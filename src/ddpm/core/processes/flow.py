@@ -38,6 +38,10 @@ class FlowProcess(Process):
         t = t.double()
         return 1 - t, t
 
+    def d_alpha_sigma(self, t):
+        t = t.double()
+        return -torch.ones_like(t), torch.ones_like(t)
+
     def t_of_log_snr(self, lam):
         """(1 - t) / t = exp(lambda / 2), so t = sigmoid(-lambda / 2)."""
         return torch.sigmoid(-lam.double() / 2)

@@ -33,3 +33,8 @@ class TrigFlowProcess(FlowProcess):
     def t_of_log_snr(self, lam):
         """cot(pi t / 2) = exp(lambda / 2), so t = (2 / pi) atan(exp(-lambda / 2))."""
         return torch.atan(torch.exp(-lam.double() / 2)) * (2 / math.pi)
+
+    def d_alpha_sigma(self, t):
+        """(pi / 2) (-sin, cos) of pi t / 2: the path's velocity is (pi / 2) v, Salimans & Ho's v."""
+        angle = t.double() * (math.pi / 2)
+        return -(math.pi / 2) * angle.sin(), (math.pi / 2) * angle.cos()

@@ -26,7 +26,7 @@ import torch
 from ddpm.core.errors import ConfigError
 from ddpm.core.settings import Registry, number, one_of, require, settings_of
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (x_t, t) -> (x_0, eps)
+ModelFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (x_t, t, **cond) -> (x_0, eps); cond: r (MeanFlow)
 SAMPLERS = Registry("sampler")
 
 
@@ -96,6 +96,7 @@ class Sampler:
 
     name: ClassVar[str] = ""
     discrete_only: ClassVar[bool] = False  # walks the discrete process's own steps (ancestral DDPM)
+    second_time: ClassVar[bool] = False    # calls model_fn(x_t, t, r=...) (MeanFlow's average velocity)
     steps: int | None = 50
     x0_clip: str = "clip"
     percentile: float = 0.995
@@ -128,6 +129,17 @@ class Sampler:
                               "process), heun or dpmpp_2m")
         if self.steps is not None:
             check_steps(self.steps, process.num_timesteps)
+
+    def check_model(self, denoiser) -> None:
+        """ConfigError, one line, unless this sampler can sample ``denoiser``'s network (one that takes a second time r
+        for the samplers that pass one: ``second_time``)."""
+        if self.second_time and not getattr(getattr(denoiser.net, "_orig_mod", denoiser.net), "second_time", False):
+            from ddpm.core.objectives import OBJECTIVES
+
+            which = "|".join(name for name, option in OBJECTIVES.items() if option.second_time)
+            raise ConfigError(f"sampler={self.name} needs a model trained with objective={which} (its network takes the "
+                              "second time r of the average velocity u(z, r, t)); this one was not: use sampler=ddim, "
+                              "heun or dpmpp_2m")
 
     def __call__(self, model_fn: ModelFn, process, noise: torch.Tensor, *, generator: torch.Generator | None = None,
                  callback: Callable | None = None, progress: bool = False) -> torch.Tensor:
