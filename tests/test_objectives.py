@@ -8,9 +8,8 @@ exact data sample and its target equal u; with s = 0 (one point) the conditional
 MeanFlow's loss is exactly zero, and on EDM the consistency function mu + (t_min / t)(x - mu) makes ECT's loss zero.
 """
 
+import json
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -346,26 +345,36 @@ def test_an_objective_without_meaning_for_an_option_is_refused_in_one_line(overr
 CONTINUOUS = [o for o in TINY if not o.startswith("schedule.")] + ["callbacks.sample_grid.per_class=1"]
 
 
-@pytest.mark.parametrize("objective, process, sampler", [("meanflow", "flow", "meanflow"), ("consistency", "edm", "consistency"),
-                                                         ("shortcut", "flow", "meanflow")])
-def test_a_few_step_run_trains_samples_and_evaluates_at_one_and_two_steps(objective, process, sampler, tmp_path):
-    """Acceptance 1 in miniature: train, then ddpm.sample at 1 and 2 network evaluations and ddpm.evaluate at 1."""
-    run = tmp_path / "run"
-    result = run_cli("ddpm.train", f"objective={objective}", f"process={process}", *CONTINUOUS, "trainer.max_steps=3",
-                     f"hydra.run.dir={run}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert (run / "samples" / "final.png").is_file()
-    ckpt = run / "checkpoints" / "last.ckpt"
-    for steps in (1, 2):
-        out = tmp_path / f"sample{steps}"
-        result = run_cli("ddpm.sample", f"ckpt_path={ckpt}", f"sampler={sampler}", f"sampler.steps={steps}",
-                         "num_samples=10", f"hydra.run.dir={out}", cwd=tmp_path)
-        assert result.returncode == 0, result.stderr[-2000:]
-        assert f"{steps} network evaluations each" in result.stderr + result.stdout
+@pytest.mark.parametrize("objective, process", [("meanflow", "flow"), ("consistency", "edm"), ("shortcut", "flow")])
+def test_a_few_step_run_trains_and_its_checkpoint_samples_at_one_and_two_steps(objective, process, tmp_path):
+    """Acceptance 1 in miniature, in process: train (its grid drawn at 1 NFE), then ddpm.load(...).sample at 1 and 2."""
     from ddpm import load
+    from ddpm.train import train
 
-    images = load(ckpt).sample(4, steps=1, seed=0)
-    assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()
+    run = tmp_path / "run"
+    train(compose([*CONTINUOUS, f"objective={objective}", f"process={process}", "trainer.max_steps=3"], output_dir=run))
+    assert (run / "samples" / "final.png").is_file()
+    model = load(run / "checkpoints" / "last.ckpt")
+    for steps in (1, 2):
+        out = model.draw(4, steps=steps, seed=0)
+        assert out["images"].shape == (4, 1, 8, 8) and torch.isfinite(out["images"]).all() and out["nfe"] == steps
+
+
+def test_the_commands_sample_and_evaluate_a_consistency_checkpoint_in_one_step(tmp_path):
+    from ddpm.train import train
+
+    run = tmp_path / "run"
+    train(compose([*CONTINUOUS, "objective=consistency", "process=edm", "trainer.max_steps=2", "~callbacks.sample_grid"],
+                  output_dir=run))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    result = run_cli("ddpm.sample", f"ckpt_path={ckpt}", "sampler=consistency", "sampler.steps=2", "num_samples=10",
+                     f"hydra.run.dir={tmp_path / 'sample'}", cwd=tmp_path)
+    assert result.returncode == 0 and "2 network evaluations each" in result.stderr + result.stdout, result.stderr[-2000:]
+    result = run_cli("ddpm.evaluate", f"ckpt_path={ckpt}", "sampler=consistency", "sampler.steps=1", "num_samples=20",
+                     f"hydra.run.dir={tmp_path / 'evaluate'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
+    assert record["protocol"]["sampler"]["name"] == "consistency" and record["metrics"]["nfe"] == 1
 
 
 # --- DDP: two gloo ranks give the gradients of one process on the global batch ----------------------------------------

@@ -1,7 +1,9 @@
 """The data sets: images in [-1, 1] and class labels, as plain torch datasets (no Lightning).
 
-``digits`` is scikit-learn's bundled 8x8 handwritten digits: no download, the offline default. ``mnist``,
-``fashion_mnist`` and ``cifar10`` download through torchvision into ``root`` on a machine with internet access;
+``digits`` is scikit-learn's bundled 8x8 handwritten digits: no download, the offline default. ``mnist`` and
+``fashion_mnist`` are read from their IDX files where they are found (``root``, torchvision's layout under it, or
+Debian's ``dataset-fashion-mnist`` package), at their own 28 x 28 or padded to 32; they and ``cifar10`` download
+through torchvision into ``root`` on a machine with internet access;
 ``image_folder`` reads ``root/<class>/<image>`` trees. The ``data`` group builds one of these; training wraps it in a
 LightningDataModule (``ddpm.training.data``), evaluation reads its reference split.
 """
@@ -119,6 +121,104 @@ class Digits(ImageData):
         self.train_set, self.test_set = random_split(full, [len(full) - n_test, n_test], generator=split)
 
 
+# MNIST and Fashion-MNIST as IDX files (LeCun et al.'s format: a 4-byte magic 0, 0, 0x08 for unsigned bytes, the
+# number of dimensions, then each dimension as a big-endian uint32, then the bytes), found where Debian installs them
+# (``apt-get install dataset-fashion-mnist``: flat and gzipped) or where torchvision downloads them
+# (``<root>/<Name>/raw/``, gzipped or not). Read here, each header checked against its file before anything is
+# allocated, rather than by torchvision, which trusts them.
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+IDX_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}  # torchvision's <root>/<Name>/raw
+DEBIAN_PACKAGES = {"fashion_mnist": ("dataset-fashion-mnist", "/usr/share/datasets/fashion-mnist")}
+IDX_SIDE, IDX_MAX_IMAGES = 28, 100_000  # 28 x 28 images; the largest split of either set has 60,000
+
+
+def idx_folder(root: Path, name: str) -> Path | None:
+    """Where the set's IDX files are: the first of ``root`` and torchvision's ``root/<Name>/raw`` that holds any of them
+    (all four are then required: ConfigError naming the one missing), else Debian's folder when it holds all four."""
+    stems = [stem for pair in IDX_FILES.values() for stem in pair]
+    for folder in (root, root / IDX_FOLDERS[name] / "raw"):
+        missing = [stem for stem in stems if idx_path(folder, stem) is None]
+        if len(missing) < len(stems):
+            if missing:
+                raise ConfigError(f"data.root={str(root)!r}: {folder} holds {name} files but not {missing[0]}(.gz); "
+                                  "put all four IDX files there")
+            return folder
+    if name in DEBIAN_PACKAGES and all(idx_path(Path(DEBIAN_PACKAGES[name][1]), stem) for stem in stems):
+        return Path(DEBIAN_PACKAGES[name][1])
+    return None
+
+
+def idx_path(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_idx(path: Path, ndim: int) -> torch.Tensor:
+    """The uint8 array of an IDX file of ``ndim`` dimensions (images: n x 28 x 28, labels: n), checked: ConfigError,
+    one line naming the file, for a wrong magic, shape or count, a header that lies about the size, or a truncated or
+    corrupt file."""
+    import gzip
+    import struct
+    import zlib
+
+    opener = gzip.open if path.suffix == ".gz" else open
+
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(f"data.root: {path} {why}; reinstall it (apt-get install --reinstall dataset-fashion-mnist) "
+                           "or remove it and set data.download=true")
+
+    try:
+        with opener(path, "rb") as f:
+            magic = f.read(4)
+            if len(magic) < 4 or magic[:3] != b"\x00\x00\x08" or magic[3] != ndim:
+                raise refuse(f"is not an IDX file of unsigned bytes in {ndim} dimension(s) (magic {magic.hex() or 'none'})")
+            dims = struct.unpack(f">{ndim}I", f.read(4 * ndim).ljust(4 * ndim, b"\xff"))
+            if not 0 < dims[0] <= IDX_MAX_IMAGES or any(d != IDX_SIDE for d in dims[1:]):
+                raise refuse(f"says it holds {' x '.join(map(str, dims))}, not up to {IDX_MAX_IMAGES} items"
+                             + (f" of {IDX_SIDE} x {IDX_SIDE} pixels" if ndim == 3 else ""))
+            size = 1
+            for d in dims:
+                size *= d
+            data = f.read(size + 1)  # one byte more: a file longer than its header says is refused too
+    except (OSError, EOFError, zlib.error, struct.error) as error:
+        raise refuse(f"is truncated or corrupt ({type(error).__name__}: {str(error)[:80]})") from None
+    if len(data) != size:
+        raise refuse(f"holds {len(data) if len(data) <= size else 'more than ' + str(size)} bytes of data where its header "
+                     f"says {size}")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(*dims)
+
+
+class IDXImages(Dataset):
+    """28 x 28 uint8 images and their labels, served in [-1, 1] as 1 x S x S, padded with the background (-1) from 28
+    to S = ``image_size`` (28: native; 32: the 4-level U-Net's size, 2 pixels of background on each side)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int = IDX_SIDE):
+        self.images, self.labels, self.pad = images, labels.long(), (image_size - IDX_SIDE) // 2
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        x = self.images[i].float().div(127.5).sub(1)[None]
+        if self.pad:
+            x = torch.nn.functional.pad(x, (self.pad,) * 4, value=-1.0)
+        return x, self.labels[i]
+
+
+def read_idx_split(folder: Path, split: str, num_classes: int, image_size: int) -> IDXImages:
+    images_path, labels_path = (idx_path(folder, stem) for stem in IDX_FILES[split])
+    images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
+    if len(images) != len(labels):
+        raise ConfigError(f"data.root: {labels_path} holds {len(labels)} labels for the {len(images)} images of "
+                          f"{images_path}; the two files must come from the same release")
+    if int(labels.max()) >= num_classes:
+        raise ConfigError(f"data.num_classes={num_classes}: {labels_path} holds the label {int(labels.max())}")
+    return IDXImages(images, labels, image_size)
+
+
 def torchvision_datasets() -> dict:
     from torchvision import datasets
 
@@ -138,14 +238,24 @@ class Torchvision(ImageData):
         self.name, self.download, self.random_flip = name, download, random_flip  # instance name shadows the class's
 
     def check(self) -> None:
+        if self.name in IDX_FOLDERS:
+            if self.image_size not in (IDX_SIDE, 32):
+                raise ConfigError(f"data.image_size={self.image_size}: must be {IDX_SIDE} ({self.name}'s own) or 32 "
+                                  "(padded with background for a 4-level U-Net)")
+            if idx_folder(self.root, self.name) is not None:
+                return
         if not self.download:
             try:
                 torchvision_datasets()[self.name](str(self.root), train=True, download=False)
             except RuntimeError:
+                package = DEBIAN_PACKAGES.get(self.name)
+                hint = f"apt-get install {package[0]} (read from {package[1]}), " if package else "put the dataset there, "
                 raise ConfigError(f"data.root={str(self.root)!r}: no {self.name} files there and data.download=false; "
-                                  f"put the dataset there, set data.download=true, or use data=digits") from None
+                                  f"{hint}set data.download=true, or use data=digits") from None
 
     def prepare_data(self) -> None:
+        if self.name in IDX_FOLDERS and idx_folder(self.root, self.name) is not None:
+            return  # the files are here (or installed by Debian): nothing to download
         for train in (True, False):
             try:
                 torchvision_datasets()[self.name](str(self.root), train=train, download=self.download)
@@ -155,6 +265,11 @@ class Torchvision(ImageData):
                                   "use data=digits, or copy the files under data.root (DDPM_DATA)") from None
 
     def load(self) -> None:
+        folder = idx_folder(self.root, self.name) if self.name in IDX_FOLDERS else None
+        if folder is not None:
+            self.train_set = read_idx_split(folder, "train", self.num_classes, self.image_size)
+            self.test_set = read_idx_split(folder, "test", self.num_classes, self.image_size)
+            return
         make = torchvision_datasets()[self.name]
         from torchvision import transforms
 
