@@ -5,7 +5,8 @@
 
 A sampler is a frozen dataclass (``Sampler``): its fields are its config keys with their defaults, ``__post_init__``
 refuses a value in one line naming the key, ``name`` is its option in ``conf/sampler/``, ``check_process`` states which
-processes it can walk. ``model_fn(x_t, t) -> (x_0, eps)`` is the (possibly guided) denoiser (``ddpm/core/denoiser.py``),
+processes it can walk. ``model_fn(x_t, t, **cond) -> (x_0, eps)`` is the (possibly guided) denoiser (``ddpm/core/denoiser.py``;
+``cond``: a second time ``r=`` for the samplers of MeanFlow's average velocity, ``second_time``),
 ``t`` the process's time (an index 0..T-1 for DDPM, a float for the continuous processes), so no sampler knows the
 network's prediction target; samplers read the process only through ``sampling_times`` and ``alpha_sigma``
 (``ddpm/core/processes``); ``noise`` is x_T; ``generator`` draws any further noise, so a seeded generator makes the
