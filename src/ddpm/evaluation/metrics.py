@@ -5,7 +5,8 @@ One code path for every Fréchet distance: torchmetrics' ``FrechetInceptionDista
 extractor module. With Inception-v3 (torch-fidelity's weights, downloaded on first use) the number is the
 FID and is reported as ``fid``. For the offline ``digits`` set no Inception weights can be had, so the
 extractor is a small digits classifier this module trains once (seeded) and caches; that number is the
-Fréchet distance in *its* feature space, reported as ``fd_digits`` and never called FID.
+Fréchet distance in *its* feature space, reported as ``fd_digits`` and never called FID. Fashion-MNIST, read offline,
+has a classifier of its own in the same way (``fd_fashion``).
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ddpm.core.errors import ConfigError
 from ddpm.core.settings import integer, one_of, require
 from ddpm.files import atomic_write
 from ddpm.data import Digits, stack_dataset
 
 log = logging.getLogger(__name__)
 
-EXTRACTORS = ("auto", "digits_classifier", "inception")
+EXTRACTORS = ("auto", "digits_classifier", "fashion_classifier", "inception")
+OWN_CLASSIFIER = {"digits": "digits_classifier", "fashion_mnist": "fashion_classifier"}  # auto's choice off Inception
 REFERENCE_SPLITS = ("train", "test")
 
 
@@ -64,6 +67,37 @@ class DigitsClassifier(nn.Module):
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self(images))
+
+
+class FashionClassifier(nn.Module):
+    """A CNN for 28x28 Fashion-MNIST (two conv layers with batch norm and max-pooling, dropout before the head); its
+    128-d penultimate activations are the feature space of ``fd_fashion``. Images padded to 32 are cropped back to 28."""
+
+    name = "fashion"
+    num_features = 128
+    input_size = 28
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.SiLU()]  # noqa: E731
+        self.body = nn.Sequential(
+            *block(1, 32), nn.MaxPool2d(2),    # 14x14
+            *block(32, 64), nn.MaxPool2d(2),   # 7x7
+            nn.Flatten(), nn.Linear(64 * 49, self.num_features), nn.SiLU(),
+        )
+        self.dropout, self.head = nn.Dropout(0.3), nn.Linear(self.num_features, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.float()
+        size = images.shape[-1]
+        if size == 32:
+            images = images[..., 2:30, 2:30]
+        elif size != self.input_size:
+            images = F.interpolate(images, size=self.input_size, mode="bilinear", antialias=True, align_corners=False)
+        return self.body(images)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self(images)))
 
 
 class InceptionFeatures(nn.Module):
@@ -128,14 +162,68 @@ def load_digits_classifier(cache_dir: str | Path, seed: int = 0) -> tuple[Digits
     return model.eval().requires_grad_(False), info
 
 
-def build_extractor(name: str, dataset: str, cache_dir: str | Path) -> tuple[nn.Module, dict]:
-    """The feature extractor ``name`` (``auto``: the digits classifier for digits, Inception-v3 otherwise) and a
-    description of it for the protocol."""
+def train_fashion_classifier(data, seed: int = 0, epochs: int = 8, batch_size: int = 128, lr: float = 2e-3,
+                             limit: int | None = None) -> tuple[FashionClassifier, float]:
+    """Train the classifier on Fashion-MNIST's training images (``data``: a set up ``fashion_mnist`` data set; the first
+    ``limit`` of them, all by default) with random horizontal flips; returns it and its accuracy on the 10,000 test
+    images. Deterministic given ``seed`` on a CPU."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = FashionClassifier()
+    train_set = data.train_set if limit is None else torch.utils.data.Subset(data.train_set, range(min(limit, len(data.train_set))))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * (len(train_set) // batch_size + 1))
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator)
+    for _ in range(epochs):
+        model.train()
+        for x, y in loader:
+            flip = torch.rand(len(x), generator=generator) < 0.5  # garments are left-right symmetric enough
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+            loss = F.cross_entropy(model.logits(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    model.eval()
+    x_test, y_test = stack_dataset(data.test_set)
+    with torch.no_grad():
+        accuracy = (torch.cat([model.logits(x).argmax(1) for x in x_test.split(1000)]) == y_test).float().mean().item()
+    return model, accuracy
+
+
+def load_fashion_classifier(cache_dir: str | Path, data, seed: int = 0) -> tuple[FashionClassifier, dict]:
+    """The seeded Fashion-MNIST classifier, trained on first use (minutes on a CPU) and cached as
+    ``cache_dir/fashion_classifier_seed{seed}.pt``."""
+    path = Path(cache_dir) / f"fashion_classifier_seed{seed}.pt"
+    model = FashionClassifier()
+    if path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["state_dict"])
+        info = saved["info"]
+    else:
+        log.info("training the Fashion-MNIST classifier for fd_fashion (once, a few minutes; cached at %s)", path)
+        data.setup()
+        model, accuracy = train_fashion_classifier(data, seed)
+        info = {"seed": seed, "test_accuracy": accuracy, "train_split": "fashion_mnist train (60,000 images)"}
+        _atomic_save({"state_dict": model.state_dict(), "info": info}, path)
+    return model.eval().requires_grad_(False), info
+
+
+def build_extractor(name: str, dataset: str, cache_dir: str | Path, data=None) -> tuple[nn.Module, dict]:
+    """The feature extractor ``name`` (``auto``: the data set's own classifier for digits and Fashion-MNIST,
+    Inception-v3 otherwise) and a description of it for the protocol; ``data``: the data set a classifier trains on."""
     one_of("metrics.feature_extractor", name, EXTRACTORS)
     if name == "auto":
-        name = "digits_classifier" if dataset == "digits" else "inception"
+        name = OWN_CLASSIFIER.get(dataset, "inception")
     if name == "digits_classifier":
         model, info = load_digits_classifier(cache_dir)
+        return model, {"name": model.name, "num_features": model.num_features, **info}
+    if name == "fashion_classifier":
+        if dataset != "fashion_mnist" or data is None:
+            raise ConfigError(f"metrics.feature_extractor=fashion_classifier: trained on Fashion-MNIST images, so it "
+                              f"measures data=fashion_mnist only (this is {dataset})")
+        model, info = load_fashion_classifier(cache_dir, data)
         return model, {"name": model.name, "num_features": model.num_features, **info}
     model = InceptionFeatures()
     return model, {"name": model.name, "num_features": model.num_features, "weights": "torch-fidelity inception-v3-compat"}
@@ -249,7 +337,7 @@ def prepare(feature_extractor: str, datamodule, split: str, cache_dir: str | Pat
     if memo_key not in _PREPARED:
         PREPARATIONS["built"] += 1
         log.info("feature extractor and reference statistics for %s/%s: built, and kept for this process", datamodule.name, split)
-        extractor, extractor_info = build_extractor(feature_extractor, datamodule.name, cache_dir)
+        extractor, extractor_info = build_extractor(feature_extractor, datamodule.name, cache_dir, datamodule)
         extractor = extractor.to(device)
         reference = reference_statistics(extractor, datamodule.reference_set(split),
                                          {**key, "feature_extractor": extractor_info["name"]}, cache_dir, limit)

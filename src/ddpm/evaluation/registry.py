@@ -20,6 +20,7 @@ class Metric:
 
 METRICS = {m.name: m for m in (
     Metric("fd_digits", True, True, "Fréchet distance in the digits classifier's 128-d features (not FID)"),
+    Metric("fd_fashion", True, True, "Fréchet distance in the Fashion-MNIST classifier's 128-d features (not FID)"),
     Metric("fid", True, True, "Fréchet Inception distance (Inception-v3 pool features)"),
     Metric("precision", False, True, "improved precision, k = 3 (Kynkaanniemi et al. 2019)"),
     Metric("recall", False, True, "improved recall, k = 3"),
