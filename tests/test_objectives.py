@@ -399,6 +399,7 @@ def _ddp_rank(rank: int, store: str, inputs: dict, out: str) -> None:
     model(*(inputs[k][half] for k in ("x0", "t", "r", "eps"))).backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.module.net.named_parameters()}, out)
+    dist.barrier()  # neither rank leaves while the other still talks to it (gloo aborts a rank whose peer has gone)
     dist.destroy_process_group()
 
 
