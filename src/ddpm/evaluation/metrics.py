@@ -16,6 +16,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -146,20 +147,28 @@ def train_digits_classifier(seed: int = 0, epochs: int = 40, batch_size: int = 6
     return model, accuracy
 
 
-def load_digits_classifier(cache_dir: str | Path, seed: int = 0) -> tuple[DigitsClassifier, dict]:
-    """The seeded digits classifier, trained on first use and cached as ``cache_dir/digits_classifier_seed{seed}.pt``."""
-    path = Path(cache_dir) / f"digits_classifier_seed{seed}.pt"
-    model = DigitsClassifier()
+def cached_classifier(path: Path, model: nn.Module, train: Callable[[], tuple[nn.Module, dict]], what: str):
+    """A feature classifier's weights and description from ``path``, or ``train()`` once and cache it there: the one
+    cache of every classifier of a data set of its own (digits, Fashion-MNIST)."""
     if path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(saved["state_dict"])
         info = saved["info"]
     else:
-        log.info("training the digits classifier for fd_digits (once; cached at %s)", path)
-        model, accuracy = train_digits_classifier(seed)
-        info = {"seed": seed, "test_accuracy": accuracy, "train_split": "digits train (split_seed 0)"}
+        log.info("training the %s (once; cached at %s)", what, path)
+        model, info = train()
         _atomic_save({"state_dict": model.state_dict(), "info": info}, path)
     return model.eval().requires_grad_(False), info
+
+
+def load_digits_classifier(cache_dir: str | Path, seed: int = 0) -> tuple[DigitsClassifier, dict]:
+    """The seeded digits classifier, trained on first use and cached as ``cache_dir/digits_classifier_seed{seed}.pt``."""
+    def train():
+        model, accuracy = train_digits_classifier(seed)
+        return model, {"seed": seed, "test_accuracy": accuracy, "train_split": "digits train (split_seed 0)"}
+
+    return cached_classifier(Path(cache_dir) / f"digits_classifier_seed{seed}.pt", DigitsClassifier(), train,
+                             "digits classifier for fd_digits")
 
 
 def train_fashion_classifier(data, seed: int = 0, epochs: int = 8, batch_size: int = 128, lr: float = 2e-3,
@@ -195,19 +204,13 @@ def train_fashion_classifier(data, seed: int = 0, epochs: int = 8, batch_size: i
 def load_fashion_classifier(cache_dir: str | Path, data, seed: int = 0) -> tuple[FashionClassifier, dict]:
     """The seeded Fashion-MNIST classifier, trained on first use (minutes on a CPU) and cached as
     ``cache_dir/fashion_classifier_seed{seed}.pt``."""
-    path = Path(cache_dir) / f"fashion_classifier_seed{seed}.pt"
-    model = FashionClassifier()
-    if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["state_dict"])
-        info = saved["info"]
-    else:
-        log.info("training the Fashion-MNIST classifier for fd_fashion (once, a few minutes; cached at %s)", path)
+    def train():
         data.setup()
         model, accuracy = train_fashion_classifier(data, seed)
-        info = {"seed": seed, "test_accuracy": accuracy, "train_split": "fashion_mnist train (60,000 images)"}
-        _atomic_save({"state_dict": model.state_dict(), "info": info}, path)
-    return model.eval().requires_grad_(False), info
+        return model, {"seed": seed, "test_accuracy": accuracy, "train_split": "fashion_mnist train (60,000 images)"}
+
+    return cached_classifier(Path(cache_dir) / f"fashion_classifier_seed{seed}.pt", FashionClassifier(), train,
+                             "Fashion-MNIST classifier for fd_fashion (a few minutes)")
 
 
 def build_extractor(name: str, dataset: str, cache_dir: str | Path, data=None) -> tuple[nn.Module, dict]:
