@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from ddpm.core.errors import ConfigError
-from ddpm.options import base_config, options, read_option, targets, train_defaults
+from ddpm.options import base_config, is_global, options, read_option, targets, train_defaults
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False,
                     build_from_config: bool = True, key: str = "ckpt_path") -> dict:
@@ -203,9 +203,11 @@ def infer_choices(config: dict) -> dict[str, str]:
 
 
 def _targets_of(group: str, inner: str) -> list[str]:
-    """The targets the options of ``group`` put at ``inner`` (a dotted path inside the group's node), for messages."""
-    return sorted({t for p in options(group).values() for path, t in targets(yaml.safe_load(p.read_text()) or {})
-                   if path == inner})
+    """The targets the options of ``group`` put at ``inner`` (a dotted path inside the group's node), for messages; an
+    option written at the top of the config (``# @package _global_``: process=, objective=) puts them under the group."""
+    full = f"{group}.{inner}" if inner else group
+    return sorted({t for name, p in options(group).items() for path, t in targets(yaml.safe_load(p.read_text()) or {})
+                   if path == (full if is_global(group, name) else inner)})
 
 
 def _plain(value: Any) -> bool:
