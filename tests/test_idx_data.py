@@ -106,3 +106,32 @@ def test_a_corrupt_set_in_data_root_stops_training_with_exit_2_before_compute(tm
     result = run_cli("ddpm.train", *TINY, "data=fashion_mnist", f"data.root={root}", f"hydra.run.dir={run}", cwd=tmp_path)
     assert result.returncode == 2 and "holds 4 labels for the 5 images" in result.stderr
     assert not list(run.rglob("*.ckpt"))
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from ddpm.data import read_idx  # noqa: E402
+
+VALID = idx((3, 28, 28), bytes(range(256)) * 9 + bytes(3 * 784 - 2304))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(0, len(VALID)), flips=st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), max_size=4),
+       gz=st.booleans(), extra=st.binary(max_size=8))
+def test_any_mangled_idx_file_reads_as_written_or_is_refused_in_one_line(tmp_path, cut, flips, gz, extra):
+    """Truncated, bit-flipped, extended, gzipped or not: a file reads back exactly as its header says, or is refused
+    with a ConfigError naming it; never another exception, never an allocation its size does not back."""
+    data = bytearray(VALID[:cut] + extra)
+    for position, value in flips:
+        if position < len(data):
+            data[position] = value
+    path = tmp_path / ("f.gz" if gz else "f")
+    path.write_bytes(gzip.compress(bytes(data)) if gz else bytes(data))
+    try:
+        array = read_idx(path, 3)
+    except ConfigError as error:
+        assert str(path) in str(error) and "\n" not in str(error)
+        return
+    n = array.shape[0]
+    assert array.shape == (n, 28, 28) and bytes(data) == bytes(data[:4]) + struct.pack(">3I", n, 28, 28) + array.numpy().tobytes()
