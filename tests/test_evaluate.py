@@ -293,3 +293,57 @@ def test_trainings_final_evaluation_records_each_w_with_ddpm_evaluates_protocol(
         assert protocol["checkpoint"]["global_step"] == 4
         assert protocol["feature_extractor"]["name"] == "digits_classifier" and "fd_digits" in entry["metrics"]
     assert not list((tmp_path / "run").glob(".metrics.json*"))  # written atomically, no temporary left
+
+
+# --- KID (Binkowski et al. 2018): the unbiased MMD^2 with the cubic kernel, against its formula (issue 33) ------------
+def _mmd2_unbiased(x, y):
+    """Gretton et al. 2012, eq. 3, written out with loops over pairs: k(a, b) = (a.b / d + 1)^3."""
+    d = x.shape[1]
+    k = lambda a, b: (float(a @ b) / d + 1.0) ** 3  # noqa: E731
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kid_on_whole_sets_is_the_unbiased_mmd_formula():
+    from ddpm.evaluation.metrics import kernel_distance
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(25, 4, generator=g, dtype=torch.float64)
+    fake = 0.8 * torch.randn(25, 4, generator=g, dtype=torch.float64) + 0.5
+    mean, std = kernel_distance(real, fake, subsets=3, subset_size=1000)  # every subset is the whole set
+    assert mean == pytest.approx(_mmd2_unbiased(real, fake), rel=1e-12) and std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_kid_is_unbiased_where_a_frechet_distance_is_not():
+    """Two samples of one distribution: KID's mean over many subsets is about 0 (it can go negative), while the
+    Fréchet distance of a small sample sits far above 0; a shifted distribution scores clearly above both spreads."""
+    from ddpm.evaluation.metrics import kernel_distance
+
+    g = torch.Generator().manual_seed(1)
+    real = torch.randn(2000, 8, generator=g, dtype=torch.float64)
+    same = torch.randn(200, 8, generator=g, dtype=torch.float64)
+    shifted = same + 0.5
+    mean, std = kernel_distance(real, same, subsets=50, subset_size=200)
+    assert abs(mean) < 3 * std / 50 ** 0.5 + 1e-3
+    mean_shifted, std_shifted = kernel_distance(real, shifted, subsets=50, subset_size=200)
+    assert mean_shifted > 10 * (abs(mean) + std) and std_shifted > 0
+    assert kernel_distance(real, shifted, subsets=5, seed=3) == kernel_distance(real, shifted, subsets=5, seed=3)
+    with pytest.raises(ValueError, match="at least 2"):
+        kernel_distance(real, same[:1])
+
+
+def test_kid_is_named_by_its_feature_space():
+    from ddpm.evaluation.registry import metric
+
+    class Named(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+    assert [metric_name(Named(n), "kid") for n in ("inception_v3", "digits_classifier", "fashion")] == \
+        ["kid", "kid_digits", "kid_fashion"]
+    assert metric("kid_fashion").lower_is_better and not metric("kid_fashion").sized
+    assert metric("kid_fashion_std").lower_is_better is None and metric("kid_std").lower_is_better is None

@@ -226,9 +226,11 @@ def build_report(sweep_dir: Path) -> str:
                *([*row["group"], row["w"], row["n"], *row["final_loss"][:2], *(v for n in metrics for v in row[n][:2])]
                  for row in long_rows)])
 
-    out += ["", "## Findings", "", *findings(long_rows, group_keys, metrics, scales)]
+    tests: list = []  # every comparison the page makes, for one Holm correction over all of them
+    out += ["", "## Findings", "", *findings(long_rows, group_keys, metrics, scales, tests)]
     plot(runs, long_rows, group_keys, metrics, sweep_dir)
-    out += grid(long_rows, group_keys, metrics, scales, sweep_dir)
+    out += grid(long_rows, group_keys, metrics, scales, sweep_dir, tests)
+    out += holm_lines(tests)
     if any(r["curve"] for r in runs):
         out += ["", "![loss curves](loss_curves.png)"]
     elif any((sweep_dir / r["dir"] / "wandb").is_dir() for r in runs):
@@ -253,11 +255,12 @@ def _by_seed(members: list[dict], value) -> dict:
     return {key: v for key, v in values if v is not None and math.isfinite(v)}
 
 
-def findings(rows: list[dict], group_keys: list[str], metrics: list[str], scales: list) -> list[str]:
+def findings(rows: list[dict], group_keys: list[str], metrics: list[str], scales: list,
+             tests: list | None = None) -> list[str]:
     """Plain sentences: which setting is better on each metric, and whether seeds can tell them apart (a paired
     t-test when both settings ran the same seeds, Welch's otherwise; ``ddpm.evaluation.stats``), with the interval and p-value
-    behind it."""
-    lines, tests = [], []
+    behind it. Each test is appended to ``tests``: the page corrects for all of them at once (``holm_lines``)."""
+    lines, tests = [], (tests if tests is not None else [])
     for i, key in enumerate(group_keys):
         comparisons = [("final_loss", scales[0] if scales else None)] + [(m, w) for m in metrics[:1] for w in (scales or [None])]
         for name, w in comparisons:
@@ -278,17 +281,21 @@ def findings(rows: list[dict], group_keys: list[str], metrics: list[str], scales
                 if len(points) > 1:
                     trend = " -> ".join(f"{v:.3g} (w={w:g})" for w, v in points)
                     lines.append(f"- {label}: {name} {trend}.")
-    return (lines + holm_lines(tests)) or ["- (nothing to compare)"]
+    return lines or ["- (nothing to compare)"]
 
 
 def holm_lines(tests: list[tuple[str, object]]) -> list[str]:
-    """A page with several findings makes several claims: their p-values after Holm's correction (``stats.holm``),
-    and which differences survive it."""
+    """A page with several tests makes several claims: each one's p-value before and after Holm's correction over all
+    of them (``stats.holm``: the findings' and the grid's best-vs-runner-up test), and which differences survive it."""
     if len(tests) < 2:
         return []
     adjusted = holm([comparison.p for _, comparison in tests])
     kept = [f"{label} (adjusted p = {p:.3g})" for (label, _), p in zip(tests, adjusted) if p < 1 - LEVEL]
-    return ["", f"These findings are {len(tests)} comparisons; with Holm's correction for all of them "
+    table = _table(["comparison", "test", "p", "Holm p", f"a difference at {LEVEL:.0%}"],
+                   [[label, c.test, f"{c.p:.3g}", f"{p:.3g}", "yes" if p < 1 - LEVEL else "no"]
+                    for (label, c), p in zip(tests, adjusted)]) if all(hasattr(c, "test") for _, c in tests) else None
+    return ["", "## Holm's correction over this page", "", *([table, ""] if table else []),
+            f"These findings are {len(tests)} comparisons; with Holm's correction for all of them "
             + (f"{len(kept)} remain differences at 95%: " + "; ".join(kept) + "." if kept else
                "none remains a difference at 95%.")]
 
@@ -320,11 +327,13 @@ def _finding(key: str, name: str, w, others: str, by_value: dict[str, list], tes
             f"apart at n = {min(nb, ns)} ({comparison.describe()}){caveat}."]
 
 
-def grid(rows: list[dict], group_keys: list[str], metrics: list[str], scales: list, out_dir: Path) -> list[str]:
+def grid(rows: list[dict], group_keys: list[str], metrics: list[str], scales: list, out_dir: Path,
+         tests: list | None = None) -> list[str]:
     """An evaluation grid (two or more swept settings, e.g. ema.sigma_rel x w, or sampler x sampler.steps): a heatmap
     of the first metric's mean over seeds/checkpoints (rows: the first setting, columns: the second, one panel per
     value of the rest), its best cell outlined, and a line with that cell's t interval and its comparison with the
-    runner-up. Writes grid.png; returns the report's lines."""
+    runner-up (each arm's best cell: say so where it is quoted), appended to ``tests`` for the page's Holm
+    correction. Writes grid.png; returns the report's lines."""
     axes = [*group_keys, *(["w"] if len(scales) > 1 else [])]
     if len(axes) < 2 or not metrics:
         return []
@@ -378,6 +387,8 @@ def grid(rows: list[dict], group_keys: list[str], metrics: list[str], scales: li
     if runner_up:
         comparison = compare(best["raw"][name], runner_up[0]["raw"][name])
         other = ", ".join(f"{k}={value_of(runner_up[0], k)}" for k in axes)
+        if comparison is not None and tests is not None:
+            tests.append((f"grid, best cell vs runner-up: {where} vs {other}", comparison))
         text += (f"; the runner-up, {other}, {_fmt(*runner_up[0][name])}: "
                  + ("no statistics at n = 1" if comparison is None else
                     ("a difference at 95%" if comparison.clear else "cannot tell apart") + f" ({comparison.describe()})"))

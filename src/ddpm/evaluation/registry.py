@@ -1,7 +1,8 @@
 """The metrics an evaluation reports, each in one place: its name, which way is better, whether its value depends on the
 number of samples it was measured on, and what it is. ``ddpm.report`` tables them in this order and compares them this
 way; training's logs put the sample count in the name of those that depend on it (``fd_digits_n500``). A Fréchet
-distance in another feature space is ``fd_<extractor>`` (a sized metric, lower is better). A metric a file holds that
+distance in another feature space is ``fd_<extractor>`` (a sized metric, lower is better), a kernel distance
+``kid_<extractor>`` (unbiased: not sized) with its subsets' spread ``kid_<extractor>_std`` (no better direction). A metric a file holds that
 is not here is still tabled, after these, and never ranked. A new metric is its entry here and its computation.
 Plain Python: the report reads it without importing torch."""
 
@@ -22,6 +23,9 @@ METRICS = {m.name: m for m in (
     Metric("fd_digits", True, True, "Fréchet distance in the digits classifier's 128-d features (not FID)"),
     Metric("fd_fashion", True, True, "Fréchet distance in the Fashion-MNIST classifier's 128-d features (not FID)"),
     Metric("fid", True, True, "Fréchet Inception distance (Inception-v3 pool features)"),
+    Metric("kid_digits", True, False, "kernel distance (KID, unbiased MMD^2, cubic kernel) in the digits classifier's features"),
+    Metric("kid_fashion", True, False, "kernel distance (KID) in the Fashion-MNIST classifier's features"),
+    Metric("kid", True, False, "Kernel Inception Distance (Binkowski et al. 2018), mean over 100 subsets"),
     Metric("precision", False, True, "improved precision, k = 3 (Kynkaanniemi et al. 2019)"),
     Metric("recall", False, True, "improved recall, k = 3"),
     Metric("guided_accuracy", False, False, "the feature classifier's accuracy on the requested labels"),
@@ -36,8 +40,12 @@ def metric(name: str) -> Metric | None:
     None for a name this project does not know (tabled, never ranked)."""
     if name in METRICS:
         return METRICS[name]
+    if name.startswith(("kid_", "kid")) and name.endswith("_std"):
+        return Metric(name, None, False, f"the std of {name[:-4]} over its subsets (how much one subset's estimate varies)")
     if name.startswith("fd_"):
         return Metric(name, True, True, f"Fréchet distance in the {name[3:]} features")
+    if name.startswith("kid_"):
+        return Metric(name, True, False, f"kernel distance (KID) in the {name[4:]} features")
     return None
 
 
