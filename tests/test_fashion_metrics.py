@@ -34,9 +34,12 @@ def test_the_small_classifier_learns_and_the_metric_orders_real_noisy_and_noise(
     generator = torch.Generator().manual_seed(0)
     noisy = (real + 0.3 * torch.randn(real.shape, generator=generator)).clamp(-1, 1)
     noise = torch.rand(real.shape, generator=generator) * 2 - 1
-    scores = [sample_metrics(model, reference, images, labels)["fd_fashion"] for images in (real, noisy, noise)]
+    measured = [sample_metrics(model, reference, images, labels) for images in (real, noisy, noise)]
+    scores = [m["fd_fashion"] for m in measured]
     assert scores[0] < scores[1] < scores[2], scores
-    assert sample_metrics(model, reference, real, labels)["guided_accuracy"] > 0.6
+    kid = [m["kid_fashion"] for m in measured]  # KID orders them the same way, and real images score about 0
+    assert kid[0] < kid[1] < kid[2] and abs(kid[0]) < 3 * measured[0]["kid_fashion_std"] + 1e-3, kid
+    assert measured[0]["guided_accuracy"] > 0.6
 
 
 def test_auto_picks_the_cached_fashion_classifier_and_refuses_it_off_fashion(fashion, tmp_path):
@@ -47,3 +50,29 @@ def test_auto_picks_the_cached_fashion_classifier_and_refuses_it_off_fashion(fas
     assert extractor.name == "fashion" and described["test_accuracy"] == accuracy
     with pytest.raises(ConfigError, match=r"metrics.feature_extractor=fashion_classifier: .* data=fashion_mnist only"):
         build_extractor("fashion_classifier", "digits", tmp_path, None)
+
+
+def test_a_fashion_run_trains_and_ddpm_evaluate_reports_its_own_metrics(fashion, tmp_path):
+    """Issue 33's acceptance 1, small: data=fashion_mnist experiments=quick trains on Debian's files at 28x28, and
+    ddpm.evaluate on its checkpoint reports fd_fashion, KID, precision/recall and accuracy in the classifier's features
+    (the small classifier of the fixture stands in for the cached one)."""
+    from ddpm.config import compose
+    from ddpm.evaluate import evaluate
+    from ddpm.train import train
+
+    data, model, accuracy = fashion
+    cache = tmp_path / "cache"
+    _atomic_save({"state_dict": model.state_dict(), "info": {"seed": 0, "test_accuracy": accuracy}},
+                 cache / "fashion_classifier_seed0.pt")
+    run = tmp_path / "run"
+    train(compose(["data=fashion_mnist", "experiments=quick", "logger=none", "trainer.max_steps=3",
+                   "trainer.enable_progress_bar=false", "data.batch_size=16", "model.base_channels=16",
+                   "model.norm_groups=4", "schedule.timesteps=100", "callbacks.sample_grid.steps=2",
+                   "callbacks.sample_grid.per_class=1", f"paths.cache_dir={cache}"], output_dir=run))
+    assert (run / "samples" / "final.png").is_file()
+    record = evaluate(compose([f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "num_samples=40", "sampler.steps=2",
+                               "metrics.reference_size=500", f"paths.cache_dir={cache}"],
+                              config_name="evaluate", output_dir=tmp_path / "eval"))
+    metrics = record["metrics"]
+    assert {"fd_fashion", "kid_fashion", "kid_fashion_std", "precision", "recall", "guided_accuracy"} <= set(metrics)
+    assert record["protocol"]["feature_extractor"]["name"] == "fashion" and metrics["fd_fashion"] > 0
