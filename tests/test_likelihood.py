@@ -161,3 +161,34 @@ def test_bits_per_dim_of_a_uniform_density_is_eight_and_dequantization_stays_in_
     k = torch.arange(256, dtype=torch.float64).repeat(40)
     y = dequantize(2 * k / 255 - 1, torch.Generator().manual_seed(5))
     assert torch.equal(torch.floor((y + 1) * 128), k) and y.min() >= -1 and y.max() < 1
+
+
+# --- where users find it: Pipeline.bits_per_dim and ddpm.evaluate's bpd (every process) ------------------------------
+@pytest.mark.parametrize("process", ["ddpm", "flow", "edm", "trigflow"])
+def test_ddpm_evaluate_reports_bits_per_dim_for_every_process(process, tmp_path):
+    """A few steps of training on digits, then ``ddpm.evaluate likelihood.num_images=4``: a finite bpd (the bound for
+    DDPM, the PF-ODE for the others) with its protocol; the Python API gives the same number."""
+    from ddpm.config import compose
+    from ddpm.evaluate import evaluate
+    from ddpm.inference import load
+    from ddpm.train import train
+
+    from conftest import TINY
+
+    overrides = TINY if process == "ddpm" else [o for o in TINY if not o.startswith("schedule.")] + [f"process={process}"]
+    train(compose([*overrides, "trainer.max_steps=3", "~callbacks.sample_grid", "ema.snapshot_count=0"],
+                  output_dir=tmp_path / "run"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    settings = ["likelihood.num_images=4", "likelihood.rtol=1e-3", "likelihood.atol=1e-3", "likelihood.conditional=true"]
+    record = evaluate(compose([f"ckpt_path={checkpoint}", "num_samples=4", "sampler.steps=2", *settings,
+                               f"paths.cache_dir={tmp_path / 'cache'}", "metrics.reference_size=100"],
+                              config_name="evaluate", output_dir=tmp_path / "eval"))
+    bpd, protocol = record["metrics"]["bpd"], record["protocol"]["likelihood"]
+    assert math.isfinite(bpd) and bpd > 0 and protocol["num_images"] == 4 and protocol["split"] == "test"
+    assert protocol["method"] == ("vlb" if process == "ddpm" else "ode") and protocol["nfe_per_batch"] > 0
+    from ddpm.data import Digits, stack_dataset
+
+    digits = Digits(root=".", batch_size=4, num_workers=0, image_size=8, channels=1, num_classes=10)
+    images, labels = stack_dataset(digits.reference_set("test"), 4)
+    python = load(checkpoint, device="cpu").bits_per_dim(images, labels, rtol=1e-3, atol=1e-3)
+    assert python["mean"] == pytest.approx(bpd, rel=1e-9)

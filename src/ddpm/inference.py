@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import time
 from dataclasses import replace
@@ -259,6 +260,76 @@ class Pipeline:
             path = torch.stack(frames[::every][: trajectory_steps - 1] + [frames[-1]], dim=1)  # (k, steps, C, H, W)
         return {"images": torch.cat(chunks), "labels": labels, "trajectory": path,
                 "nfe": evaluations / len(batches), "seconds": seconds}
+
+    # --- likelihood -------------------------------------------------------------------------------------------------
+    def likelihood_denoiser(self, labels: torch.Tensor | None, n: int):
+        """``denoise(x_t, t) -> (x0, eps)`` in float64 for the likelihood of ``n`` images: conditional on ``labels``, or,
+        with None, the unconditional model of a conditional one through its null label (refused if it never saw it)."""
+        if labels is None and self.conditional:
+            if not self.p_uncond > 0:
+                raise ConfigError("labels=None: this model trained with guidance.p_uncond=0, so it has no unconditional "
+                                  "model to measure p(x) with; give the images' labels for p(x | y)")
+            labels = torch.full((n,), self.net.null_label, dtype=torch.long)
+        labels = labels.to(self.device) if labels is not None else None
+        dtype = next(self.net.parameters()).dtype
+
+        def denoise(x_t: torch.Tensor, t: torch.Tensor):
+            x0, eps = self.denoiser(x_t.to(self.device, dtype), t.to(self.device), labels)
+            return x0.double(), eps.double()
+        return denoise
+
+    def log_likelihood(self, images: torch.Tensor, labels=None, *, estimator: str = "hutchinson", num_probes: int = 1,
+                       rtol: float = 1e-5, atol: float = 1e-5, solver: str = "RK45", variance: str = "fixed_small",
+                       seed: int = 0, batch_size: int = 500) -> dict:
+        """log p of ``images`` (in [-1, 1], taken as 8-bit: rounded to the nearest of 256 levels, as a PNG stores them;
+        conditional on ``labels`` when given), per image, in nats, and how it was computed. Discrete DDPM: its variational bound (``ddpm.core.likelihood.vlb_terms``: -log P <= total, one
+        network evaluation per step, ``variance`` the reverse step's); continuous processes: the probability-flow ODE
+        on the images dequantized with noise seeded by ``seed`` (``estimator``, ``num_probes``, ``solver``, ``rtol``,
+        ``atol``). ``bits_per_dim`` turns either into bits per dimension."""
+        from ddpm.core import likelihood
+
+        images = torch.as_tensor(images)
+        require(images.ndim == 4 and images.shape[1:] == (self.net.in_channels, self.net.image_size, self.net.image_size),
+                "images", tuple(images.shape), f"a batch shaped (N, {self.net.in_channels}, {self.net.image_size}, "
+                f"{self.net.image_size}) in [-1, 1]")
+        require(integer(batch_size) and batch_size > 0, "batch_size", batch_size, "an integer > 0")
+        require(integer(num_probes) and num_probes > 0, "likelihood.num_probes", num_probes, "an integer > 0")
+        images = torch.round((images.double().clamp(-1, 1) + 1) * 127.5) / 127.5 - 1  # as 8-bit images (PNG's levels)
+        labels, n = self.labels_for(labels, len(images)) if labels is not None else (None, len(images))
+        generator = torch.Generator().manual_seed(seed)
+        discrete = getattr(self.process, "discrete", False)
+        protocol = ({"method": "vlb", "variance": variance, "steps": self.process.num_timesteps, "seed": seed}
+                    if discrete else
+                    {"method": "ode", "estimator": estimator, "num_probes": num_probes if estimator == "hutchinson" else None,
+                     "solver": solver, "rtol": rtol, "atol": atol, "t_start": float(self.process.t_min),
+                     "dequantization": "uniform", "seed": seed})
+        values, nfe = [], 0
+        with evaluating(self.net):
+            for first in range(0, n, batch_size):
+                x = images[first:first + batch_size].double()
+                denoise = self.likelihood_denoiser(labels[first:first + batch_size] if labels is not None else None, len(x))
+                if discrete:
+                    bound = likelihood.vlb_terms(self.process, denoise, x, variance, generator)
+                    values.append(-bound.total)
+                    nfe += self.process.num_timesteps
+                else:
+                    result = likelihood.ode_log_likelihood(self.process, denoise, likelihood.dequantize(x, generator),
+                                                           estimator, num_probes, rtol, atol, solver, generator=generator)
+                    values.append(result.log_likelihood)
+                    nfe += result.nfe
+        return {"log_likelihood": torch.cat(values), "dims": images[0].numel(), "discrete": discrete,
+                "protocol": {**protocol, "nfe_per_batch": nfe / len(range(0, n, batch_size))}}
+
+    def bits_per_dim(self, images: torch.Tensor, labels=None, **options) -> dict:
+        """Bits per dimension of 8-bit ``images`` (``log_likelihood``'s options): the bound's nats / (D ln 2) for DDPM,
+        the dequantized density's -log2 p / D + 7 for the continuous processes (``ddpm.core.likelihood``), per image,
+        and the mean over them with how it was computed."""
+        from ddpm.core.likelihood import ode_bits_per_dim
+
+        record = self.log_likelihood(images, labels, **options)
+        log_p, dims = record["log_likelihood"], record["dims"]
+        bpd = -log_p / (dims * math.log(2.0)) if record["discrete"] else ode_bits_per_dim(log_p, dims)
+        return {"bits_per_dim": bpd, "mean": bpd.mean().item(), "protocol": record["protocol"]}
 
     def why_not_finite(self, sampler: Callable, guidance: Guidance) -> str:
         """The likely cause of non-finite samples: the sampler's or the process's settings (a dry run on a probe network

@@ -27,6 +27,7 @@ import torch
 
 from ddpm.core.errors import ConfigError
 from ddpm.core.processes import Process
+from ddpm.core.settings import integer, number, one_of, require
 from ddpm.core.processes.ddpm import DDPMProcess, extract
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -131,6 +132,23 @@ def vlb_terms(process: DDPMProcess, denoise: Denoise, x0: torch.Tensor, variance
 
 # --- the probability-flow ODE -----------------------------------------------------------------------------------
 ESTIMATORS = ("exact", "hutchinson")
+SOLVERS = ("RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA")  # scipy.integrate.solve_ivp's methods
+
+
+def check_settings(num_images=0, conditional=False, estimator="hutchinson", num_probes=1, solver="RK45", rtol=1e-5,
+                   atol=1e-5, variance="fixed_small", seed=0, batch_size=200) -> None:
+    """The rules of the ``likelihood`` settings (conf/evaluate.yaml), checked before any compute: one line naming the
+    first key that breaks them."""
+    require(integer(num_images) and num_images >= 0, "likelihood.num_images", num_images, "an integer >= 0 (0: off)")
+    require(isinstance(conditional, bool), "likelihood.conditional", conditional, "true or false")
+    one_of("likelihood.estimator", estimator, ESTIMATORS)
+    require(integer(num_probes) and num_probes > 0, "likelihood.num_probes", num_probes, "an integer > 0")
+    one_of("likelihood.solver", solver, SOLVERS)
+    for key, value in (("likelihood.rtol", rtol), ("likelihood.atol", atol)):
+        require(number(value) and 0 < value < 1, key, value, "a number in (0, 1)")
+    one_of("likelihood.variance", variance, VARIANCES)
+    require(integer(seed), "likelihood.seed", seed, "an integer")
+    require(integer(batch_size) and batch_size > 0, "likelihood.batch_size", batch_size, "an integer > 0")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -319,7 +320,8 @@ def class_spread(features: torch.Tensor, labels: torch.Tensor | None) -> float:
     """Mean over classes of the root mean per-dimension variance of the features: how spread out (diverse)
     images of one class are."""
     groups = [features[labels == c] for c in labels.unique()] if labels is not None else [features]
-    return torch.stack([g.var(0).mean().sqrt() for g in groups if len(g) > 1]).mean().item()
+    spreads = [g.var(0).mean().sqrt() for g in groups if len(g) > 1]
+    return torch.stack(spreads).mean().item() if spreads else math.nan  # no class drawn twice: no spread to measure
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -409,9 +411,9 @@ def sample_metrics(extractor: nn.Module, reference: Reference, images: torch.Ten
     if labels is not None and hasattr(extractor, "head"):
         predicted = extractor.head(features.to(extractor.head.weight)).argmax(1).cpu()
         out["guided_accuracy"] = (predicted == labels.cpu()).float().mean().item()
-    if reference.spread:  # 1.0: samples of a class are as varied as real images of that class
-        real = reference.spread["per_class" if labels is not None else "all"]
-        out["diversity"] = class_spread(features, labels.cpu() if labels is not None else None) / real
+    spread = class_spread(features, labels.cpu() if labels is not None else None)
+    if reference.spread and math.isfinite(spread):  # 1.0: samples of a class are as varied as real images of that class
+        out["diversity"] = spread / reference.spread["per_class" if labels is not None else "all"]
     if reference.features is not None and min(len(features), len(reference.features)) > PRECISION_RECALL_K:
         real = reference.features.double()
         out.update(precision_recall(real, features))

@@ -31,6 +31,7 @@ METRICS = {m.name: m for m in (
     Metric("guided_accuracy", False, False, "the feature classifier's accuracy on the requested labels"),
     Metric("diversity", False, False, "the spread of a class's samples relative to the real images' (1: as varied)"),
     Metric("inception_score", False, True, "Inception Score (Salimans et al. 2016)"),
+    Metric("bpd", True, False, "bits per dimension of real test images (DDPM: its bound; others: the PF-ODE)"),
 )}
 QUALITY = tuple(METRICS)  # the order reports table them in
 
