@@ -4,7 +4,8 @@ A backbone is an ``nn.Module`` with ``in_channels``, ``image_size``, ``num_class
 ignored) and ``null_label`` (the label classifier-free guidance's dropout writes, usually ``num_classes``), whose
 ``forward(x, c_noise, labels)`` maps images (B, in_channels, image_size, image_size), the process's noise input c_noise(t)
 (the timestep index 0..T-1 for DDPM, a float in about the same range for the others) and class labels to one tensor
-shaped like the images: whatever the prediction target is, the network does not know. An objective that needs a
+shaped like the images (``out_channels``, if it has one, equals ``in_channels``): whatever the prediction target is,
+the network does not know. An objective that needs a
 second time r (``second_time``: MeanFlow) builds the network with ``second_time=True``; it then takes
 ``c_noise_r=c_noise(r)`` by keyword (absent: r = t) and says ``second_time`` is true.
 """
@@ -30,3 +31,7 @@ def check_backbone(net: object, source: str = "model", second_time: bool = False
     if missing:
         raise ConfigError(f"{source}: {type(net).__name__} is not a backbone: it lacks {missing}. A network needs "
                           f"{list(ATTRIBUTES)} and forward(x, c_noise, labels) (ddpm/core/backbone.py)")
+    out_channels = getattr(net, "out_channels", net.in_channels)
+    if out_channels != net.in_channels:  # DiT's learn_sigma: a second half that no denoiser here reads (yet)
+        raise ConfigError(f"model.learn_sigma=true: the network outputs {out_channels} channels for {net.in_channels}, "
+                          "and nothing here reads a learned variance; set model.learn_sigma=false")

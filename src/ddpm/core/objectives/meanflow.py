@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ddpm.core.denoiser import per_sample
 from ddpm.core.objectives import Objective, at_least_float32
@@ -74,7 +75,8 @@ class MeanFlow(Objective):
         def u(z, t, r):
             return denoiser.output(z, t, labels, net, r)
 
-        with torch.no_grad():
+        # SDPA's fused CPU kernel has no forward-mode derivative; its math backend (the same formula) does
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             _, du_dt = torch.func.jvp(u, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
         return v - per_sample(t - r, z) * du_dt
 

@@ -1,0 +1,120 @@
+"""The DiT backbone (issue 32, items 1, 4 and 7 in part): DiT's parameter counts, adaLN-Zero's zero output at
+initialisation, attention through SDPA against the formula in float64, exact patchify/unpatchify, the null class row,
+every process training and sampling with it, and bad settings refused in one line."""
+
+import math
+
+import pytest
+import torch
+from conftest import TINY
+
+from ddpm.config import compose
+from ddpm.core.dit import DiT, patchify, sincos_position_embedding, unpatchify
+from ddpm.core.errors import ConfigError
+
+
+@pytest.mark.parametrize("size, hidden, depth, heads, millions", [("S", 384, 12, 6, 33), ("B", 768, 12, 12, 130),
+                                                                 ("L", 1024, 24, 16, 458), ("XL", 1152, 28, 16, 675)])
+def test_parameter_counts_are_dits_table_1(size, hidden, depth, heads, millions):
+    """At DiT's own settings (4 x 32 x 32 latents, patch 2, 1,000 classes, learned sigma): Table 1's counts within 1%.
+    Built on the meta device: no memory, no compute."""
+    with torch.device("meta"):
+        net = DiT(32, 4, 2, hidden, depth, heads, num_classes=1000, learn_sigma=True)
+    count = sum(p.numel() for p in net.parameters()) / 1e6
+    assert count == pytest.approx(millions, rel=0.01), (size, count)
+
+
+@pytest.mark.parametrize("learn_sigma, second_time", [(False, False), (True, False), (False, True)])
+def test_adaln_zero_makes_the_output_exactly_zero_at_initialisation(learn_sigma, second_time):
+    torch.manual_seed(0)
+    net = DiT(8, 3, 2, 64, 3, 4, num_classes=10, learn_sigma=learn_sigma, second_time=second_time)
+    x = torch.randn(5, 3, 8, 8)
+    out = net(x, torch.tensor([0, 10, 500, 999, 3]), torch.tensor([0, 3, 9, 10, 10]),
+              **({"c_noise_r": torch.tensor([0, 5, 5, 5, 1])} if second_time else {}))
+    assert out.shape == (5, 6 if learn_sigma else 3, 8, 8) and torch.equal(out, torch.zeros_like(out))
+
+
+def test_attention_through_sdpa_is_softmax_qk_v_in_float64():
+    """Both of the DiT's attention paths against softmax(Q K^T / sqrt(d)) V written here head by head."""
+    torch.manual_seed(1)
+    net = DiT(8, 1, 2, 32, 1, 4, num_classes=None, sdpa=True).double()
+    attention = net.blocks[0].attn
+    x = torch.randn(2, 16, 32, dtype=torch.float64)
+    q, k, v = attention.qkv(x).split(32, dim=-1)
+    heads = []
+    for h in range(4):
+        qh, kh, vh = (m[..., h * 8:(h + 1) * 8] for m in (q, k, v))
+        heads.append(torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(8), dim=-1) @ vh)
+    expected = attention.proj(torch.cat(heads, dim=-1))
+    torch.testing.assert_close(attention(x), expected, rtol=1e-12, atol=1e-12)
+    attention.sdpa = False
+    torch.testing.assert_close(attention(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_patchify_and_unpatchify_round_trip_exactly_and_tokens_are_row_major_patches():
+    x = torch.randn(2, 3, 28, 28, dtype=torch.float64)
+    for p in (1, 2, 4, 7, 14):
+        tokens = patchify(x, p)
+        assert tokens.shape == (2, (28 // p) ** 2, p * p * 3) and torch.equal(unpatchify(tokens, p, 3), x)
+    tokens = patchify(x, 4)
+    assert torch.equal(tokens[1, 7 + 2].view(4, 4, 3).permute(2, 0, 1), x[1, :, 4:8, 8:12])  # row 1, column 2 of a 7x7 grid
+
+
+def test_the_position_embedding_is_sin_cos_of_the_column_then_the_row():
+    table = sincos_position_embedding(8, 3)
+    row, column = 1, 2  # token 5 of a 3x3 grid
+    omega = [1.0, 0.01]  # 1 / 10000^(k / 2), k = 0, 1
+    expected = [math.sin(column * w) for w in omega] + [math.cos(column * w) for w in omega] + \
+               [math.sin(row * w) for w in omega] + [math.cos(row * w) for w in omega]
+    assert table[5].tolist() == pytest.approx(expected, abs=1e-7)
+
+
+def test_the_null_row_of_the_class_embedding_is_what_label_dropout_writes():
+    from ddpm.core.guidance.common import drop_labels
+
+    net = DiT(8, 1, 2, 32, 1, 4, num_classes=10)
+    assert net.null_label == 10 and net.class_embed.num_embeddings == 11
+    dropped = drop_labels(torch.arange(10).repeat(100), 0.5, net.null_label)
+    assert set(dropped.unique().tolist()) == set(range(11))
+    net.class_embed(dropped)  # every label, the null one included, has its row
+
+
+@pytest.mark.parametrize("process", ["ddpm", "flow", "edm", "trigflow"])
+def test_every_process_trains_and_samples_with_the_dit(process, tmp_path):
+    from ddpm.inference import load
+    from ddpm.train import train
+
+    overrides = TINY if process == "ddpm" else [o for o in TINY if not o.startswith("schedule.")] + [f"process={process}"]
+    overrides = [o for o in overrides if not o.startswith(("model.base_channels", "model.norm_groups"))]
+    run = tmp_path / "run"
+    train(compose([*overrides, "model=dit_tiny", "model.hidden_size=32", "model.depth=2", "trainer.max_steps=3",
+                   "callbacks.sample_grid.steps=2", "callbacks.sample_grid.per_class=1", "ema.snapshot_count=0"],
+                  output_dir=run))
+    assert (run / "samples" / "final.png").is_file()
+    model = load(run / "checkpoints" / "last.ckpt", device="cpu")
+    assert type(model.net).__name__ == "DiT"
+    images = model.sample([0, 5], sampler="ddim" if process == "ddpm" else "heun", steps=3, seed=0)
+    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+
+
+def test_meanflows_second_time_reaches_the_dit(tmp_path):
+    from ddpm.train import train
+
+    overrides = [o for o in TINY if not o.startswith(("schedule.", "model.base_channels", "model.norm_groups"))]
+    module = train(compose([*overrides, "process=flow", "objective=meanflow", "model=dit_tiny", "model.hidden_size=32",
+                            "model.depth=2", "trainer.max_steps=2", "~callbacks.sample_grid", "ema.snapshot_count=0"],
+                           output_dir=tmp_path / "run"))
+    assert module.net.second_time and module.net.gap_embed is not None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.patch_size=3"], r"model.patch_size=3: must be a divisor of data.image_size=8"),
+    (["model.num_heads=5"], r"model.num_heads=5: must be a divisor of model.hidden_size=96"),
+    (["model.learn_sigma=true"], r"model.learn_sigma=true: the network outputs 2 channels for 1"),
+])
+def test_bad_dit_settings_are_one_line_before_any_compute(overrides, message):
+    from ddpm.validation import validate
+
+    with pytest.raises(ConfigError, match=message) as error:
+        validate(compose(["model=dit_tiny", *overrides]), "train")
+    assert "\n" not in str(error.value)
