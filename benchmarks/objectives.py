@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from ddpm.config import build_network
 from ddpm.core.denoiser import Denoiser
 from ddpm.core.guidance import Guidance, drop_labels
 from ddpm.core.objectives.consistency import Consistency
@@ -31,8 +32,8 @@ from ddpm.core.processes.flow import FlowProcess
 from ddpm.core.samplers.consistency import ConsistencySampler
 from ddpm.core.samplers.ddim import DDIM
 from ddpm.core.samplers.meanflow import MeanFlowSampler
-from ddpm.core.unet import UNet
 
+MODEL = "unet_tiny"  # the network of the default digits run (conf/model/)
 ARMS = {  # name: (objective, process, prediction, baseline arm, one-step sampler)
     "denoising (flow)": (Denoising(), FlowProcess, "velocity", "denoising (flow)", DDIM(steps=1)),
     "denoising (edm)": (Denoising(), lambda: EDMProcess(sigma_data=0.75), "edm", "denoising (edm)", DDIM(steps=1)),
@@ -46,10 +47,8 @@ ARMS = {  # name: (objective, process, prediction, baseline arm, one-step sample
 def arm(name: str, batch: int, seed: int = 0):
     objective, make, prediction, _, sampler = ARMS[name]
     torch.manual_seed(seed)
-    net = UNet(8, 1, base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), dropout=0.0,
-               norm_groups=8, num_classes=10, second_time=objective.second_time)
-    ema = UNet(8, 1, base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), dropout=0.0,
-               norm_groups=8, num_classes=10, second_time=objective.second_time).requires_grad_(False)
+    net = build_network(f"model={MODEL}", second_time=objective.second_time)
+    ema = build_network(f"model={MODEL}", second_time=objective.second_time).requires_grad_(False)
     denoiser = Denoiser(net, make(), prediction, "edm" if prediction == "edm" else "uniform", boundary=objective.boundary)
     optimizer = torch.optim.AdamW(net.parameters(), lr=2e-4)
     x0, labels = torch.randn(batch, 1, 8, 8).clamp(-1, 1), torch.randint(0, 10, (batch,))

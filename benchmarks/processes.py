@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from ddpm.config import build_network
 from ddpm.core.objectives.denoising import Denoising
 from ddpm.core.denoiser import Denoiser
 from ddpm.core.processes.ddpm import DDPMProcess
@@ -27,8 +28,8 @@ from ddpm.core.processes.flow import FlowProcess
 from ddpm.core.processes.trigflow import TrigFlowProcess
 from ddpm.core.samplers.ddim import sample_ddim
 from ddpm.core.schedules import cosine_betas
-from ddpm.core.unet import UNet
 
+MODEL = "unet_tiny"  # the network of the default digits run (conf/model/)
 ARMS = {  # name: (process, prediction, loss weight), each process's own defaults (conf/process/*.yaml)
     "ddpm eps (cosine)": (lambda: DDPMProcess(cosine_betas(1000)), "eps", "uniform"),
     "ddpm v (cosine)": (lambda: DDPMProcess(cosine_betas(1000)), "v", "uniform"),
@@ -41,8 +42,7 @@ ARMS = {  # name: (process, prediction, loss weight), each process's own default
 def arm(name: str, batch: int, seed: int = 0):
     make, prediction, weight = ARMS[name]
     torch.manual_seed(seed)
-    net = UNet(8, 1, base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), dropout=0.0,
-               norm_groups=8, num_classes=10)
+    net = build_network(f"model={MODEL}")
     denoiser = Denoiser(net, make(), prediction, weight)
     optimizer = torch.optim.AdamW(net.parameters(), lr=2e-4)
     x0, labels = torch.randn(batch, 1, 8, 8).clamp(-1, 1), torch.randint(0, 10, (batch,))

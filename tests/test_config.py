@@ -64,7 +64,12 @@ def test_data_options(option, tiny_cfg, image_folder):
 
 @pytest.mark.parametrize("option", options("model"))
 def test_model_options(option, tiny_cfg):
-    cfg = tiny_cfg(f"model={option}", "data.image_size=32", "model.norm_groups=8")
+    # (premise changed, issue 32: the group holds other backbones than the U-Net, whose keys TINY's U-Net sizes are not)
+    from ddpm.config import compose
+
+    unet = option.startswith("unet")
+    cfg = (tiny_cfg(f"model={option}", "data.image_size=32", "model.norm_groups=8") if unet else
+           compose([f"model={option}", "data.image_size=32"]))
     from omegaconf import OmegaConf
 
     from ddpm.builders import build_net

@@ -118,3 +118,22 @@ def test_bad_dit_settings_are_one_line_before_any_compute(overrides, message):
     with pytest.raises(ConfigError, match=message) as error:
         validate(compose(["model=dit_tiny", *overrides]), "train")
     assert "\n" not in str(error.value)
+
+
+def test_speed_plain_sets_each_backbones_own_switches_and_writes_no_other_key():
+    """conf/speed/plain.yaml names no backbone's key: each conf/model/ file says its switches' two values
+    (${ddpm_speed:FAST,PLAIN}), and a resumed run may change exactly the switches its backbone declares."""
+    from omegaconf import OmegaConf
+
+    from ddpm.config import build_network
+    from ddpm.training.checkpoint import speed_keys
+
+    fast, plain = compose([]).model, compose(["speed=plain"]).model
+    assert (fast.channels_last, fast.sdpa, plain.channels_last, plain.sdpa) == (True, False, False, True)
+    dit = compose(["model=dit_tiny", "speed=plain"])
+    assert "channels_last" not in dit.model and dit.model.sdpa is True
+    assert type(build_network("model=dit_tiny", "speed=plain")).__name__ == "DiT"
+    plain_dict = OmegaConf.to_container(compose(["speed=plain"]), resolve=True)
+    assert speed_keys(plain_dict) == {"model.compile", "model.channels_last", "model.sdpa"}
+    assert speed_keys(OmegaConf.to_container(dit, resolve=True)) == {"model.compile", "model.sdpa"}
+    assert speed_keys({"model": {"_target_": "builtins.eval"}}) == {"model.compile"}  # not a shipped backbone

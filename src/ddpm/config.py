@@ -78,7 +78,16 @@ def _store_sampling_guidance() -> None:
     ConfigStore.instance().store(group="sampling_guidance", name="checkpoint", node=sampling_guidance())
 
 
+def speed_switch(fast, plain, *, _root_):
+    """A backbone's speed switch (``${ddpm_speed:FAST,PLAIN}`` in its conf/model/ file): ``FAST`` as configured, or
+    ``PLAIN``, PyTorch's plain setting, under ``speed=plain`` (``speed.plain: true``). Each backbone names its own
+    switches and their two values in its YAML, so the speed option writes no backbone's key."""
+    speed = _root_.get("speed") if hasattr(_root_, "get") else None
+    return plain if speed is not None and speed.get("plain") is True else fast
+
+
 _store_sampling_guidance()
+OmegaConf.register_new_resolver("ddpm_speed", speed_switch, replace=True)
 OmegaConf.register_new_resolver("ddpm_slurm_gpus", slurm_gpus, replace=True)
 OmegaConf.register_new_resolver("ddpm_on_gpus", on_gpus, replace=True)
 
@@ -133,6 +142,16 @@ def compose(overrides: list[str] | None = None, config_name: str = "train", outp
             with open_dict(cfg):  # as under @hydra.main, the task sees its config without the hydra node
                 del cfg["hydra"]
     return cfg
+
+
+def build_network(*overrides: str, **kwargs):
+    """The network a training config would build (``model=`` and ``data=`` among ``overrides``; unet_tiny on digits by
+    default), from conf/model/ as ``ddpm.train`` builds it: benchmarks and scripts measure the configured backbone,
+    whichever it is. ``kwargs`` go to its constructor (``second_time=True``)."""
+    from ddpm.builders import build_net
+
+    cfg = compose(list(overrides))
+    return build_net(OmegaConf.to_container(cfg.model, resolve=True), **kwargs)
 
 
 def ddp_strategy() -> str:

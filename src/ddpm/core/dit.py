@@ -130,6 +130,8 @@ class DiT(nn.Module):
     """DiT: ``forward(x, c_noise, labels, c_noise_r=None)``. ``second_time``: it embeds a second time r too (the gap
     c_noise(t) - c_noise(r), through a zero-initialised MLP, as the U-Net does), for the objectives that ask for one."""
 
+    speed_options = ("sdpa",)  # how it computes, not what: a resumed run may switch it
+
     def __init__(self, image_size: int, in_channels: int = 4, patch_size: int = 2, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int | None = 1000,
                  learn_sigma: bool = False, sdpa: bool = True, second_time: bool = False):

@@ -155,6 +155,8 @@ class UNet(nn.Module):
     the denoiser reads as its prediction target; ``second_time``: it embeds a second time r too (set by the objective,
     ``ddpm.builders``). Its constructor checks its settings (``check_settings``)."""
 
+    speed_options = ("channels_last", "sdpa")  # how it computes, not what: a resumed run may switch them
+
     def __init__(
         self,
         image_size: int,

@@ -34,8 +34,19 @@ MODEL_KEYS = ("model", "process", "objective._target_", "schedule", "diffusion.p
               "data.image_size", "data.channels", "data.num_classes")
 # What a checkpoint from before a key existed trained with (before objectives: the denoising one).
 BEFORE_THE_KEY = {"objective._target_": "ddpm.core.objectives.denoising.Denoising"}
-# How the network computes, not what it computes: a resumed run may switch these.
-SPEED_KEYS = ("model.channels_last", "model.sdpa", "model.compile")
+
+
+def speed_keys(config: dict) -> set[str]:
+    """How the network computes, not what it computes: a resumed run may switch these. ``model.compile`` (a training
+    option of every backbone) and the backbone's own switches, named by its class's ``speed_options``."""
+    from ddpm.builders import resolve_target
+
+    target = (config.get("model") or {}).get("_target_") if isinstance(config.get("model"), dict) else None
+    try:
+        options = getattr(resolve_target(target), "speed_options", ()) if isinstance(target, str) else ()
+    except ConfigError:  # not a shipped target: nothing to exempt (the difference is reported)
+        options = ()
+    return {"model.compile", *(f"model.{name}" for name in options)}
 
 
 class CheckpointWriteError(WriteError):
@@ -112,9 +123,10 @@ def recorded_choices() -> dict[str, str] | None:
 def config_differences(saved: dict, requested: dict, keys: tuple[str, ...] = MODEL_KEYS) -> list[str]:
     """``key: checkpoint X, requested Y`` for every leaf under ``keys`` that differs between two resolved configs."""
     saved_flat, requested_flat = leaves(saved, into_lists=False), leaves(requested, into_lists=False)
+    speed = speed_keys(requested)
     lines = []
     for key in sorted(set(saved_flat) | set(requested_flat)):
-        if not any(key == k or key.startswith(k + ".") for k in keys) or key in SPEED_KEYS:
+        if not any(key == k or key.startswith(k + ".") for k in keys) or key in speed:
             continue
         a, b = saved_flat.get(key, BEFORE_THE_KEY.get(key, "<absent>")), requested_flat.get(key, "<absent>")
         if a != b:
