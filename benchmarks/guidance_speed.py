@@ -18,19 +18,18 @@ import time
 
 import torch
 
+from ddpm.config import build_network
 from ddpm.core.denoiser import Denoiser
 from ddpm.core.processes.ddpm import DDPMProcess
 from ddpm.core.guidance import Guidance
 from ddpm.core.schedules import linear_betas
-from ddpm.core.unet import UNet
 from ddpm.inference import Pipeline
-from ddpm.options import read_option
 
 
-def network(seed: int, device: str) -> UNet:
+def network(seed: int, device: str) -> torch.nn.Module:
+    """The default run's network (conf/model/unet_tiny.yaml on the digits), as ddpm.train builds it."""
     torch.manual_seed(seed)
-    layout = {k: v for k, v in read_option("model", "unet_tiny").items() if k not in ("_target_", "compile")}
-    return UNet(**{**layout, "image_size": 8, "in_channels": 1, "num_classes": 10}).to(device).eval()
+    return build_network("model=unet_tiny").to(device).eval()
 
 
 def main() -> None:

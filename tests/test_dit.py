@@ -137,3 +137,48 @@ def test_speed_plain_sets_each_backbones_own_switches_and_writes_no_other_key():
     assert speed_keys(plain_dict) == {"model.compile", "model.channels_last", "model.sdpa"}
     assert speed_keys(OmegaConf.to_container(dit, resolve=True)) == {"model.compile", "model.sdpa"}
     assert speed_keys({"model": {"_target_": "builtins.eval"}}) == {"model.compile"}  # not a shipped backbone
+
+
+def test_a_dit_exports_to_diffusers_dit_transformer_and_computes_the_same():
+    """diffusers' DiTTransformer2DModel built from the export computes what the DiT computes (random weights: the
+    zero-initialised layers perturbed, else both outputs are 0), to 1e-5 as the U-Net's export; refusals in one line."""
+    pytest.importorskip("diffusers")
+    from ddpm.diffusers_export import to_dit_transformer
+
+    torch.manual_seed(2)
+    net = DiT(8, 3, 2, 64, 2, 4, num_classes=10).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    theirs = to_dit_transformer(net)
+    x, t, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 17, 500, 999]), torch.tensor([0, 4, 9, 10])
+    with torch.no_grad():
+        expected = net(x, t, labels)
+        got = theirs(x, timestep=t, class_labels=labels).sample
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="unconditional DiT"):
+        to_dit_transformer(DiT(8, 3, 2, 64, 1, 4, num_classes=None))
+    with pytest.raises(ConfigError, match="second time"):
+        to_dit_transformer(DiT(8, 3, 2, 64, 1, 4, num_classes=10, second_time=True))
+
+
+def test_the_export_command_writes_a_dit_checkpoint_as_a_transformer_folder(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from ddpm.export import export
+    from ddpm.inference import load
+    from ddpm.train import train
+
+    overrides = [o for o in TINY if not o.startswith(("model.base_channels", "model.norm_groups"))]
+    train(compose([*overrides, "model=dit_tiny", "model.hidden_size=32", "model.depth=2", "trainer.max_steps=2",
+                   "~callbacks.sample_grid", "ema.snapshot_count=0"], output_dir=tmp_path / "run"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "export"
+    export(compose([f"ckpt_path={checkpoint}", f"out={out}"], config_name="export"))
+    transformer = diffusers.DiTTransformer2DModel.from_pretrained(out / "transformer")
+    model = load(checkpoint, device="cpu")
+    x, t, labels = torch.randn(3, 1, 8, 8), torch.tensor([0, 40, 99]), torch.tensor([1, 2, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(transformer(x, timestep=t, class_labels=labels).sample, model.net(x, t, labels),
+                                   rtol=1e-5, atol=1e-5)
+    assert (out / "scheduler" / "scheduler_config.json").is_file() and not (out / "unet").exists()

@@ -1,4 +1,10 @@
-"""A ddpm model as HuggingFace diffusers' ``UNet2DModel`` and ``DDIMScheduler``, weight for weight.
+"""A ddpm model as HuggingFace diffusers' ``UNet2DModel`` (or, for a DiT, ``DiTTransformer2DModel``) and
+``DDIMScheduler``, weight for weight.
+
+The DiT (``core/dit.py``) maps block for block onto ``DiTTransformer2DModel``: the fused q, k, v projection split in
+three, diffusers' per-block copies of the time and class embedders all set to ours, the same noise embedding (ours
+uses diffusers' frequencies for this). An unconditional DiT, one with a second time (MeanFlow) or an MLP not 4x wide
+has no equivalent and is refused in one line.
 
 ddpm's U-Net (``core/unet.py``) is the DDPM network diffusers' ``UNet2DModel`` also implements: the same sinusoidal
 embedding (sin first: ``flip_sin_to_cos=False``, ``freq_shift=0``), residual blocks, single-head attention, nearest
@@ -29,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ddpm.core.dit import DiT
 from ddpm.core.errors import ConfigError
 from ddpm.core.unet import AttentionBlock, Downsample, ResBlock, UNet, Upsample
 from ddpm.files import WriteError, write_failure
@@ -44,8 +51,8 @@ SCHEDULE_TOLERANCE = 2e-6
 def check_expressible(net: nn.Module) -> None:
     """ConfigError, one line, when ``net`` has no ``UNet2DModel`` equivalent."""
     if not isinstance(net, UNet):
-        raise ConfigError(f"format=diffusers: only ddpm's U-Net (ddpm.core.unet.UNet) maps onto diffusers' UNet2DModel, "
-                          f"not {type(net).__module__}.{type(net).__qualname__}")
+        raise ConfigError(f"format=diffusers: ddpm's U-Net maps onto diffusers' UNet2DModel and its DiT onto "
+                          f"DiTTransformer2DModel; {type(net).__module__}.{type(net).__qualname__} has no diffusers equivalent")
     if net.channel_mult[0] != 1:
         raise ConfigError(f"format=diffusers: model.channel_mult={list(net.channel_mult)} starts at {net.channel_mult[0]}: "
                           "UNet2DModel's stem is as wide as its first level, so the first multiplier must be 1")
@@ -149,6 +156,79 @@ def to_unet2d(net: UNet):
     return unet.eval()
 
 
+# --- the DiT as diffusers' DiTTransformer2DModel ---------------------------------------------------------------------
+def check_dit_expressible(net: DiT) -> None:
+    """ConfigError, one line, when ``net`` has no ``DiTTransformer2DModel`` equivalent: diffusers' DiT is class-conditional
+    (its adaLN-Zero needs class embeddings) and embeds one time only."""
+    if net.num_classes is None:
+        raise ConfigError("format=diffusers: an unconditional DiT (model.num_classes=null) has no DiTTransformer2DModel "
+                          "equivalent: diffusers' DiT always embeds a class label")
+    if net.second_time:
+        raise ConfigError("format=diffusers: a DiT with a second time r (objective=meanflow) has no DiTTransformer2DModel "
+                          "equivalent: diffusers' DiT embeds one time")
+
+
+def dit_config(net: DiT) -> dict[str, Any]:
+    """The ``DiTTransformer2DModel`` keyword arguments of ``net``: the null label is diffusers' label-dropout row, so
+    ``num_embeds_ada_norm`` is the number of real classes; LayerNorm eps 1e-6 as DiT's."""
+    mlp_ratio = net.blocks[0].mlp[0].out_features / net.hidden_size
+    if mlp_ratio != 4:
+        raise ConfigError(f"format=diffusers: model.mlp_ratio={mlp_ratio:g}: DiTTransformer2DModel's feed-forward is 4x wide")
+    return {"num_attention_heads": net.num_heads, "attention_head_dim": net.hidden_size // net.num_heads,
+            "in_channels": net.in_channels, "out_channels": net.out_channels, "num_layers": net.depth,
+            "sample_size": net.image_size, "patch_size": net.patch_size, "num_embeds_ada_norm": net.num_classes,
+            "activation_fn": "gelu-approximate", "norm_type": "ada_norm_zero", "norm_elementwise_affine": False,
+            "norm_eps": 1e-6, "attention_bias": True, "dropout": 0.0}
+
+
+def dit_state_dict(net: DiT) -> dict[str, torch.Tensor]:
+    """Every tensor of ``net`` under diffusers' names: the patch embedding, each block's attention (q, k, v split out
+    of the fused projection), feed-forward and adaLN-Zero modulation, the final layer; diffusers keeps a copy of the
+    time and class embedders in every block (block 0's also conditions the final layer), so each block gets ours."""
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in net.state_dict().items()}
+    embed = {"timestep_embedder.linear_1.weight": state["time_embed.0.weight"],
+             "timestep_embedder.linear_1.bias": state["time_embed.0.bias"],
+             "timestep_embedder.linear_2.weight": state["time_embed.2.weight"],
+             "timestep_embedder.linear_2.bias": state["time_embed.2.bias"],
+             "class_embedder.embedding_table.weight": state["class_embed.weight"]}
+    mapped = {"pos_embed.proj.weight": state["patch_embed.weight"], "pos_embed.proj.bias": state["patch_embed.bias"],
+              "proj_out_1.weight": state["final.adaLN_modulation.1.weight"],
+              "proj_out_1.bias": state["final.adaLN_modulation.1.bias"],
+              "proj_out_2.weight": state["final.linear.weight"], "proj_out_2.bias": state["final.linear.bias"]}
+    for i in range(net.depth):
+        ours, theirs = f"blocks.{i}.", f"transformer_blocks.{i}."
+        mapped.update({f"{theirs}norm1.emb.{k}": v.clone() for k, v in embed.items()})
+        mapped[f"{theirs}norm1.linear.weight"] = state[f"{ours}adaLN_modulation.1.weight"]
+        mapped[f"{theirs}norm1.linear.bias"] = state[f"{ours}adaLN_modulation.1.bias"]
+        for name, weight, bias in zip(("to_q", "to_k", "to_v"), state[f"{ours}attn.qkv.weight"].chunk(3),
+                                      state[f"{ours}attn.qkv.bias"].chunk(3)):
+            mapped[f"{theirs}attn1.{name}.weight"], mapped[f"{theirs}attn1.{name}.bias"] = weight.clone(), bias.clone()
+        mapped[f"{theirs}attn1.to_out.0.weight"] = state[f"{ours}attn.proj.weight"]
+        mapped[f"{theirs}attn1.to_out.0.bias"] = state[f"{ours}attn.proj.bias"]
+        for j, k in ((0, "0.proj"), (2, "2")):
+            mapped[f"{theirs}ff.net.{k}.weight"] = state[f"{ours}mlp.{j}.weight"]
+            mapped[f"{theirs}ff.net.{k}.bias"] = state[f"{ours}mlp.{j}.bias"]
+    return mapped
+
+
+def to_dit_transformer(net: DiT):
+    """A diffusers ``DiTTransformer2DModel`` computing what ``net`` computes (to float32 rounding)."""
+    from diffusers import DiTTransformer2DModel
+
+    check_dit_expressible(net)
+    transformer = DiTTransformer2DModel(**dit_config(net))
+    transformer.load_state_dict(dit_state_dict(net), strict=True)  # every tensor of theirs set, none of ours left over
+    return transformer.eval()
+
+
+def to_diffusers_network(net: nn.Module) -> tuple[str, Any]:
+    """(the folder name, the diffusers model) of a backbone: ``unet`` for the U-Net, ``transformer`` for a DiT; any
+    other backbone is refused in one line."""
+    if isinstance(net, DiT):
+        return "transformer", to_dit_transformer(net)
+    return "unet", to_unet2d(net)
+
+
 def _clip_options(x0_clip: str, percentile: float) -> dict[str, Any]:
     """ddpm's ``sampler.x0_clip`` as DDIMScheduler's clipping options."""
     if x0_clip == "dynamic":  # Imagen's s = max(1, percentile of |x_0|), uncapped in ddpm
@@ -215,7 +295,7 @@ def export_diffusers(model, out: str | Path, x0_clip: str = "clip", percentile: 
         raise ConfigError(f"ckpt_path: a process={model.process.name} model has no DDIMScheduler: ddpm.export writes "
                           "process=ddpm models only (sample this one with ddpm.sample or ddpm.load)")
     out = check_out(out)
-    unet = to_unet2d(model.net)  # refusals first, before anything is written
+    folder, network = to_diffusers_network(model.net)  # refusals first, before anything is written
     scheduler = diffusers.DDIMScheduler(**scheduler_config(model.process.betas, (model.config or {}).get("schedule", {}),
                                                            model.denoiser.prediction, x0_clip, percentile))
     info = {"format": "diffusers", "diffusers_version": diffusers.__version__, "source": model.path, "step": model.step,
@@ -229,10 +309,10 @@ def export_diffusers(model, out: str | Path, x0_clip: str = "clip", percentile: 
     except OSError as error:
         raise WriteError(write_failure(out, error, "export")) from None
     try:
-        unet.save_pretrained(staging / "unet", safe_serialization=True)
+        network.save_pretrained(staging / folder, safe_serialization=True)
         scheduler.save_pretrained(staging / "scheduler")
         (staging / "ddpm_export.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
-        if model.net.num_classes is None:  # diffusers' unconditional pipelines call unet(x, t) without labels
+        if model.net.num_classes is None and folder == "unet":  # diffusers' unconditional pipelines call unet(x, t)
             index = {"_class_name": "DDIMPipeline", "_diffusers_version": diffusers.__version__,
                      "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
             (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -19,9 +19,19 @@ from einops import rearrange
 from torch import nn
 
 from ddpm.core.settings import integer, number, require
-from ddpm.core.unet import timestep_embedding, zero_init
+from ddpm.core.unet import zero_init
 
 FREQUENCY_DIM = 256  # the sinusoidal embedding of the noise input, before the MLP (DiT's TimestepEmbedder)
+
+
+def noise_embedding(t: torch.Tensor, dim: int = FREQUENCY_DIM, max_period: float = 10000.0) -> torch.Tensor:
+    """[cos(t w_k), sin(t w_k)] with w_k = max_period^(-k / (dim/2 - 1)), k < dim/2: DiT's embedding (cos first) with
+    the frequencies diffusers' DiTTransformer2DModel uses (``downscale_freq_shift=1``; DiT's own code divides by
+    dim/2), so that a trained DiT exports to diffusers exactly (``ddpm/diffusers_export.py``)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
 def sincos_position_embedding(dim: int, grid: int) -> torch.Tensor:
@@ -179,10 +189,10 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
                 c_noise_r: torch.Tensor | None = None) -> torch.Tensor:
         tokens = rearrange(self.patch_embed(x), "b d h w -> b (h w) d") + self.pos_embed.to(x.dtype)
-        c = self.time_embed(timestep_embedding(t, FREQUENCY_DIM).to(x.dtype))
+        c = self.time_embed(noise_embedding(t).to(x.dtype))
         if self.gap_embed is not None:  # r = t (no second time given): a gap of zero
             gap = torch.zeros_like(t) if c_noise_r is None else t - c_noise_r
-            c = c + self.gap_embed(timestep_embedding(gap, FREQUENCY_DIM).to(x.dtype))
+            c = c + self.gap_embed(noise_embedding(gap).to(x.dtype))
         elif c_noise_r is not None:
             raise ValueError("this DiT embeds no second time r: build it with second_time=True (objective=meanflow)")
         if self.class_embed is not None:
