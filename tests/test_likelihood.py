@@ -192,3 +192,14 @@ def test_ddpm_evaluate_reports_bits_per_dim_for_every_process(process, tmp_path)
     images, labels = stack_dataset(digits.reference_set("test"), 4)
     python = load(checkpoint, device="cpu").bits_per_dim(images, labels, rtol=1e-3, atol=1e-3)
     assert python["mean"] == pytest.approx(bpd, rel=1e-9)
+
+
+def test_a_model_whose_velocity_overflows_gets_one_line_not_a_traceback():
+    from ddpm.core.likelihood import NonFiniteLikelihood
+
+    def exploding(x_t, t):
+        return x_t * math.inf + 1, x_t * math.inf + 1  # NaN at 0, inf elsewhere
+
+    with pytest.raises(NonFiniteLikelihood, match="did not solve to t_max") as error:
+        ode_log_likelihood(FlowProcess(), exploding, torch.zeros(1, 1, 2, 2, dtype=torch.float64), estimator="exact")
+    assert "\n" not in str(error.value)

@@ -317,7 +317,12 @@ class Pipeline:
                                                            estimator, num_probes, rtol, atol, solver, generator=generator)
                     values.append(result.log_likelihood)
                     nfe += result.nfe
-        return {"log_likelihood": torch.cat(values), "dims": images[0].numel(), "discrete": discrete,
+        log_p = torch.cat(values)
+        if not torch.isfinite(log_p).all():
+            raise likelihood.NonFiniteLikelihood(
+                f"{int((~torch.isfinite(log_p)).sum())} of {n} images got a non-finite log-likelihood: the model's "
+                "predictions overflow on real images (a diverged checkpoint?)")
+        return {"log_likelihood": log_p, "dims": images[0].numel(), "discrete": discrete,
                 "protocol": {**protocol, "nfe_per_batch": nfe / len(range(0, n, batch_size))}}
 
     def bits_per_dim(self, images: torch.Tensor, labels=None, **options) -> dict:

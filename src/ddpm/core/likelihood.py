@@ -130,6 +130,10 @@ def vlb_terms(process: DDPMProcess, denoise: Denoise, x0: torch.Tensor, variance
     return Bound(prior_kl(process, x0), torch.stack(terms, 1), x0[0].numel())
 
 
+class NonFiniteLikelihood(ConfigError):
+    """A likelihood came out NaN or infinite (a model whose predictions overflow): one line, exit status 2."""
+
+
 # --- the probability-flow ODE -----------------------------------------------------------------------------------
 ESTIMATORS = ("exact", "hutchinson")
 SOLVERS = ("RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA")  # scipy.integrate.solve_ivp's methods
@@ -226,8 +230,10 @@ def ode_log_likelihood(process: Process, denoise: Denoise, x: torch.Tensor, esti
     start = float(process.t_min if t_start is None else t_start)
     state = torch.cat([x.flatten().cpu(), torch.zeros(n, dtype=torch.float64)]).numpy()
     solution = solve_ivp(field, (start, float(process.t_max)), state, method=method, rtol=rtol, atol=atol)
-    if not solution.success:
-        raise RuntimeError(f"the probability-flow ODE did not solve: {solution.message}")
+    if not solution.success or not torch.isfinite(torch.from_numpy(solution.y[:, -1])).all():
+        raise NonFiniteLikelihood(f"likelihood.solver={method}: the probability-flow ODE did not solve to t_max "
+                                  f"({solution.message.rstrip('.')}, after {calls['nfe']} evaluations); the model's velocity "
+                                  "is not finite along the path: try likelihood.rtol/atol smaller, or another solver")
     end = torch.from_numpy(solution.y[:, -1])
     x_T, integral = end[:-n].view(shape), end[-n:]
     prior = prior_log_density(process, x_T)
