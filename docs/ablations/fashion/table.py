@@ -2,7 +2,7 @@
 the cosine eps run, the spread of the metric over sample draws of one model, and each finding's difference against
 that spread (one training seed: the only noise this page can measure), with Holm's correction over the page.
 
-    python docs/ablations/fashion/table.py TRAIN_SWEEP GUIDANCE_SWEEP DRAWS_SWEEP [ARM=EVAL_SWEEP ...]
+    python docs/ablations/fashion/table.py TRAIN_SWEEP[,TRAIN_SWEEP] GUIDANCE_SWEEP DRAWS_SWEEP [ARM=EVAL_SWEEP ...]
 
 TRAIN_SWEEP: `ddpm.train --multirun experiments=fashion_findings`; GUIDANCE_SWEEP: `ddpm.evaluate --multirun
 evaluations=guidance_methods ...` on its cosine eps run; DRAWS_SWEEP: `ddpm.evaluate --multirun seed=0,1,2
@@ -45,7 +45,7 @@ def evaluations(sweep: Path) -> list[tuple[dict, dict]]:
 
 
 def main(train: str, guidance: str, draws: str, *more: str) -> None:
-    results = arms(Path(train))
+    results = {arm: cells for sweep in train.split(",") for arm, cells in arms(Path(sweep)).items()}
     for item in more:  # ARM=EVAL_SWEEP
         arm, sweep = item.split("=", 1)
         results[arm] = {float(o["guidance.scale"]): m for o, m in evaluations(Path(sweep))}
@@ -102,7 +102,8 @@ def main(train: str, guidance: str, draws: str, *more: str) -> None:
     print("\n### Findings against the draw noise (fd_fashion; Holm over these comparisons)\n")
     print("| comparison | first | second | p (draws) | Holm p | beyond the draw noise |\n|---|---|---|---|---|---|")
     for (label, a, b, p), q in zip(findings, adjusted):
-        print(f"| {label} | {a:.1f} | {b:.1f} | {p:.2g} | {q:.2g} | {'yes' if q < 0.05 else 'no'} |")
+        shown = lambda v: "< 1e-6" if v < 1e-6 else f"{v:.2g}"  # noqa: E731 (a normal tail that far out is no number)
+        print(f"| {label} | {a:.1f} | {b:.1f} | {shown(p)} | {shown(q)} | {'yes' if q < 0.05 else 'no'} |")
 
 
 if __name__ == "__main__":
