@@ -118,34 +118,47 @@ class InceptionFeatures(nn.Module):
         return self.net(to_uint8_rgb(images))
 
 
+def fit_classifier(model: nn.Module, train_set, test_set, augment: Callable, generator: torch.Generator, epochs: int,
+                   batch_size: int, lr: float) -> float:
+    """The one training loop of the feature classifiers: AdamW with a cosine schedule, ``augment(x)`` on every batch
+    (drawing from ``generator``, which also shuffles); returns the accuracy on ``test_set``, the model left in eval."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * (len(train_set) // batch_size + 1))
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator)
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            loss = F.cross_entropy(model.logits(augment(x)), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    model.eval()
+    x_test, y_test = stack_dataset(test_set)
+    with torch.no_grad():
+        return (torch.cat([model.logits(x).argmax(1) for x in x_test.split(1000)]) == y_test).float().mean().item()
+
+
+def seeded(make: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """A model initialised from ``seed`` without touching the global RNG's stream."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return make()
+
+
 def train_digits_classifier(seed: int = 0, epochs: int = 40, batch_size: int = 64, lr: float = 2e-3) -> tuple[DigitsClassifier, float]:
     """Train the classifier on the digits train split (the diffusion models' own, split_seed 0) with small random
     shifts; returns it and its accuracy on the held-out test split. Deterministic given ``seed`` on a CPU."""
     data = Digits(root=".", batch_size=batch_size, num_workers=0, image_size=8, channels=1, num_classes=10)
     data.setup()
     generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = DigitsClassifier()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * (len(data.train_set) // batch_size + 1))
-    loader = DataLoader(data.train_set, batch_size=batch_size, shuffle=True, generator=generator)
-    model.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            # Shift by up to one pixel (the digits are not centred exactly alike) so features are not brittle.
-            dx, dy = torch.randint(-1, 2, (2,), generator=generator).tolist()
-            x = torch.roll(F.pad(x, (1, 1, 1, 1), value=-1.0), shifts=(dy, dx), dims=(2, 3))[..., 1:-1, 1:-1]
-            loss = F.cross_entropy(model.logits(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    model.eval()
-    x_test, y_test = stack_dataset(data.test_set)
-    with torch.no_grad():
-        accuracy = (model.logits(x_test).argmax(1) == y_test).float().mean().item()
-    return model, accuracy
+    model = seeded(DigitsClassifier, seed)
+
+    def shift(x):  # by up to one pixel (the digits are not centred exactly alike) so features are not brittle
+        dx, dy = torch.randint(-1, 2, (2,), generator=generator).tolist()
+        return torch.roll(F.pad(x, (1, 1, 1, 1), value=-1.0), shifts=(dy, dx), dims=(2, 3))[..., 1:-1, 1:-1]
+
+    return model, fit_classifier(model, data.train_set, data.test_set, shift, generator, epochs, batch_size, lr)
 
 
 def cached_classifier(path: Path, model: nn.Module, train: Callable[[], tuple[nn.Module, dict]], what: str):
@@ -178,28 +191,14 @@ def train_fashion_classifier(data, seed: int = 0, epochs: int = 8, batch_size: i
     ``limit`` of them, all by default) with random horizontal flips; returns it and its accuracy on the 10,000 test
     images. Deterministic given ``seed`` on a CPU."""
     generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = FashionClassifier()
+    model = seeded(FashionClassifier, seed)
     train_set = data.train_set if limit is None else torch.utils.data.Subset(data.train_set, range(min(limit, len(data.train_set))))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * (len(train_set) // batch_size + 1))
-    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator)
-    for _ in range(epochs):
-        model.train()
-        for x, y in loader:
-            flip = torch.rand(len(x), generator=generator) < 0.5  # garments are left-right symmetric enough
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-            loss = F.cross_entropy(model.logits(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    model.eval()
-    x_test, y_test = stack_dataset(data.test_set)
-    with torch.no_grad():
-        accuracy = (torch.cat([model.logits(x).argmax(1) for x in x_test.split(1000)]) == y_test).float().mean().item()
-    return model, accuracy
+
+    def flip(x):  # garments are left-right symmetric enough
+        flipped = torch.rand(len(x), generator=generator) < 0.5
+        return torch.where(flipped.view(-1, 1, 1, 1), x.flip(-1), x)
+
+    return model, fit_classifier(model, train_set, data.test_set, flip, generator, epochs, batch_size, lr)
 
 
 def load_fashion_classifier(cache_dir: str | Path, data, seed: int = 0) -> tuple[FashionClassifier, dict]:
