@@ -9,12 +9,13 @@ import torch
 from scipy import integrate, stats
 
 from ddpm.core.likelihood import (discretized_gaussian_log_likelihood, divergence, dequantize, normal_kl,
-                                  ode_bits_per_dim, ode_log_likelihood, reverse_log_variance, vlb_term, vlb_terms)
+                                  ode_bits_per_dim, ode_log_likelihood, vlb_term, vlb_terms)
 from ddpm.core.processes.ddpm import DDPMProcess, respace
 from ddpm.core.processes.edm import EDMProcess
 from ddpm.core.processes.flow import FlowProcess
 from ddpm.core.processes.trigflow import TrigFlowProcess
 from ddpm.core.schedules import linear_betas
+from ddpm.core.variance import fixed_log_variance as reverse_log_variance
 
 
 def gaussian_denoiser(process, mu: float, s: float):
@@ -164,10 +165,11 @@ def test_bits_per_dim_of_a_uniform_density_is_eight_and_dequantization_stays_in_
 
 
 # --- where users find it: Pipeline.bits_per_dim and ddpm.evaluate's bpd (every process) ------------------------------
-@pytest.mark.parametrize("process", ["ddpm", "flow", "edm", "trigflow"])
+@pytest.mark.parametrize("process", ["ddpm", "ddpm_learned", "flow", "edm", "trigflow"])
 def test_ddpm_evaluate_reports_bits_per_dim_for_every_process(process, tmp_path):
     """A few steps of training on digits, then ``ddpm.evaluate likelihood.num_images=4``: a finite bpd (the bound for
-    DDPM, the PF-ODE for the others) with its protocol; the Python API gives the same number."""
+    DDPM, the PF-ODE for the others) with its protocol; the Python API gives the same number. ``ddpm_learned``:
+    ``diffusion.variance=learned_range`` trains, evaluates its bound with the learned variance, and samples."""
     from ddpm.config import compose
     from ddpm.evaluate import evaluate
     from ddpm.inference import load
@@ -175,7 +177,11 @@ def test_ddpm_evaluate_reports_bits_per_dim_for_every_process(process, tmp_path)
 
     from conftest import TINY
 
-    overrides = TINY if process == "ddpm" else [o for o in TINY if not o.startswith("schedule.")] + [f"process={process}"]
+    learned = process == "ddpm_learned"
+    if process.startswith("ddpm"):
+        overrides = TINY + (["diffusion.variance=learned_range"] if learned else [])
+    else:
+        overrides = [o for o in TINY if not o.startswith("schedule.")] + [f"process={process}"]
     train(compose([*overrides, "trainer.max_steps=3", "~callbacks.sample_grid", "ema.snapshot_count=0"],
                   output_dir=tmp_path / "run"))
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -185,13 +191,19 @@ def test_ddpm_evaluate_reports_bits_per_dim_for_every_process(process, tmp_path)
                               config_name="evaluate", output_dir=tmp_path / "eval"))
     bpd, protocol = record["metrics"]["bpd"], record["protocol"]["likelihood"]
     assert math.isfinite(bpd) and bpd > 0 and protocol["num_images"] == 4 and protocol["split"] == "test"
-    assert protocol["method"] == ("vlb" if process == "ddpm" else "ode") and protocol["nfe_per_batch"] > 0
+    assert protocol["method"] == ("vlb" if process.startswith("ddpm") else "ode") and protocol["nfe_per_batch"] > 0
+    if process.startswith("ddpm"):
+        assert protocol["variance"] == ("learned_range" if learned else "fixed_small")
     from ddpm.data import Digits, stack_dataset
 
     digits = Digits(root=".", batch_size=4, num_workers=0, image_size=8, channels=1, num_classes=10)
     images, labels = stack_dataset(digits.reference_set("test"), 4)
-    python = load(checkpoint, device="cpu").bits_per_dim(images, labels, rtol=1e-3, atol=1e-3)
+    model = load(checkpoint, device="cpu")
+    python = model.bits_per_dim(images, labels, rtol=1e-3, atol=1e-3)
     assert python["mean"] == pytest.approx(bpd, rel=1e-9)
+    if learned:  # the learned variance changes the bound (fixed_small is not what it measured) and sampling runs
+        assert model.bits_per_dim(images, labels, variance="fixed_small")["mean"] != pytest.approx(bpd, rel=1e-6)
+        assert torch.isfinite(model.sample([0, 1], sampler="ddpm", steps=5)).all()
 
 
 def test_a_model_whose_velocity_overflows_gets_one_line_not_a_traceback():

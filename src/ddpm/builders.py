@@ -25,6 +25,7 @@ from ddpm.core.guidance import METHODS, Guidance  # noqa: F401  (Guidance: valid
 from ddpm.core.settings import number, require
 from ddpm.core.samplers import Sampler
 from ddpm.core.schedules import rescale_zero_terminal_snr
+from ddpm.core.variance import check_variance
 from ddpm.options import FROM_CHECKPOINT, merge, read_option, shipped_targets
 
 # Keys of an option node that are not arguments of its callable.
@@ -110,10 +111,16 @@ def build_denoiser(config: dict, device: str | None = None) -> Denoiser:
     diffusion = config.get("diffusion", {})
     objective, process, prediction = build_objective(config), build_process(config), diffusion.get("prediction", "eps")
     objective.check(process, prediction)
+    variance = diffusion.get("variance", "fixed_small")  # none in a checkpoint from before learned variances
+    check_variance(variance)
+    objective.check_variance(variance)
     extra = {"second_time": True} if objective.second_time else {}
+    if variance == "learned_range":  # iDDPM: the network outputs the variance's interpolation v as a second half
+        extra["out_channels"] = 2 * config["model"]["in_channels"]
     net = build_net(config["model"], device=device, num_classes=num_classes, **extra)
     return Denoiser(net, process, prediction, diffusion.get("loss_weight", "uniform"),
-                    diffusion.get("min_snr_gamma", 5.0), boundary=objective.boundary)
+                    diffusion.get("min_snr_gamma", 5.0), boundary=objective.boundary, variance=variance,
+                    vlb_weight=diffusion.get("vlb_weight", 0.001))
 
 
 def build_objective(config: dict) -> Objective:

@@ -294,6 +294,10 @@ def export_diffusers(model, out: str | Path, x0_clip: str = "clip", percentile: 
     if not model.process.discrete:
         raise ConfigError(f"ckpt_path: a process={model.process.name} model has no DDIMScheduler: ddpm.export writes "
                           "process=ddpm models only (sample this one with ddpm.sample or ddpm.load)")
+    if model.denoiser.learns_variance:
+        raise ConfigError("ckpt_path: a model with diffusion.variance=learned_range has no DDIMScheduler equivalent (it "
+                          "ignores a learned variance's channels): ddpm.export writes fixed-variance models only (sample "
+                          "this one with ddpm.sample or ddpm.load)")
     out = check_out(out)
     folder, network = to_diffusers_network(model.net)  # refusals first, before anything is written
     scheduler = diffusers.DDIMScheduler(**scheduler_config(model.process.betas, (model.config or {}).get("schedule", {}),

@@ -37,6 +37,7 @@ from ddpm.core.denoiser import Denoiser
 from ddpm.core.errors import ConfigError
 from ddpm.core.guidance import Guidance
 from ddpm.core.probe import dry_run
+from ddpm.core.variance import VARIANCES
 from ddpm.core.settings import integer, one_of, require
 from ddpm.core.samplers import Sampler, as_sampler, check_process, check_steps, randn_like, sampler_name
 from ddpm.options import read_option
@@ -263,7 +264,8 @@ class Pipeline:
 
     # --- likelihood -------------------------------------------------------------------------------------------------
     def likelihood_denoiser(self, labels: torch.Tensor | None, n: int):
-        """``denoise(x_t, t) -> (x0, eps)`` in float64 for the likelihood of ``n`` images: conditional on ``labels``, or,
+        """``denoise(x_t, t) -> (x0, eps)`` in float64 (and the learned variance's v, if the model learned one) for the
+        likelihood of ``n`` images: conditional on ``labels``, or,
         with None, the unconditional model of a conditional one through its null label (refused if it never saw it)."""
         if labels is None and self.conditional:
             if not self.p_uncond > 0:
@@ -274,16 +276,17 @@ class Pipeline:
         dtype = next(self.net.parameters()).dtype
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor):
-            x0, eps = self.denoiser(x_t.to(self.device, dtype), t.to(self.device), labels)
-            return x0.double(), eps.double()
+            x0, eps, v = self.denoiser(x_t.to(self.device, dtype), t.to(self.device), labels, with_variance=True)
+            return (x0.double(), eps.double()) + (() if v is None else (v.double(),))
         return denoise
 
     def log_likelihood(self, images: torch.Tensor, labels=None, *, estimator: str = "hutchinson", num_probes: int = 1,
-                       rtol: float = 1e-5, atol: float = 1e-5, solver: str = "RK45", variance: str = "fixed_small",
+                       rtol: float = 1e-5, atol: float = 1e-5, solver: str = "RK45", variance: str | None = None,
                        seed: int = 0, batch_size: int = 500) -> dict:
         """log p of ``images`` (in [-1, 1], taken as 8-bit: rounded to the nearest of 256 levels, as a PNG stores them;
         conditional on ``labels`` when given), per image, in nats, and how it was computed. Discrete DDPM: its variational bound (``ddpm.core.likelihood.vlb_terms``: -log P <= total, one
-        network evaluation per step, ``variance`` the reverse step's); continuous processes: the probability-flow ODE
+        network evaluation per step, ``variance`` the reverse step's, None: the model's own ``diffusion.variance``);
+        continuous processes: the probability-flow ODE
         on the images dequantized with noise seeded by ``seed`` (``estimator``, ``num_probes``, ``solver``, ``rtol``,
         ``atol``). ``bits_per_dim`` turns either into bits per dimension."""
         from ddpm.core import likelihood
@@ -298,6 +301,12 @@ class Pipeline:
         labels, n = self.labels_for(labels, len(images)) if labels is not None else (None, len(images))
         generator = torch.Generator().manual_seed(seed)
         discrete = getattr(self.process, "discrete", False)
+        variance = self.denoiser.variance if variance is None else variance
+        if discrete:
+            one_of("likelihood.variance", variance, VARIANCES)
+            if variance == "learned_range" and not self.denoiser.learns_variance:
+                raise ConfigError(f"likelihood.variance=learned_range: this model has a fixed variance "
+                                  f"({self.denoiser.variance}); use null (the model's), fixed_small or fixed_large")
         protocol = ({"method": "vlb", "variance": variance, "steps": self.process.num_timesteps, "seed": seed}
                     if discrete else
                     {"method": "ode", "estimator": estimator, "num_probes": num_probes if estimator == "hutchinson" else None,

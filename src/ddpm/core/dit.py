@@ -144,13 +144,15 @@ class DiT(nn.Module):
 
     def __init__(self, image_size: int, in_channels: int = 4, patch_size: int = 2, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int | None = 1000,
-                 learn_sigma: bool = False, sdpa: bool = True, second_time: bool = False):
+                 learn_sigma: bool = False, sdpa: bool = True, second_time: bool = False, out_channels: int | None = None):
         super().__init__()
         check_settings(image_size, in_channels, patch_size, hidden_size, depth, num_heads, mlp_ratio, num_classes,
                        learn_sigma, sdpa, second_time)
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
         self.patch_size, self.hidden_size, self.depth, self.num_heads = patch_size, hidden_size, depth, num_heads
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        # DiT's learn_sigma doubles the output (its Table 1 counts); ddpm.builders sets out_channels for a learned variance
+        self.out_channels = out_channels if out_channels is not None else (2 * in_channels if learn_sigma else in_channels)
+        require(integer(self.out_channels) and self.out_channels > 0, "model.out_channels", self.out_channels, "an integer > 0")
         self.second_time = second_time
         self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.register_buffer("pos_embed", sincos_position_embedding(hidden_size, image_size // patch_size)[None],

@@ -28,12 +28,11 @@ import torch
 from ddpm.core.errors import ConfigError
 from ddpm.core.processes import Process
 from ddpm.core.settings import integer, number, one_of, require
-from ddpm.core.processes.ddpm import DDPMProcess, extract
+from ddpm.core.processes.ddpm import DDPMProcess
+from ddpm.core.variance import VARIANCES, model_log_variance
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 LEVELS = 256  # 8-bit data
-VARIANCES = ("fixed_small", "fixed_large")  # the reverse step's variance: beta-tilde_t (Ho et al.'s sigma_t^2 =
-# beta-tilde_t) or beta_t; both are fixed, so the bound is a bound of the model as sampled with that variance
 
 
 # --- Gaussians, in nats ------------------------------------------------------------------------------------------
@@ -63,20 +62,6 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
 
 
 # --- DDPM's variational bound ------------------------------------------------------------------------------------
-def reverse_log_variance(process: DDPMProcess, variance: str) -> torch.Tensor:
-    """log of the reverse step's variance at each index (float64): ``fixed_small`` beta-tilde_t, ``fixed_large``
-    beta_t, both with beta-tilde_2 at t = 1 as Nichol & Dhariwal's code has it (beta-tilde_1 = 0, and the decoder
-    needs a width)."""
-    if variance not in VARIANCES:
-        raise ConfigError(f"diffusion.variance={variance!r}: must be one of {list(VARIANCES)}")
-    tilde = process.posterior_variance
-    if len(tilde) < 2:
-        raise ConfigError("the variational bound needs a process of at least 2 steps")
-    first = tilde[1:2]
-    values = torch.cat([first, tilde[1:]]) if variance == "fixed_small" else torch.cat([first, process.betas[1:]])
-    return values.log()
-
-
 @dataclass
 class Bound:
     """The terms of the bound per image, in nats: ``prior`` (B,), ``terms`` (B, T: index 0 is the decoder at t = 1,
@@ -103,18 +88,26 @@ def prior_kl(process: DDPMProcess, x0: torch.Tensor) -> torch.Tensor:
     return normal_kl(mean, variance.log(), torch.zeros_like(mean), torch.zeros_like(mean)).flatten(1).sum(1)
 
 
-def vlb_term(process: DDPMProcess, denoise: Denoise, x0: torch.Tensor, x_t: torch.Tensor, index: torch.Tensor,
-             variance: str = "fixed_small") -> torch.Tensor:
-    """L_{t-1} per image at the process index ``index`` (t = index + 1) for a given x_t ~ q(x_t | x_0): the KL of the
-    true posterior from the model's step for index >= 1, the decoder's -log p(x_0 | x_1) for index 0."""
-    x0_hat, _ = denoise(x_t, index)
+def step_term(process: DDPMProcess, x0: torch.Tensor, x_t: torch.Tensor, index: torch.Tensor, x0_hat: torch.Tensor,
+              log_variance: torch.Tensor) -> torch.Tensor:
+    """L_{t-1} per image, in nats, of a reverse step with mean mu~(x_t, x0_hat) (eq. 7) and log-variance
+    ``log_variance``: KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for index >= 1, the decoder's -log p(x_0 | x_1) of
+    the 8-bit data for index 0. The bound's terms and iDDPM's hybrid loss (its L_vlb) are both this."""
     true_mean, true_variance = process.q_posterior(x0, x_t, index)
     model_mean, _ = process.q_posterior(x0_hat, x_t, index)
-    model_log_variance = extract(reverse_log_variance(process, variance), index, x_t)
-    kl = normal_kl(true_mean, true_variance.clamp(min=torch.finfo(x0.dtype).tiny).log(), model_mean,
-                   model_log_variance.expand_as(x_t)).flatten(1).sum(1)
-    decoder = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_variance).flatten(1).sum(1)
+    kl = normal_kl(true_mean, true_variance.clamp(min=torch.finfo(true_variance.dtype).tiny).log(), model_mean,
+                   log_variance).flatten(1).sum(1)
+    decoder = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * log_variance).flatten(1).sum(1)
     return torch.where(index == 0, decoder, kl)
+
+
+def vlb_term(process: DDPMProcess, denoise: Denoise, x0: torch.Tensor, x_t: torch.Tensor, index: torch.Tensor,
+             variance: str = "fixed_small") -> torch.Tensor:
+    """L_{t-1} per image at the process index ``index`` (t = index + 1) for a given x_t ~ q(x_t | x_0), the reverse
+    step's variance ``variance`` (``ddpm.core.variance``; learned_range: ``denoise`` returns (x0, eps, v))."""
+    out = denoise(x_t, index)
+    x0_hat, v = out[0], (out[2] if variance == "learned_range" else None)
+    return step_term(process, x0, x_t, index, x0_hat, model_log_variance(process, variance, index, x_t, v))
 
 
 @torch.no_grad()
@@ -140,7 +133,7 @@ SOLVERS = ("RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA")  # scipy.integrate
 
 
 def check_settings(num_images=0, conditional=False, estimator="hutchinson", num_probes=1, solver="RK45", rtol=1e-5,
-                   atol=1e-5, variance="fixed_small", seed=0, batch_size=200) -> None:
+                   atol=1e-5, variance=None, seed=0, batch_size=200) -> None:
     """The rules of the ``likelihood`` settings (conf/evaluate.yaml), checked before any compute: one line naming the
     first key that breaks them."""
     require(integer(num_images) and num_images >= 0, "likelihood.num_images", num_images, "an integer >= 0 (0: off)")
@@ -150,7 +143,8 @@ def check_settings(num_images=0, conditional=False, estimator="hutchinson", num_
     one_of("likelihood.solver", solver, SOLVERS)
     for key, value in (("likelihood.rtol", rtol), ("likelihood.atol", atol)):
         require(number(value) and 0 < value < 1, key, value, "a number in (0, 1)")
-    one_of("likelihood.variance", variance, VARIANCES)
+    if variance is not None:
+        one_of("likelihood.variance", variance, VARIANCES)
     require(integer(seed), "likelihood.seed", seed, "an integer")
     require(integer(batch_size) and batch_size > 0, "likelihood.batch_size", batch_size, "an integer > 0")
 

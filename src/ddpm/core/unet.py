@@ -172,9 +172,12 @@ class UNet(nn.Module):
         channels_last: bool = False,
         sdpa: bool = True,
         second_time: bool = False,
+        out_channels: int | None = None,
     ):
         super().__init__()
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
+        # in_channels, or twice it for a learned variance (set by ddpm.builders from diffusion.variance, never by hand)
+        self.out_channels = in_channels if out_channels is None else out_channels
         # the layout, for whoever reads the network rather than runs it (ddpm/diffusers_export.py)
         self.channel_mult, self.num_res_blocks = tuple(channel_mult), num_res_blocks
         self.attention_resolutions, self.num_heads = tuple(attention_resolutions), num_heads
@@ -182,6 +185,7 @@ class UNet(nn.Module):
         self.downsampling = 2 ** (len(channel_mult) - 1)
         check_settings(image_size, in_channels, base_channels, channel_mult, num_res_blocks, attention_resolutions, dropout,
                        num_heads, norm_groups, num_classes, channels_last, sdpa, second_time)
+        require(integer(self.out_channels) and self.out_channels > 0, "model.out_channels", self.out_channels, "an integer > 0")
         resolutions = [image_size // 2**level for level in range(len(channel_mult))]
 
         emb_dim = 4 * base_channels
@@ -226,7 +230,7 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                 self.up.append(nn.ModuleList(layers))
 
-        self.out = nn.Sequential(GroupNorm32(norm_groups, ch), nn.SiLU(), zero_init(nn.Conv2d(ch, in_channels, 3, padding=1)))
+        self.out = nn.Sequential(GroupNorm32(norm_groups, ch), nn.SiLU(), zero_init(nn.Conv2d(ch, self.out_channels, 3, padding=1)))
         # NHWC activations let oneDNN/cuDNN pick faster convolution kernels; the math is unchanged.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)

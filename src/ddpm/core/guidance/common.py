@@ -132,7 +132,9 @@ class Guidance:
 
     def model_fn(self, denoiser: Denoiser, labels: torch.Tensor | None) -> ModelFn:
         """The denoiser as model_fn(x_t, t, **cond) -> (x_0, eps), the one function every sampler calls (``cond``: a
-        second time r, for the samplers of MeanFlow's average velocity).
+        second time r, for the samplers of MeanFlow's average velocity). Its ``learned_variance`` says whether the model
+        learned its reverse variance; then ``model_fn(x_t, t, with_variance=True)`` returns (x_0, eps, v), v the
+        conditional model's variance output (ancestral DDPM reads it: ``ddpm.core.samplers.ddpm``).
 
         An unconditional network ignores labels (and w, unless a guide guides it). For the methods whose second
         prediction is the unconditional one, both halves run as one batched forward pass, skipped when no sample of the
@@ -150,25 +152,31 @@ class Guidance:
             raise ConfigError("a class-conditional model needs labels to sample")
         labels = labels if conditional else None
         if (w == 0 and method.zero_is_conditional) or (not conditional and method.unconditional):
-            return lambda x, t, **cond: denoiser(x, t, labels, **cond)
+            def plain(x: torch.Tensor, t: torch.Tensor, **cond):
+                return denoiser(x, t, labels, **cond)
+            plain.learned_variance = denoiser.learns_variance
+            return plain
 
         both_labels = None if labels is None else torch.cat([labels, torch.full_like(labels, net.null_label)])
         state = method.start()
 
-        def model_fn(x: torch.Tensor, t: torch.Tensor, **cond) -> tuple[torch.Tensor, torch.Tensor]:
+        def model_fn(x: torch.Tensor, t: torch.Tensor, with_variance: bool = False, **cond):
             inside = None
             if interval is not None:
                 alpha_t, sigma_t = denoiser.process.alpha_sigma(t)
                 sigma = sigma_t / alpha_t  # float64; inf at alpha = 0
                 inside = (sigma > interval[0]) & (sigma <= interval[1])
                 if not inside.any():
-                    return denoiser(x, t, labels, **cond)
+                    return denoiser(x, t, labels, with_variance=with_variance, **cond)
             if method.unconditional:  # one network at two labels: one batched forward pass
                 both = {key: torch.cat([value, value]) for key, value in cond.items()}
-                x0_both, eps_both = denoiser(torch.cat([x, x]), torch.cat([t, t]), both_labels, **both)
+                x0_both, eps_both, v_both = denoiser(torch.cat([x, x]), torch.cat([t, t]), both_labels, with_variance=True,
+                                                     **both)
                 (x0_c, x0_o), (eps_c, eps_o) = x0_both.chunk(2), eps_both.chunk(2)
+                v_c = None if v_both is None else v_both.chunk(2)[0]
             else:  # two networks: two forward passes
-                (x0_c, eps_c), (x0_o, eps_o) = denoiser(x, t, labels, **cond), guide(x, t, labels, **cond)
+                x0_c, eps_c, v_c = denoiser(x, t, labels, with_variance=True, **cond)
+                x0_o, eps_o = guide(x, t, labels, **cond)
             x0, eps = method.combine(w, (x0_c, eps_c), (x0_o, eps_o), x, t, denoiser, state)
             if rescale > 0:
                 x0 = rescale_guidance(x0, x0_c, rescale)
@@ -176,9 +184,11 @@ class Guidance:
             if inside is not None:
                 keep = inside.view(-1, *([1] * (x.ndim - 1)))
                 x0, eps = torch.where(keep, x0, x0_c), torch.where(keep, eps, eps_c)
-            return x0, eps
+            # a learned variance is the conditional model's, guided or not (GLIDE's sampling code does the same)
+            return (x0, eps, v_c) if with_variance else (x0, eps)
 
         model_fn.renoise_with_eps = method.renoise_with_eps
+        model_fn.learned_variance = denoiser.learns_variance
         return model_fn
 
 

@@ -49,6 +49,7 @@ class Objective:
     boundary: ClassVar[bool] = False      # the denoiser is a consistency function f(x, t) with f(x, t_min) = x
     continuous_only: ClassVar[bool] = False
     predictions: ClassVar[tuple[str, ...] | None] = None  # the prediction targets it reads the network as; None: any
+    learns_variance: ClassVar[bool] = False  # trains a learned reverse variance (diffusion.variance=learned_range)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -71,6 +72,15 @@ class Objective:
         if self.predictions is not None and prediction not in self.predictions:
             raise ConfigError(f"objective={self.name} with diffusion.prediction={prediction}: {self.name} reads the "
                               f"network as {' or '.join(self.predictions)}; set diffusion.prediction={self.predictions[0]}")
+
+    def check_variance(self, variance: str) -> None:
+        """ConfigError, one line, for a learned reverse variance this objective does not train."""
+        if variance == "learned_range" and not self.learns_variance:
+            from ddpm.core.objectives import OBJECTIVES
+
+            which = "|".join(name for name, option in OBJECTIVES.items() if option.learns_variance)
+            raise ConfigError(f"diffusion.variance=learned_range with objective={self.name}: {self.name} does not train a "
+                              f"variance (iDDPM's hybrid loss is objective={which}'s); set diffusion.variance=fixed_small")
 
     def __call__(self, denoiser, x0: torch.Tensor, labels: torch.Tensor | None = None, *, net: nn.Module | None = None,
                  ema: nn.Module | None = None, step: int = 0) -> torch.Tensor:
