@@ -20,9 +20,9 @@ from ddpm.data import stack_dataset
 from ddpm.inference import load
 
 
-def estimators(discrete: bool, dims: int) -> list[dict]:
+def estimators(discrete: bool, dims: int, learned: bool = False) -> list[dict]:
     if discrete:
-        return [{"variance": "fixed_small"}, {"variance": "fixed_large"}]
+        return [{"variance": "fixed_small"}, {"variance": "fixed_large"}] + ([{"variance": "learned_range"}] if learned else [])
     rows = [{"estimator": "hutchinson", "num_probes": 1}, {"estimator": "hutchinson", "num_probes": 4}]
     return rows + ([{"estimator": "exact"}] if dims <= 64 else [])  # exact: D backward passes a step (8x8 digits: 64)
 
@@ -39,7 +39,7 @@ def main() -> None:
         model = load(path, device="cpu")
         images, labels = stack_dataset(model.data().reference_set("test"), args.images)
         dims = images[0].numel()
-        for options in estimators(model.process.discrete, dims):
+        for options in estimators(model.process.discrete, dims, model.denoiser.learns_variance):
             start = time.perf_counter()
             record = model.bits_per_dim(images, labels, rtol=args.rtol, atol=args.rtol, batch_size=args.images, **options)
             seconds = time.perf_counter() - start

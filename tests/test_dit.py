@@ -110,7 +110,8 @@ def test_meanflows_second_time_reaches_the_dit(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["model.patch_size=3"], r"model.patch_size=3: must be a divisor of data.image_size=8"),
     (["model.num_heads=5"], r"model.num_heads=5: must be a divisor of model.hidden_size=96"),
-    (["model.learn_sigma=true"], r"model.learn_sigma=true: the network outputs 2 channels for 1"),
+    # learn_sigma's second half is read by a learned variance now (issue 34): refused only with a fixed one
+    (["model.learn_sigma=true"], r"the network outputs 2 channels for 1 .*set diffusion.variance=learned_range"),
 ])
 def test_bad_dit_settings_are_one_line_before_any_compute(overrides, message):
     from ddpm.validation import validate
