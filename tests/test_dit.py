@@ -79,20 +79,23 @@ def test_the_null_row_of_the_class_embedding_is_what_label_dropout_writes():
     net.class_embed(dropped)  # every label, the null one included, has its row
 
 
+@pytest.mark.parametrize("backbone, name", [("dit_tiny", "DiT"), ("vit_pixel_tiny", "PixelViT")])
 @pytest.mark.parametrize("process", ["ddpm", "flow", "edm", "trigflow"])
-def test_every_process_trains_and_samples_with_the_dit(process, tmp_path):
+def test_every_process_trains_and_samples_with_the_dit(process, backbone, name, tmp_path):
+    """Every process x transformer backbone (the DiT and the pixel ViT) trains a few steps, writes its grid, loads
+    and samples."""
     from ddpm.inference import load
     from ddpm.train import train
 
     overrides = TINY if process == "ddpm" else [o for o in TINY if not o.startswith("schedule.")] + [f"process={process}"]
     overrides = [o for o in overrides if not o.startswith(("model.base_channels", "model.norm_groups"))]
     run = tmp_path / "run"
-    train(compose([*overrides, "model=dit_tiny", "model.hidden_size=32", "model.depth=2", "trainer.max_steps=3",
+    train(compose([*overrides, f"model={backbone}", "model.hidden_size=32", "model.depth=2", "trainer.max_steps=3",
                    "callbacks.sample_grid.steps=2", "callbacks.sample_grid.per_class=1", "ema.snapshot_count=0"],
                   output_dir=run))
     assert (run / "samples" / "final.png").is_file()
     model = load(run / "checkpoints" / "last.ckpt", device="cpu")
-    assert type(model.net).__name__ == "DiT"
+    assert type(model.net).__name__ == name
     images = model.sample([0, 5], sampler="ddim" if process == "ddpm" else "heun", steps=3, seed=0)
     assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
 
@@ -183,3 +186,29 @@ def test_the_export_command_writes_a_dit_checkpoint_as_a_transformer_folder(tmp_
         torch.testing.assert_close(transformer(x, timestep=t, class_labels=labels).sample, model.net(x, t, labels),
                                    rtol=1e-5, atol=1e-5)
     assert (out / "scheduler" / "scheduler_config.json").is_file() and not (out / "unet").exists()
+
+
+def test_the_pixel_vits_patch_embedding_is_linear_through_its_bottleneck_and_it_starts_at_zero():
+    """JiT's patch embedding: each patch's p^2 C values to a token by a linear map of rank <= bottleneck (two linear
+    layers, no non-linearity between: embedding a sum is the sum of embeddings); the output is exactly zero at
+    initialisation (adaLN-Zero, as the DiT)."""
+    from ddpm.core.vit_pixel import PixelViT
+
+    torch.manual_seed(0)
+    net = PixelViT(28, 1, patch_size=14, hidden_size=64, depth=2, num_heads=4, num_classes=10, bottleneck=8).double()
+    x, y = torch.randn(2, 1, 28, 28, dtype=torch.float64), torch.randn(2, 1, 28, 28, dtype=torch.float64)
+    embed = lambda v: net.patch_embed(v) - net.patch_embed(torch.zeros_like(v))  # noqa: E731 (less the bias)
+    torch.testing.assert_close(embed(x + 2 * y), embed(x) + 2 * embed(y), rtol=1e-10, atol=1e-10)
+    patches = torch.eye(196, dtype=torch.float64).view(196, 1, 14, 14)  # one patch per basis vector of a patch
+    matrix = embed(torch.nn.functional.pad(patches, (0, 14, 0, 14)))[:, :, 0, 0]  # (196 values, 64 widths)
+    assert torch.linalg.matrix_rank(matrix).item() == 8
+    out = net(x, torch.tensor([1.0, 900.0], dtype=torch.float64), torch.tensor([3, 10]))
+    assert out.shape == x.shape and out.abs().max().item() == 0.0
+
+
+def test_the_pixel_vits_preset_has_jits_wide_patches():
+    """vit_pixel_s on 28x28: a patch holds more values than a token is wide (JiT's setting)."""
+    from ddpm.config import build_network
+
+    net = build_network("model=vit_pixel_s", "data=fashion_mnist")
+    assert net.patch_size ** 2 * net.in_channels > net.hidden_size and net.bottleneck < net.hidden_size

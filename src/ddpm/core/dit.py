@@ -154,7 +154,7 @@ class DiT(nn.Module):
         self.out_channels = out_channels if out_channels is not None else (2 * in_channels if learn_sigma else in_channels)
         require(integer(self.out_channels) and self.out_channels > 0, "model.out_channels", self.out_channels, "an integer > 0")
         self.second_time = second_time
-        self.patch_embed = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        self.patch_embed = self.make_patch_embed(in_channels, hidden_size, patch_size)
         self.register_buffer("pos_embed", sincos_position_embedding(hidden_size, image_size // patch_size)[None],
                              persistent=False)
         self.time_embed = nn.Sequential(nn.Linear(FREQUENCY_DIM, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
@@ -164,6 +164,10 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, sdpa) for _ in range(depth))
         self.final = FinalLayer(hidden_size, patch_size, self.out_channels)
         self._init_weights()
+
+    def make_patch_embed(self, in_channels: int, hidden_size: int, patch_size: int) -> nn.Module:
+        """Each p x p patch to a token by one linear map (a strided convolution), DiT's PatchEmbed."""
+        return nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
 
     def _init_weights(self) -> None:
         """DiT's initialisation: Xavier-uniform linear layers and patch embedding, N(0, 0.02) for the class and time
@@ -175,8 +179,10 @@ class DiT(nn.Module):
             if isinstance(module, nn.Linear) and id(module.weight) not in zeros:
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.hidden_size, -1))
-        nn.init.zeros_(self.patch_embed.bias)
+        for conv in (m for m in self.patch_embed.modules() if isinstance(m, nn.Conv2d)):  # as a linear map (DiT)
+            nn.init.xavier_uniform_(conv.weight.view(conv.out_channels, -1))
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
         if self.class_embed is not None:
             nn.init.normal_(self.class_embed.weight, std=0.02)
         for mlp in (self.time_embed, *([self.gap_embed] if self.gap_embed is not None else [])):
