@@ -1,19 +1,25 @@
-"""`python benchmarks/throughput.py`: training and sampling throughput of ddpm's U-Net against HuggingFace diffusers'
-``UNet2DModel`` built with the same layout, measured side by side in one process.
+"""`python benchmarks/throughput.py`: training and sampling throughput of ddpm's backbones against HuggingFace
+diffusers' own model of the same layout and weights, measured side by side in one process.
 
-For each network (``tiny``: unet_tiny on 1x8x8 digits; ``cifar10``: the DDPM CIFAR-10 U-Net on 3x32x32) it times
+Each network is a file of conf/model/ (``NETWORKS``: ``tiny`` unet_tiny and ``dit`` dit_tiny on 1x8x8 digits, of about
+equal parameter counts; ``cifar10`` the DDPM CIFAR-10 U-Net and ``dit_s`` DiT-S/2 on 3x32x32), built as training
+builds it; its diffusers counterpart is what ``ddpm.export`` writes for it (``UNet2DModel``,
+``DiTTransformer2DModel``: the same weights, tested equal to 1e-5), so both compute the same function. It times
 - the full training step (label dropout, noise, forward, L_simple, backward, AdamW, EMA), median over timed steps
   after warm-up, ddpm and diffusers alternating step by step so both see the same machine state;
 - guided DDIM-50 sampling (conditional and unconditional passes) in images/s and model evaluations/s;
 - peak memory (resident set on CPU, reset per row through /proc/self/clear_refs; allocated on GPU);
-- FLOPs per training step (``torch.utils.flop_counter``) and the achieved rate, next to a matrix-product roof
-  measured here in the same precision.
-The first ddpm row is what ``python -m ddpm.train`` runs on this machine (``default_options``), the next its
-float32 version; ``--ablate`` adds one row per speed switch flipped alone and ``--compile`` a torch.compile row.
-Each ratio is ddpm's speed over diffusers eager (float32, or bf16 with --diffusers-bf16): the median of paired
-ratios, each diffusers step against the ddpm step timed just before it. ddpm samples in float32, as ``ddpm.sample`` does. A second table times the digits
-batches reaching the device with and without ``data.on_device``. Needs ``pip install -e ".[bench]"``
-(diffusers). Prints markdown tables and writes them as JSON. A benchmark, never a test: numbers depend on the machine.
+- FLOPs per training step (``torch.utils.flop_counter``, attention written out on both sides, so that the two
+  counts can be compared: they must agree, as the same layout's) and the achieved rate, next to a matrix-product
+  roof measured here in the same precision.
+The first ddpm row is what ``python -m ddpm.train`` and ``ddpm.sample`` run on this machine (``default_options``: the
+backbone's own speed switches as its YAML sets them, fused AdamW, trainer.precision=auto and sampler.precision=auto,
+i.e. bf16 where it is native), the next its float32 version; ``--ablate`` adds one row per speed switch flipped alone
+and ``--compile`` a torch.compile row. Each ratio is ddpm's speed over diffusers eager (float32, or bf16 with
+--diffusers-bf16): the median of paired ratios, each diffusers step against the ddpm step timed just before it. A
+second table times the digits batches reaching the device with and without ``data.on_device``. Needs ``pip install
+-e ".[bench]"`` (diffusers). Prints markdown tables and writes them as JSON. A benchmark, never a test: numbers depend
+on the machine.
 """
 
 from __future__ import annotations
@@ -30,28 +36,23 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from ddpm.core.objectives.denoising import Denoising
-from ddpm.core.processes.ddpm import DDPMProcess
+from ddpm.config import build_network, compose, native_bf16
 from ddpm.core.denoiser import Denoiser
 from ddpm.core.guidance import drop_labels, guided
-from ddpm.training.module import ema_step
+from ddpm.core.objectives.denoising import Denoising
+from ddpm.core.processes.ddpm import DDPMProcess
 from ddpm.core.samplers.ddim import sample_ddim
 from ddpm.core.schedules import linear_betas
-from ddpm.core.unet import UNet
+from ddpm.diffusers_export import to_diffusers_network
+from ddpm.training.module import ema_step
 
-NETWORKS = {
-    # name: (image size, channels, ddpm UNet kwargs, diffusers UNet2DModel kwargs) -- the same layout
-    "tiny": (8, 1, dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), dropout=0.0,
-                        norm_groups=8),
-             dict(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8, dropout=0.0)),
-    "cifar10": (32, 3, dict(base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16,),
-                            dropout=0.1, norm_groups=32),
-                dict(block_out_channels=(128, 256, 256, 256), layers_per_block=2,
-                     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                     up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32, dropout=0.1)),
+NETWORKS = {  # name: the overrides that build it from conf/ (its model file, and the data that sizes it)
+    "tiny": ("model=unet_tiny",),
+    "dit": ("model=dit_tiny",),
+    "cifar10": ("model=unet_cifar10", "data=cifar10"),
+    "dit_s": ("model=dit_s", "data=cifar10"),
 }
-NUM_CLASSES, T, P_UNCOND, W = 10, 1000, 0.1, 1.0
+T, P_UNCOND, W = 1000, 0.1, 1.0
 
 
 @dataclass
@@ -118,39 +119,44 @@ def _peak_mb(device: str) -> float:
     return float("nan")
 
 
-# --- the two implementations, each as (train_step, sample, count_flops) closures ----------------------------
+# --- the two implementations, each as (train_step, sample) closures ------------------------------------------------
 @dataclass(frozen=True)
 class Options:
-    """ddpm's speed switches, as in conf/: model.channels_last, model.sdpa, model.compile, trainer.precision
-    (bf16-mixed), optim.optimizer.fused; batched_guidance (both halves of the guided eps in one forward) is how
-    ddpm always samples, switchable here only to measure it."""
+    """ddpm's speed settings: ``switches``, the backbone's own speed options (its class's ``speed_options``, as its
+    YAML sets them), model.compile, bf16 (trainer.precision bf16-mixed and sampler.precision bf16),
+    optim.optimizer.fused; batched_guidance (both halves of the guided eps in one forward) is how ddpm always
+    samples, switchable here only to measure it."""
 
-    channels_last: bool = True
-    sdpa: bool = True
+    switches: tuple[tuple[str, bool], ...] = ()
     bf16: bool = False
     compile_net: bool = False
     fused: bool = True
     batched_guidance: bool = True
 
-    def describe(self) -> str:
-        return ", ".join(name for name in self.__dataclass_fields__ if getattr(self, name)) or "all off"
+    def settings(self) -> dict:
+        return {**dict(self.switches), "bf16": self.bf16, "compile": self.compile_net, "fused": self.fused,
+                "batched_guidance": self.batched_guidance}
+
+    def flipped(self, name: str) -> "Options":
+        return replace(self, switches=tuple((k, not v if k == name else v) for k, v in self.switches))
 
     def label(self, default: "Options") -> str:
         """The defaults spelled out, or only what this row changes."""
-        changed = [f"{name}={getattr(self, name)}" for name in self.__dataclass_fields__ if getattr(self, name) != getattr(default, name)]
-        return "default, " + ", ".join(changed) if changed else f"default ({self.describe()})"
+        mine, theirs = self.settings(), default.settings()
+        changed = [f"{k}={v}" for k, v in mine.items() if v != theirs[k]]
+        return "default, " + ", ".join(changed) if changed else "default (" + (", ".join(k for k, v in mine.items() if v) or "all off") + ")"
 
 
 def ddpm_impl(network: str, batch: int, device: str, options: Options = Options()):
-    size, channels, kwargs, _ = NETWORKS[network]
-    net = UNet(size, channels, num_classes=NUM_CLASSES, channels_last=options.channels_last, sdpa=options.sdpa, **kwargs).to(device)
+    net = build_network(*NETWORKS[network], **dict(options.switches)).to(device)
+    size, channels = net.image_size, net.in_channels
     ema = torch.optim.swa_utils.AveragedModel(net, use_buffers=True)
     process = DDPMProcess(linear_betas(T)).to(device)
     denoiser = Denoiser(net, process)
     optimizer = torch.optim.AdamW(net.parameters(), lr=2e-4, fused=options.fused)
     run = torch.compile(net) if options.compile_net else net
     x0 = torch.randn(batch, channels, size, size, device=device)
-    labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+    labels = torch.randint(0, net.num_classes, (batch,), device=device)
 
     def train_step():
         with _autocast(device, options.bf16):
@@ -169,50 +175,64 @@ def ddpm_impl(network: str, batch: int, device: str, options: Options = Options(
     def sample(n: int, steps: int = 50):
         noise = torch.randn(n, channels, size, size, device=device)
         model_fn = guided(sampling, labels[:n], W) if options.batched_guidance else partial(two_passes, y=labels[:n])
-        with torch.no_grad():  # float32, as ddpm.sample and ddpm.evaluate sample
+        with torch.no_grad(), _autocast(device, options.bf16):  # as ddpm.sample with sampler.precision=auto
             sample_ddim(model_fn, process, noise, steps=steps)
 
     return net, train_step, sample
 
 
-def diffusers_impl(network: str, batch: int, device: str, bf16: bool):
-    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+def diffusers_impl(network: str, batch: int, device: str, bf16: bool, attention: str = "sdpa"):
+    """diffusers' model of the same layout and weights (what ``ddpm.export`` writes), trained and sampled as
+    diffusers' examples do; ``attention="plain"``: its attention written out (for counting FLOPs)."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+    from diffusers.models.attention_processor import AttnProcessor
     from diffusers.training_utils import EMAModel
 
-    size, channels, _, kwargs = NETWORKS[network]
-    unet = UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, num_class_embeds=NUM_CLASSES + 1,
-                       attention_head_dim=None, **kwargs).to(device)
-    ema = EMAModel(unet.parameters(), decay=0.9999)
+    ours = build_network(*NETWORKS[network])
+    _, model = to_diffusers_network(ours)
+    model = model.train().to(device)
+    if attention == "plain":  # every attention layer's processor (DiTTransformer2DModel has no set_attn_processor)
+        for module in model.modules():
+            if hasattr(module, "set_processor") and hasattr(module, "processor"):
+                module.set_processor(AttnProcessor())
+    size, channels, null = ours.image_size, ours.in_channels, ours.null_label
+
+    def forward(x, t, y):
+        if type(model).__name__ == "UNet2DModel":
+            return model(x, t, class_labels=y).sample
+        return model(x, timestep=t, class_labels=y).sample
+
+    ema = EMAModel(model.parameters(), decay=0.9999)
     train_scheduler = DDPMScheduler(num_train_timesteps=T, beta_schedule="linear")
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-4, fused=device.startswith("cuda"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, fused=device.startswith("cuda"))
     x0 = torch.randn(batch, channels, size, size, device=device)
-    labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+    labels = torch.randint(0, ours.num_classes, (batch,), device=device)
     alphas = train_scheduler.alphas_cumprod.to(device)
 
     def train_step():
         noise = torch.randn_like(x0)
         t = torch.randint(0, T, (batch,), device=device)
-        dropped = torch.where(torch.rand(batch, device=device) < P_UNCOND, NUM_CLASSES, labels)
+        dropped = torch.where(torch.rand(batch, device=device) < P_UNCOND, null, labels)
         a = alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise  # DDPMScheduler.add_noise, without its per-call host copies
         with _autocast(device, bf16):
-            loss = F.mse_loss(unet(x_t, t, class_labels=dropped).sample.float(), noise)
+            loss = F.mse_loss(forward(x_t, t, dropped).float(), noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        ema.step(unet.parameters())
+        ema.step(model.parameters())
 
     def sample(n: int, steps: int = 50):
         scheduler = DDIMScheduler(num_train_timesteps=T, beta_schedule="linear")
         scheduler.set_timesteps(steps)
         x = torch.randn(n, channels, size, size, device=device)
-        both = torch.cat([labels[:n], torch.full((n,), NUM_CLASSES, device=device)])
+        both = torch.cat([labels[:n], torch.full((n,), null, device=device)])
         with torch.no_grad(), _autocast(device, bf16):
             for t in scheduler.timesteps:
-                eps_c, eps_u = unet(torch.cat([x, x]), t, class_labels=both).sample.chunk(2)
+                eps_c, eps_u = forward(torch.cat([x, x]), t.expand(2 * n).to(device), both).float().chunk(2)
                 x = scheduler.step(eps_u + (1 + W) * (eps_c - eps_u), t, x).prev_sample  # diffusers' s = 1 + w
 
-    return unet, train_step, sample
+    return model, train_step, sample
 
 
 def _time(fn, device: str) -> float:
@@ -233,17 +253,14 @@ def _flops(train_step) -> float:
 
 
 def default_options(network: str, device: str) -> Options:
-    """What ``python -m ddpm.train`` does with this network on this machine: conf/model/unet_<network>.yaml's switches,
-    conf/optim's fused AdamW, and trainer.precision=auto (bf16-mixed where bf16 is native)."""
-    from omegaconf import OmegaConf
-
-    from ddpm.config import native_bf16
-    from ddpm.options import config_dir
-
-    model = OmegaConf.load(config_dir() / "model" / f"unet_{network}.yaml")
-    optim = OmegaConf.load(config_dir() / "optim" / "adamw.yaml")
-    return Options(channels_last=model.channels_last, sdpa=model.sdpa, compile_net=model.compile,
-                   fused=bool(optim.optimizer.fused), bf16=native_bf16("gpu" if device.startswith("cuda") else "cpu"))
+    """What ``python -m ddpm.train`` and ``ddpm.sample`` do with this network on this machine: its model file's speed
+    switches (its class's ``speed_options``), conf/optim's fused AdamW, and trainer.precision=auto and
+    sampler.precision=auto (bf16 where bf16 is native)."""
+    cfg = compose(list(NETWORKS[network]))
+    net_class = type(build_network(*NETWORKS[network], device="meta"))
+    return Options(switches=tuple((name, bool(cfg.model[name])) for name in net_class.speed_options),
+                   compile_net=bool(cfg.model.get("compile", False)), fused=bool(cfg.optim.optimizer.fused),
+                   bf16=native_bf16("gpu" if device.startswith("cuda") else "cpu"))
 
 
 def variants(network: str, args) -> list[tuple[Options, bool]]:
@@ -255,29 +272,32 @@ def variants(network: str, args) -> list[tuple[Options, bool]]:
     if args.compile:
         rows.append((replace(default, compile_net=True), True))
     if args.ablate:
-        rows += [(replace(default, channels_last=not default.channels_last), True),
-                 (replace(default, sdpa=not default.sdpa), True),
-                 (replace(default, fused=False), False),  # the optimizer: training only
+        rows += [(default.flipped(name), True) for name, _ in default.switches]
+        rows += [(replace(default, fused=False), False),  # the optimizer: training only
                  (replace(default, batched_guidance=False), True)]
     return rows
 
 
 def bench_network(network: str, args, roofs: dict) -> list[Row]:
-    device, batch = args.device, args.batch or (128 if network == "tiny" else (128 if args.device.startswith("cuda") else 16))
-    steps = args.steps or (20 if network == "tiny" else 5)
+    small = network in ("tiny", "dit")
+    device, batch = args.device, args.batch or (128 if small or args.device.startswith("cuda") else 16)
+    steps = args.steps or (20 if small else 5)
     default = default_options(network, device)
-    unet, d_train, d_sample = diffusers_impl(network, batch, device, bf16=args.diffusers_bf16)
-    base = Row(network, "diffusers", "bf16 eager" if args.diffusers_bf16 else "fp32 eager", batch, sum(p.numel() for p in unet.parameters()))
-    # The network's FLOPs per step, the same for every row (the convention of model FLOPs utilisation): counted
-    # with the attention written out, because torch.utils.flop_counter has no formula for PyTorch's CPU
+    theirs_net, d_train, d_sample = diffusers_impl(network, batch, device, bf16=args.diffusers_bf16)
+    base = Row(network, "diffusers", "bf16 eager" if args.diffusers_bf16 else "fp32 eager", batch,
+               sum(p.numel() for p in theirs_net.parameters()))
+    # The network's FLOPs per step, the same for every row (the convention of model FLOPs utilisation): counted with
+    # the attention written out on both sides, because torch.utils.flop_counter has no formula for PyTorch's CPU
     # flash-attention kernel and would leave the attention out (16 of 597 GFLOP for the CIFAR-10 U-Net at batch 16).
-    model_flops = _flops(ddpm_impl(network, batch, device, Options(sdpa=False))[1])
-    base.flops_per_step = model_flops
+    plain = Options(switches=tuple((name, False) for name, _ in default.switches))
+    model_flops = _flops(ddpm_impl(network, batch, device, plain)[1])
+    base.flops_per_step = _flops(diffusers_impl(network, batch, device, bf16=False, attention="plain")[1])
+    base.extra["flops_ratio_to_ddpm"] = base.flops_per_step / model_flops
     rows, diffusers_times, diffusers_sample = [], [], []
     for options, with_sampling in variants(network, args):
         net, o_train, o_sample = ddpm_impl(network, batch, device, options)
         row = Row(network, "ddpm", options.label(default), batch, sum(p.numel() for p in net.parameters()))
-        row.extra["options"] = options.__dict__
+        row.extra["options"] = options.settings()
         for _ in range(args.warmup):
             o_train(), d_train()
         times, theirs = [], []
@@ -352,16 +372,16 @@ def bench_data(device: str, batches: int = 200, batch: int = 128) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--networks", default="tiny,cifar10")
+    parser.add_argument("--networks", default="tiny,dit,cifar10", help=f"of {sorted(NETWORKS)}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=None, help="training batch (default: 128; cifar10 on CPU: 16)")
+    parser.add_argument("--batch", type=int, default=None, help="training batch (default: 128; 32x32 on CPU: 16)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=None, help="timed training steps per implementation and row (default: 20; cifar10: 5)")
+    parser.add_argument("--steps", type=int, default=None, help="timed training steps per implementation and row (default: 20; 32x32: 5)")
     parser.add_argument("--sample-batch", type=int, default=8, help="images per guided DDIM-50 sample")
     parser.add_argument("--sample-repeats", type=int, default=3)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="add a torch.compile row")
     parser.add_argument("--ablate", action="store_true",
-                        help="also one row per switch flipped alone: channels_last, sdpa, fused AdamW, batched guidance")
+                        help="also one row per switch flipped alone: the backbone's own, fused AdamW, batched guidance")
     parser.add_argument("--diffusers-bf16", action="store_true", help="the diffusers baseline in bf16 autocast (GPU target)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense bf16 peak (H200: 989) to report model FLOPs utilisation")

@@ -224,7 +224,7 @@ def to_dit_transformer(net: DiT):
 def to_diffusers_network(net: nn.Module) -> tuple[str, Any]:
     """(the folder name, the diffusers model) of a backbone: ``unet`` for the U-Net, ``transformer`` for a DiT; any
     other backbone is refused in one line."""
-    if isinstance(net, DiT):
+    if type(net) is DiT:  # exactly the DiT: a subclass (the pixel ViT's bottleneck embedding) has no diffusers layout
         return "transformer", to_dit_transformer(net)
     return "unet", to_unet2d(net)
 
