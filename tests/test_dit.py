@@ -212,3 +212,13 @@ def test_the_pixel_vits_preset_has_jits_wide_patches():
 
     net = build_network("model=vit_pixel_s", "data=fashion_mnist")
     assert net.patch_size ** 2 * net.in_channels > net.hidden_size and net.bottleneck < net.hidden_size
+
+
+def test_the_export_refuses_the_pixel_vit_in_one_line():
+    """A DiT subclass with another patch embedding has no DiTTransformer2DModel layout: refused, not mis-mapped."""
+    from ddpm.config import build_network
+    from ddpm.diffusers_export import to_diffusers_network
+
+    with pytest.raises(ConfigError, match="PixelViT has no diffusers equivalent") as error:
+        to_diffusers_network(build_network("model=vit_pixel_tiny"))
+    assert "\n" not in str(error.value)
