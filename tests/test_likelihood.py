@@ -78,7 +78,8 @@ def test_each_kl_term_of_the_bound_is_its_closed_form(variance):
         alpha, sigma = math.sqrt(abar), math.sqrt(1 - abar)
         x0_hat = mu + alpha * s**2 / (alpha**2 * s**2 + sigma**2) * (x_t - alpha * mu)
         expected = (0.5 * (coef1**2 * (x0_hat - x0) ** 2 / v_p + v_q / v_p - 1 - math.log(v_q / v_p))).flatten(1).sum(1)
-        torch.testing.assert_close(vlb_term(process, denoise, x0, x_t, index, variance), expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(vlb_term(process, denoise, x0, x_t, index, variance, x0_clip="none"), expected, rtol=1e-10,
+                                   atol=1e-12)
 
 
 def test_the_decoder_term_and_the_prior_are_their_closed_forms():
@@ -92,7 +93,7 @@ def test_the_decoder_term_and_the_prior_are_their_closed_forms():
     lo, hi = x0 - 1 / 255, x0 + 1 / 255
     p = [stats.norm(m, std).cdf(h if k < 3 else math.inf) - stats.norm(m, std).cdf(l if k > 0 else -math.inf)
          for k, (m, l, h) in enumerate(zip(x0_hat.flatten().tolist(), lo.flatten().tolist(), hi.flatten().tolist()))]
-    got = vlb_term(process, denoise, x0, x_t, torch.zeros(4, dtype=torch.long))
+    got = vlb_term(process, denoise, x0, x_t, torch.zeros(4, dtype=torch.long), x0_clip="none")  # the closed form's model
     torch.testing.assert_close(got, -torch.tensor(p, dtype=torch.float64).log(), rtol=1e-9, atol=1e-12)
     bound = vlb_terms(process, denoise, x0, generator=torch.Generator().manual_seed(0))
     abar_T = process.alphas_cumprod[-1].item()
@@ -121,7 +122,7 @@ def test_the_bound_in_expectation_is_its_closed_form_also_on_a_respaced_process(
         return total
 
     for process in (full, strided):
-        bound = vlb_terms(process, gaussian_denoiser(process, mu, s), x0, generator=g)
+        bound = vlb_terms(process, gaussian_denoiser(process, mu, s), x0, generator=g, x0_clip="none")  # the closed form's
         measured = bound.terms[:, 1:].sum(1)
         assert measured.mean().item() == pytest.approx(expected_kl(process).mean().item(), rel=0.05)
 
@@ -215,3 +216,19 @@ def test_a_model_whose_velocity_overflows_gets_one_line_not_a_traceback():
     with pytest.raises(NonFiniteLikelihood, match="did not solve to t_max") as error:
         ode_log_likelihood(FlowProcess(), exploding, torch.zeros(1, 1, 2, 2, dtype=torch.float64), estimator="exact")
     assert "\n" not in str(error.value)
+
+
+def test_the_bound_clips_the_predicted_x0_as_the_samplers_do_unless_told_not_to():
+    """x0_clip="clip" (the default, iDDPM's clip_denoised=True): the step's mean is the posterior mean at the predicted
+    x_0 clamped to [-1, 1], so a wild x_0 costs what x_0 = +-1 costs; "none" uses the raw prediction."""
+    process = DDPMProcess(linear_betas(50))
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.round((torch.rand(2, 1, 4, 4, generator=g, dtype=torch.float64) * 2 - 1) * 127.5) / 127.5
+    x_t = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    index = torch.tensor([0, 30])
+    wild = lambda x, t: (torch.full_like(x, 7.0), torch.zeros_like(x))  # noqa: E731
+    edge = lambda x, t: (torch.ones_like(x), torch.zeros_like(x))  # noqa: E731
+    torch.testing.assert_close(vlb_term(process, wild, x0, x_t, index), vlb_term(process, edge, x0, x_t, index, x0_clip="none"),
+                               rtol=1e-12, atol=0)
+    kl = torch.tensor([10, 30])  # KL terms: the wild mean is further from the posterior's than the clamped one
+    assert (vlb_term(process, wild, x0, x_t, kl, x0_clip="none") > vlb_term(process, wild, x0, x_t, kl)).all()

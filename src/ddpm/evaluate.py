@@ -83,7 +83,7 @@ def test_bits_per_dim(model, data, settings) -> tuple[float, dict]:
 
     data.setup()
     images, labels = stack_dataset(data.reference_set("test"), settings.num_images)
-    options = {k: settings[k] for k in ("estimator", "num_probes", "solver", "rtol", "atol", "variance", "seed", "batch_size")}
+    options = {k: settings[k] for k in ("estimator", "num_probes", "solver", "rtol", "atol", "variance", "x0_clip", "seed", "batch_size")}
     record = model.bits_per_dim(images, labels if settings.conditional else None, **options)
     return record["mean"], {"split": "test", "num_images": len(images), "conditional": settings.conditional,
                             **record["protocol"]}

@@ -282,10 +282,11 @@ class Pipeline:
 
     def log_likelihood(self, images: torch.Tensor, labels=None, *, estimator: str = "hutchinson", num_probes: int = 1,
                        rtol: float = 1e-5, atol: float = 1e-5, solver: str = "RK45", variance: str | None = None,
-                       seed: int = 0, batch_size: int = 500) -> dict:
+                       x0_clip: str = "clip", seed: int = 0, batch_size: int = 500) -> dict:
         """log p of ``images`` (in [-1, 1], taken as 8-bit: rounded to the nearest of 256 levels, as a PNG stores them;
         conditional on ``labels`` when given), per image, in nats, and how it was computed. Discrete DDPM: its variational bound (``ddpm.core.likelihood.vlb_terms``: -log P <= total, one
-        network evaluation per step, ``variance`` the reverse step's, None: the model's own ``diffusion.variance``);
+        network evaluation per step, ``variance`` the reverse step's, None: the model's own ``diffusion.variance``; its
+        mean at the predicted x_0 clamped to [-1, 1] unless ``x0_clip="none"``);
         continuous processes: the probability-flow ODE
         on the images dequantized with noise seeded by ``seed`` (``estimator``, ``num_probes``, ``solver``, ``rtol``,
         ``atol``). ``bits_per_dim`` turns either into bits per dimension."""
@@ -304,10 +305,12 @@ class Pipeline:
         variance = self.denoiser.variance if variance is None else variance
         if discrete:
             one_of("likelihood.variance", variance, VARIANCES)
+            one_of("likelihood.x0_clip", x0_clip, likelihood.X0_CLIPS)
             if variance == "learned_range" and not self.denoiser.learns_variance:
                 raise ConfigError(f"likelihood.variance=learned_range: this model has a fixed variance "
                                   f"({self.denoiser.variance}); use null (the model's), fixed_small or fixed_large")
-        protocol = ({"method": "vlb", "variance": variance, "steps": self.process.num_timesteps, "seed": seed}
+        protocol = ({"method": "vlb", "variance": variance, "x0_clip": x0_clip, "steps": self.process.num_timesteps,
+                     "seed": seed}
                     if discrete else
                     {"method": "ode", "estimator": estimator, "num_probes": num_probes if estimator == "hutchinson" else None,
                      "solver": solver, "rtol": rtol, "atol": atol, "t_start": float(self.process.t_min),
@@ -318,7 +321,7 @@ class Pipeline:
                 x = images[first:first + batch_size].double()
                 denoise = self.likelihood_denoiser(labels[first:first + batch_size] if labels is not None else None, len(x))
                 if discrete:
-                    bound = likelihood.vlb_terms(self.process, denoise, x, variance, generator)
+                    bound = likelihood.vlb_terms(self.process, denoise, x, variance, generator, x0_clip)
                     values.append(-bound.total)
                     nfe += self.process.num_timesteps
                 else:
