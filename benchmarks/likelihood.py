@@ -4,8 +4,9 @@ or Hutchinson's estimate (one per probe). One table, the checkpoints measured on
 
     python benchmarks/likelihood.py CKPT [CKPT ...] [--images 50] [--rtol 1e-5]
 
-Each row: the checkpoint's process, the estimator, the mean bits/dim of the first N test images under the model given
-their labels (p(x | y): every checkpoint has it), the network evaluations per batch (the bound: one per step; the ODE:
+Each row: the checkpoint's process, the estimator, the mean bits/dim of the first N test images under the model (given
+their labels, p(x | y), for a class-conditional checkpoint; p(x) for an unconditional one), the network evaluations per
+batch (the bound: one per step; the ODE:
 the solver's function evaluations, each a forward pass and the divergence's backward passes) and the seconds per image.
 """
 
@@ -41,7 +42,8 @@ def main() -> None:
         dims = images[0].numel()
         for options in estimators(model.process.discrete, dims, model.denoiser.learns_variance):
             start = time.perf_counter()
-            record = model.bits_per_dim(images, labels, rtol=args.rtol, atol=args.rtol, batch_size=args.images, **options)
+            given = labels if model.conditional else None  # an unconditional model: p(x)
+            record = model.bits_per_dim(images, given, rtol=args.rtol, atol=args.rtol, batch_size=args.images, **options)
             seconds = time.perf_counter() - start
             protocol = record["protocol"]
             name = (f"bound ({protocol['variance']}, T = {protocol['steps']})" if protocol["method"] == "vlb" else
