@@ -6,8 +6,8 @@ or Hutchinson's estimate (one per probe). One table, the checkpoints measured on
 
 Each row: the checkpoint's process, the estimator, the mean bits/dim of the first N test images under the model (given
 their labels, p(x | y), for a class-conditional checkpoint; p(x) for an unconditional one), the network evaluations per
-batch (the bound: one per step; the ODE:
-the solver's function evaluations, each a forward pass and the divergence's backward passes) and the seconds per image.
+batch (the bound: one per step; the ODE: the solver's function evaluations, each a forward pass and the divergence's
+backward passes) and the seconds per image.
 """
 
 from __future__ import annotations
