@@ -127,7 +127,7 @@ class Options:
     optim.optimizer.fused; batched_guidance (both halves of the guided eps in one forward) is how ddpm always
     samples, switchable here only to measure it."""
 
-    switches: tuple[tuple[str, bool], ...] = ()
+    switches: tuple[tuple[str, bool | str], ...] = ()
     bf16: bool = False
     compile_net: bool = False
     fused: bool = True
@@ -137,14 +137,18 @@ class Options:
         return {**dict(self.switches), "bf16": self.bf16, "compile": self.compile_net, "fused": self.fused,
                 "batched_guidance": self.batched_guidance}
 
-    def flipped(self, name: str) -> "Options":
-        return replace(self, switches=tuple((k, not v if k == name else v) for k, v in self.switches))
+    def flipped(self, name: str) -> list["Options"]:
+        """The rows with switch ``name`` changed alone: a boolean negated; a choice (DiT's sdpa=auto) at each boolean."""
+        value = dict(self.switches)[name]
+        others = [not value] if isinstance(value, bool) else [True, False]
+        return [replace(self, switches=tuple((k, o if k == name else v) for k, v in self.switches)) for o in others]
 
     def label(self, default: "Options") -> str:
         """The defaults spelled out, or only what this row changes."""
         mine, theirs = self.settings(), default.settings()
         changed = [f"{k}={v}" for k, v in mine.items() if v != theirs[k]]
-        return "default, " + ", ".join(changed) if changed else "default (" + (", ".join(k for k, v in mine.items() if v) or "all off") + ")"
+        return "default, " + ", ".join(changed) if changed else "default (" + (", ".join(k if v is True else f"{k}={v}" for k, v in mine.items() if v)
+                                                                 or "all off") + ")"
 
 
 def ddpm_impl(network: str, batch: int, device: str, options: Options = Options()):
@@ -258,7 +262,7 @@ def default_options(network: str, device: str) -> Options:
     sampler.precision=auto (bf16 where bf16 is native)."""
     cfg = compose(list(NETWORKS[network]))
     net_class = type(build_network(*NETWORKS[network], device="meta"))
-    return Options(switches=tuple((name, bool(cfg.model[name])) for name in net_class.speed_options),
+    return Options(switches=tuple((name, cfg.model[name]) for name in net_class.speed_options),
                    compile_net=bool(cfg.model.get("compile", False)), fused=bool(cfg.optim.optimizer.fused),
                    bf16=native_bf16("gpu" if device.startswith("cuda") else "cpu"))
 
@@ -272,7 +276,7 @@ def variants(network: str, args) -> list[tuple[Options, bool]]:
     if args.compile:
         rows.append((replace(default, compile_net=True), True))
     if args.ablate:
-        rows += [(default.flipped(name), True) for name, _ in default.switches]
+        rows += [(options, True) for name, _ in default.switches for options in default.flipped(name)]
         rows += [(replace(default, fused=False), False),  # the optimizer: training only
                  (replace(default, batched_guidance=False), True)]
     return rows

@@ -49,6 +49,25 @@ def test_attention_through_sdpa_is_softmax_qk_v_in_float64():
     torch.testing.assert_close(attention(x), expected, rtol=1e-12, atol=1e-12)
     attention.sdpa = False
     torch.testing.assert_close(attention(x), expected, rtol=1e-12, atol=1e-12)
+    attention.sdpa = "auto"
+    torch.testing.assert_close(attention(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_sdpa_auto_writes_attention_out_only_where_autograd_runs_on_a_cpu(monkeypatch):
+    """model.sdpa=auto (the DiT presets' speed setting): the fused kernel's CPU backward is the slow one, so a CPU
+    forward under autograd is written out, a CPU forward without it (sampling) is fused."""
+    import ddpm.core.dit as dit
+
+    calls = []
+    fused = dit.F.scaled_dot_product_attention
+    monkeypatch.setattr(dit.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    attention = DiT(8, 1, 2, 32, 1, 4, num_classes=None, sdpa="auto").blocks[0].attn
+    x = torch.randn(2, 16, 32)
+    attention(x)
+    assert calls == []
+    with torch.no_grad():
+        attention(x)
+    assert calls == [1]
 
 
 def test_patchify_and_unpatchify_round_trip_exactly_and_tokens_are_row_major_patches():

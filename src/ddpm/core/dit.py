@@ -65,9 +65,11 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 class Attention(nn.Module):
     """Multi-head self-attention over tokens: softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017, eq. 1), through
-    ``F.scaled_dot_product_attention`` (``sdpa``) or written out."""
+    ``F.scaled_dot_product_attention`` (``sdpa=True``), written out (``False``), or ``"auto"``: written out where
+    autograd runs through it on a CPU, whose fused kernel's backward is the slower there (bf16 training 2.3x slower
+    at dit_tiny, 1.14x at dit_s: ``benchmarks/throughput.py --ablate``), the fused kernel everywhere else."""
 
-    def __init__(self, dim: int, num_heads: int, sdpa: bool = True):
+    def __init__(self, dim: int, num_heads: int, sdpa: bool | str = True):
         super().__init__()
         self.num_heads, self.sdpa = num_heads, sdpa
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -75,7 +77,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        if self.sdpa:
+        fused = self.sdpa if self.sdpa != "auto" else not (q.device.type == "cpu" and torch.is_grad_enabled())
+        if fused:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             out = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1) @ v
@@ -86,7 +89,7 @@ class DiTBlock(nn.Module):
     """x + gate_1 attn(modulate(LN(x))) then x + gate_2 mlp(modulate(LN(x))); the six shifts, scales and gates from
     the conditioning c by a zero-initialised linear layer (adaLN-Zero), so the block starts as the identity."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, sdpa: bool):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, sdpa: bool | str):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads, sdpa)
@@ -127,8 +130,9 @@ def check_settings(image_size, in_channels, patch_size, hidden_size, depth, num_
         require(positive(value), f"model.{key}", value, "an integer > 0")
     require(number(mlp_ratio) and mlp_ratio > 0, "model.mlp_ratio", mlp_ratio, "a number > 0")
     require(num_classes is None or positive(num_classes), "model.num_classes", num_classes, "null or an integer > 0")
-    for key, value in (("learn_sigma", learn_sigma), ("sdpa", sdpa), ("second_time", second_time)):
+    for key, value in (("learn_sigma", learn_sigma), ("second_time", second_time)):
         require(isinstance(value, bool), f"model.{key}", value, "true or false")
+    require(isinstance(sdpa, bool) or sdpa == "auto", "model.sdpa", sdpa, "true, false or auto")
     require(image_size % patch_size == 0, "model.patch_size", patch_size,
             f"a divisor of data.image_size={image_size} (the image is cut into whole patches)")
     require(hidden_size % num_heads == 0, "model.num_heads", num_heads,
@@ -144,7 +148,7 @@ class DiT(nn.Module):
 
     def __init__(self, image_size: int, in_channels: int = 4, patch_size: int = 2, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, num_classes: int | None = 1000,
-                 learn_sigma: bool = False, sdpa: bool = True, second_time: bool = False, out_channels: int | None = None):
+                 learn_sigma: bool = False, sdpa: bool | str = True, second_time: bool = False, out_channels: int | None = None):
         super().__init__()
         check_settings(image_size, in_channels, patch_size, hidden_size, depth, num_heads, mlp_ratio, num_classes,
                        learn_sigma, sdpa, second_time)

@@ -24,7 +24,7 @@ class PixelViT(DiT):
 
     def __init__(self, image_size: int, in_channels: int = 3, patch_size: int = 16, hidden_size: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, num_classes: int | None = 1000,
-                 bottleneck: int = 128, sdpa: bool = True, second_time: bool = False, out_channels: int | None = None):
+                 bottleneck: int = 128, sdpa: bool | str = True, second_time: bool = False, out_channels: int | None = None):
         require(integer(bottleneck) and bottleneck > 0, "model.bottleneck", bottleneck, "an integer > 0 (JiT: 128)")
         self.bottleneck = bottleneck
         super().__init__(image_size, in_channels, patch_size, hidden_size, depth, num_heads, mlp_ratio, num_classes,
