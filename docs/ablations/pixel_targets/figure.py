@@ -24,7 +24,7 @@ def seed0_runs(sweep: Path) -> tuple[dict, str]:
         o = dict(x.split("=", 1) for x in yaml.safe_load(open(run / ".hydra" / "overrides.yaml")))
         if int(o.get("seed", 0)) == 0 and (run / "samples" / "final.png").exists():
             runs[o["diffusion.prediction"]] = run / "samples" / "final.png"
-            label = f"patch {o.get('model.patch_size', 14)}"
+            label = f"patch {o.get('model.patch_size', 14)}, rank {o.get('model.bottleneck', 32)}"
     return runs, label
 
 
@@ -39,7 +39,7 @@ def main(sweeps: list[str]) -> None:
             ax.set_title(f"{target}-prediction, {label} (seed 0)", fontsize=9)
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(Path(__file__).parent / "samples.png", dpi=100)
+    fig.savefig(Path(__file__).parent / "samples.png", dpi=55)
 
 
 if __name__ == "__main__":
