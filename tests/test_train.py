@@ -170,6 +170,65 @@ def test_a_preemption_signal_before_the_first_step_is_held_and_stops_the_run_as_
     assert segment["finished"] and not [row for row in segment["history"] if "train/loss" in row]
 
 
+@pytest.mark.parametrize("fixed", [True, False])
+def test_the_signals_of_a_requeue_never_log_from_inside_a_log_write(tmp_path, capfd, fixed):
+    """scontrol requeue (submitit's, on the preemption signal) sends the job SIGCONT and SIGTERM at once, so they land
+    while submitit writes its "Requeued job" record. Its handlers log from inside the signal, into the file being
+    written: the re-entered write printed a logging traceback into train.log (tests/test_slurm.py, in CI). Here the
+    signal lands in the middle of that record's emit, as it did there; LastCheckpoint.requeue must have put quiet
+    handlers in place first. ``fixed=False`` runs the same scene without them and must see the re-entry (the test
+    can fail)."""
+    import logging
+
+    from ddpm.training.checkpoint import LastCheckpoint
+
+    reentered: list[str] = []
+
+    class LogFile(logging.Handler):
+        depth = 0
+
+        def emit(self, record):
+            self.depth += 1
+            try:
+                if self.depth > 1:
+                    reentered.append(record.getMessage())
+                elif record.getMessage().startswith("Requeued job"):
+                    for signum in (signal.SIGCONT, signal.SIGTERM):  # runs its Python handler before returning
+                        signal.raise_signal(signum)
+            finally:
+                self.depth -= 1
+
+    submitit_log = logging.getLogger("test_train.submitit")
+    submitit_log.propagate, handler = False, LogFile()
+    submitit_log.addHandler(handler)
+
+    def bypass(signum, frame):  # submitit's handler for SIGTERM and SIGCONT
+        submitit_log.warning("Bypassing signal %s", signal.Signals(signum).name)
+
+    def checkpoint_and_try_requeue(signum, frame):  # submitit's handler for the preemption signal
+        submitit_log.warning("Requeued job 1 (3 remaining timeouts)")
+        raise SystemExit(-1)
+
+    before = {signum: signal.signal(signum, bypass) for signum in (signal.SIGCONT, signal.SIGTERM)}
+    try:
+        last = LastCheckpoint(str(tmp_path))
+        last.received, last._previous_at_stop = "SIGUSR2", {signal.SIGUSR2: checkpoint_and_try_requeue}
+        with pytest.raises(SystemExit):
+            if fixed:
+                last.requeue()
+            else:
+                checkpoint_and_try_requeue(signal.SIGUSR2, None)
+    finally:
+        for signum, previous in before.items():
+            signal.signal(signum, previous)
+        submitit_log.removeHandler(handler)
+    if fixed:
+        assert reentered == []
+        assert "SIGTERM from the requeue: ignored" in capfd.readouterr().err
+    else:
+        assert reentered == ["Bypassing signal SIGCONT", "Bypassing signal SIGTERM"]
+
+
 def test_a_run_with_a_callback_of_its_own_resumes_from_its_own_checkpoint(tiny_cfg, tmp_path):
     """A user's own callback (+callbacks.NAME._target_=their.Class) is not one of conf/'s options. A checkpoint someone
     sends with such a target is refused (tests/test_checkpoint_trust.py), but the run's own last.ckpt, found in its

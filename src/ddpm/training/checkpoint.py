@@ -177,10 +177,10 @@ class LastCheckpoint(L.Callback):
                 self._previous[signum] = signal.signal(signum, self._held)
 
     def _held(self, signum, frame) -> None:
+        # Nothing is logged here: a handler runs between two bytecodes of the main thread, perhaps inside a log write
+        # to the same file, which logging would re-enter (submitit's handler, which only logs, is not called for that
+        # reason). on_train_start says which signal stopped the run.
         self.received = self.received or signal.Signals(signum).name
-        previous = self._previous.get(signum)
-        if signum == signal.SIGTERM and callable(previous):
-            previous(signum, frame)  # submitit logs it; Lightning's own handler joins at fit start
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         if not self._previous:
@@ -219,6 +219,9 @@ class LastCheckpoint(L.Callback):
         requeue makes SLURM send SIGTERM to every process of the job, wandb's service included."""
         previous = self._previous_at_stop.get(getattr(signal, self.received)) if self.received else None
         if self.received == self.preempt and callable(previous):
+            if threading_main():  # the requeue's SIGCONT + SIGTERM land while submitit logs "Requeued job": see below
+                for signum in (signal.SIGCONT, signal.SIGTERM):
+                    signal.signal(signum, _ignored_after_requeue)
             previous(getattr(signal, self.received), None)
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
@@ -270,6 +273,14 @@ class LastCheckpoint(L.Callback):
             for signum, previous in self._previous.items():
                 signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         self._previous = {}
+
+
+def _ignored_after_requeue(signum, frame) -> None:
+    """SIGCONT and SIGTERM that ``scontrol requeue`` sends to the job it requeues, which ends itself right after. They
+    are ignored, as submitit's handler ignores them, but noted with one write(2) to stderr instead of a log record:
+    submitit's handler logs from inside the signal, which lands while submitit's own "Requeued job" record is being
+    written to the same file, and the re-entered write printed a logging traceback into train.log (found by CI once)."""
+    os.write(2, f"{signal.Signals(signum).name} from the requeue: ignored; this segment ends now\n".encode())
 
 
 def threading_main() -> bool:
