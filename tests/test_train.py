@@ -170,14 +170,14 @@ def test_a_preemption_signal_before_the_first_step_is_held_and_stops_the_run_as_
     assert segment["finished"] and not [row for row in segment["history"] if "train/loss" in row]
 
 
-@pytest.mark.parametrize("fixed", [True, False])
-def test_the_signals_of_a_requeue_never_log_from_inside_a_log_write(tmp_path, capfd, fixed):
-    """scontrol requeue (submitit's, on the preemption signal) sends the job SIGCONT and SIGTERM at once, so they land
-    while submitit writes its "Requeued job" record. Its handlers log from inside the signal, into the file being
-    written: the re-entered write printed a logging traceback into train.log (tests/test_slurm.py, in CI). Here the
-    signal lands in the middle of that record's emit, as it did there; LastCheckpoint.requeue must have put quiet
-    handlers in place first. ``fixed=False`` runs the same scene without them and must see the re-entry (the test
-    can fail)."""
+@pytest.mark.parametrize("when", ["requeue", "training", "unguarded"])
+def test_slurms_signals_never_log_from_inside_a_log_write(tmp_path, capfd, when):
+    """SLURM sends SIGCONT before each signal, and scontrol requeue (submitit's, on the preemption signal) sends the job
+    SIGCONT and SIGTERM while submitit writes its "Requeued job" record. submitit's handlers for them log from inside
+    the signal, into the file being written: the re-entered write printed a logging traceback into train.log
+    (tests/test_slurm.py, in CI). Here the signals land in the middle of a record's emit, as they did there, during
+    training (LastCheckpoint armed) and in the requeue; ``unguarded`` is the same scene with submitit's handlers in
+    place and must see the re-entry (the test can fail)."""
     import logging
 
     from ddpm.training.checkpoint import LastCheckpoint
@@ -192,7 +192,7 @@ def test_the_signals_of_a_requeue_never_log_from_inside_a_log_write(tmp_path, ca
             try:
                 if self.depth > 1:
                     reentered.append(record.getMessage())
-                elif record.getMessage().startswith("Requeued job"):
+                elif record.getMessage().startswith(("Requeued job", "step")):
                     for signum in (signal.SIGCONT, signal.SIGTERM):  # runs its Python handler before returning
                         signal.raise_signal(signum)
             finally:
@@ -209,24 +209,27 @@ def test_the_signals_of_a_requeue_never_log_from_inside_a_log_write(tmp_path, ca
         submitit_log.warning("Requeued job 1 (3 remaining timeouts)")
         raise SystemExit(-1)
 
-    before = {signum: signal.signal(signum, bypass) for signum in (signal.SIGCONT, signal.SIGTERM)}
+    before = {signum: signal.signal(signum, bypass) for signum in (signal.SIGCONT, signal.SIGTERM, signal.SIGUSR2)}
+    last = LastCheckpoint(str(tmp_path))
     try:
-        last = LastCheckpoint(str(tmp_path))
-        last.received, last._previous_at_stop = "SIGUSR2", {signal.SIGUSR2: checkpoint_and_try_requeue}
-        with pytest.raises(SystemExit):
-            if fixed:
+        if when == "training":
+            last.arm()
+            submitit_log.warning("step 10: drawing a grid")
+            assert last.received == "SIGTERM"  # held: the run stops at its step boundary
+        elif when == "requeue":
+            last.received, last._previous_at_stop = "SIGUSR2", {signal.SIGUSR2: checkpoint_and_try_requeue}
+            with pytest.raises(SystemExit):
                 last.requeue()
-            else:
+            assert "SIGTERM from the requeue: ignored" in capfd.readouterr().err
+        else:
+            with pytest.raises(SystemExit):
                 checkpoint_and_try_requeue(signal.SIGUSR2, None)
     finally:
         for signum, previous in before.items():
             signal.signal(signum, previous)
+        last._previous = {}
         submitit_log.removeHandler(handler)
-    if fixed:
-        assert reentered == []
-        assert "SIGTERM from the requeue: ignored" in capfd.readouterr().err
-    else:
-        assert reentered == ["Bypassing signal SIGCONT", "Bypassing signal SIGTERM"]
+    assert reentered == ([] if when != "unguarded" else ["Bypassing signal SIGCONT", "Bypassing signal SIGTERM"])
 
 
 def test_a_run_with_a_callback_of_its_own_resumes_from_its_own_checkpoint(tiny_cfg, tmp_path):

@@ -175,6 +175,9 @@ class LastCheckpoint(L.Callback):
         if threading_main() and not self._previous:
             for signum in (getattr(signal, self.preempt), signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._held)
+            # SLURM sends SIGCONT before each signal it delivers; submitit's handler for it only logs, from inside the signal, which
+            # can land in the middle of a log write to the same file (see _quiet_after_requeue). Its default continues.
+            self._previous[signal.SIGCONT] = signal.signal(signal.SIGCONT, signal.SIG_DFL)
 
     def _held(self, signum, frame) -> None:
         # Nothing is logged here: a handler runs between two bytecodes of the main thread, perhaps inside a log write
@@ -220,8 +223,8 @@ class LastCheckpoint(L.Callback):
         previous = self._previous_at_stop.get(getattr(signal, self.received)) if self.received else None
         if self.received == self.preempt and callable(previous):
             if threading_main():  # the requeue's SIGCONT + SIGTERM land while submitit logs "Requeued job": see below
-                for signum in (signal.SIGCONT, signal.SIGTERM):
-                    signal.signal(signum, _ignored_after_requeue)
+                signal.signal(signal.SIGCONT, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, _quiet_after_requeue)
             previous(getattr(signal, self.received), None)
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
@@ -275,11 +278,11 @@ class LastCheckpoint(L.Callback):
         self._previous = {}
 
 
-def _ignored_after_requeue(signum, frame) -> None:
-    """SIGCONT and SIGTERM that ``scontrol requeue`` sends to the job it requeues, which ends itself right after. They
-    are ignored, as submitit's handler ignores them, but noted with one write(2) to stderr instead of a log record:
-    submitit's handler logs from inside the signal, which lands while submitit's own "Requeued job" record is being
-    written to the same file, and the re-entered write printed a logging traceback into train.log (found by CI once)."""
+def _quiet_after_requeue(signum, frame) -> None:
+    """The SIGTERM that ``scontrol requeue`` sends to the job it requeues, which ends itself right after: ignored, as
+    submitit's handler ignores it, but noted with one write(2) to stderr instead of a log record. submitit's handler
+    logs from inside the signal, which lands while submitit's own "Requeued job" record is being written to the same
+    file; the re-entered write printed a logging traceback into train.log (found by CI once)."""
     os.write(2, f"{signal.Signals(signum).name} from the requeue: ignored; this segment ends now\n".encode())
 
 
