@@ -175,11 +175,14 @@ def test_slurms_signals_never_log_from_inside_a_log_write(tmp_path, capfd, when)
     """SLURM sends SIGCONT before each signal, and scontrol requeue (submitit's, on the preemption signal) sends the job
     SIGCONT and SIGTERM while submitit writes its "Requeued job" record. submitit's handlers for them log from inside
     the signal, into the file being written: the re-entered write printed a logging traceback into train.log
-    (tests/test_slurm.py, in CI). Here the signals land in the middle of a record's emit, as they did there, during
-    training (LastCheckpoint armed) and in the requeue; ``unguarded`` is the same scene with submitit's handlers in
-    place and must see the re-entry (the test can fail)."""
+    (tests/test_slurm.py, in CI). Here the signals land in the middle of a record's emit, as they did there, in a job
+    whose handlers ddpm.launchers.quiet_submitit_signals replaced, during training (LastCheckpoint armed) and in the
+    requeue; ``unguarded`` is the same scene with submitit's handlers and must see the re-entry (the test can fail)."""
     import logging
 
+    from submitit.core.job_environment import SignalHandler
+
+    from ddpm.launchers import quiet_submitit_signals
     from ddpm.training.checkpoint import LastCheckpoint
 
     reentered: list[str] = []
@@ -201,35 +204,48 @@ def test_slurms_signals_never_log_from_inside_a_log_write(tmp_path, capfd, when)
     submitit_log = logging.getLogger("test_train.submitit")
     submitit_log.propagate, handler = False, LogFile()
     submitit_log.addHandler(handler)
+    submitit = SignalHandler.__new__(SignalHandler)  # submitit's own handlers, logging into the file above
+    submitit._logger = submitit_log
 
-    def bypass(signum, frame):  # submitit's handler for SIGTERM and SIGCONT
-        submitit_log.warning("Bypassing signal %s", signal.Signals(signum).name)
-
-    def checkpoint_and_try_requeue(signum, frame):  # submitit's handler for the preemption signal
+    def checkpoint_and_try_requeue(signum, frame):  # what submitit's handler for the preemption signal does
         submitit_log.warning("Requeued job 1 (3 remaining timeouts)")
         raise SystemExit(-1)
 
-    before = {signum: signal.signal(signum, bypass) for signum in (signal.SIGCONT, signal.SIGTERM, signal.SIGUSR2)}
+    before = {signum: signal.signal(signum, submitit.bypass) for signum in (signal.SIGCONT, signal.SIGTERM)}
     last = LastCheckpoint(str(tmp_path))
     try:
+        if when != "unguarded":
+            quiet_submitit_signals()  # as FinishTheSweep does when the job starts
         if when == "training":
             last.arm()
             submitit_log.warning("step 10: drawing a grid")
             assert last.received == "SIGTERM"  # held: the run stops at its step boundary
-        elif when == "requeue":
+        else:
             last.received, last._previous_at_stop = "SIGUSR2", {signal.SIGUSR2: checkpoint_and_try_requeue}
             with pytest.raises(SystemExit):
                 last.requeue()
-            assert "SIGTERM from the requeue: ignored" in capfd.readouterr().err
-        else:
-            with pytest.raises(SystemExit):
-                checkpoint_and_try_requeue(signal.SIGUSR2, None)
+            if when == "requeue":
+                assert "SIGTERM: ignored, as submitit does" in capfd.readouterr().err
     finally:
-        for signum, previous in before.items():
+        for signum, previous in {**last._previous, **before}.items():
             signal.signal(signum, previous)
         last._previous = {}
         submitit_log.removeHandler(handler)
     assert reentered == ([] if when != "unguarded" else ["Bypassing signal SIGCONT", "Bypassing signal SIGTERM"])
+
+
+def test_only_submitits_own_signal_handlers_are_replaced():
+    from ddpm.launchers import quiet_submitit_signals
+
+    def mine(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        quiet_submitit_signals()
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_a_run_with_a_callback_of_its_own_resumes_from_its_own_checkpoint(tiny_cfg, tmp_path):

@@ -60,12 +60,39 @@ def swept(every_job: Sequence[Sequence[str]], overrides: Sequence[str]) -> list[
     return [o for o in overrides if o not in shared and not o.startswith("hydra")]
 
 
+def quiet_submitit_signals() -> None:
+    """In a submitit job, submitit's handler for SIGTERM and SIGCONT (``bypass``) ignores them and logs that, from
+    inside the signal. A signal lands between two bytecodes, perhaps in the middle of a record being written to the same
+    file, which logging then re-enters (``RuntimeError: reentrant call``, printed as a traceback into train.log: CI found
+    it, as scontrol requeue sends both while submitit logs "Requeued job", and SLURM sends SIGCONT before each signal).
+    Both keep submitit's meaning, ignored: SIGTERM is noted with one write(2) (no Python buffer, no lock), SIGCONT left
+    to its default (the process continues). A handler that is not submitit's is left alone."""
+    import signal
+    import threading
+
+    from submitit.core.job_environment import SignalHandler
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum, quiet in ((signal.SIGTERM, _noted_and_ignored), (signal.SIGCONT, signal.SIG_DFL)):
+        if getattr(signal.getsignal(signum), "__func__", None) is SignalHandler.bypass:
+            signal.signal(signum, quiet)
+
+
+def _noted_and_ignored(signum, frame) -> None:
+    import os
+    import signal
+
+    os.write(2, f"{signal.Signals(signum).name}: ignored, as submitit does (the job ends on its own)\n".encode())
+
+
 class FinishTheSweep:
     """Mixed into a submitit launcher before it (hydra_plugins/ddpm_launchers: the classes Hydra finds)."""
 
     def __call__(self, sweep_overrides, *args, **kwargs) -> JobReturn:
         from ddpm.config import TaskRefused
 
+        quiet_submitit_signals()  # this runs in the job, after submitit installed its handlers
         try:
             return super().__call__(sweep_overrides, *args, **kwargs)
         except TaskRefused as refused:  # bad input in this job: one line, already printed to its own log

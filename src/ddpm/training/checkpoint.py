@@ -175,14 +175,11 @@ class LastCheckpoint(L.Callback):
         if threading_main() and not self._previous:
             for signum in (getattr(signal, self.preempt), signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._held)
-            # SLURM sends SIGCONT before each signal it delivers; submitit's handler for it only logs, from inside the signal, which
-            # can land in the middle of a log write to the same file (see _quiet_after_requeue). Its default continues.
-            self._previous[signal.SIGCONT] = signal.signal(signal.SIGCONT, signal.SIG_DFL)
 
     def _held(self, signum, frame) -> None:
-        # Nothing is logged here: a handler runs between two bytecodes of the main thread, perhaps inside a log write
-        # to the same file, which logging would re-enter (submitit's handler, which only logs, is not called for that
-        # reason). on_train_start says which signal stopped the run.
+        # Nothing is logged here, and the handler replaced is not called: a signal lands between two bytecodes, perhaps
+        # inside a log write that logging would re-enter (ddpm.launchers.quiet_submitit_signals). on_train_start says
+        # which signal stopped the run.
         self.received = self.received or signal.Signals(signum).name
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
@@ -222,9 +219,6 @@ class LastCheckpoint(L.Callback):
         requeue makes SLURM send SIGTERM to every process of the job, wandb's service included."""
         previous = self._previous_at_stop.get(getattr(signal, self.received)) if self.received else None
         if self.received == self.preempt and callable(previous):
-            if threading_main():  # the requeue's SIGCONT + SIGTERM land while submitit logs "Requeued job": see below
-                signal.signal(signal.SIGCONT, signal.SIG_DFL)
-                signal.signal(signal.SIGTERM, _quiet_after_requeue)
             previous(getattr(signal, self.received), None)
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
@@ -276,14 +270,6 @@ class LastCheckpoint(L.Callback):
             for signum, previous in self._previous.items():
                 signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         self._previous = {}
-
-
-def _quiet_after_requeue(signum, frame) -> None:
-    """The SIGTERM that ``scontrol requeue`` sends to the job it requeues, which ends itself right after: ignored, as
-    submitit's handler ignores it, but noted with one write(2) to stderr instead of a log record. submitit's handler
-    logs from inside the signal, which lands while submitit's own "Requeued job" record is being written to the same
-    file; the re-entered write printed a logging traceback into train.log (found by CI once)."""
-    os.write(2, f"{signal.Signals(signum).name} from the requeue: ignored; this segment ends now\n".encode())
 
 
 def threading_main() -> bool:
